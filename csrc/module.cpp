@@ -1,0 +1,130 @@
+// Python bindings of the compiled core. Pointers cross as integers (tensor.data_ptr()); the
+// Python side (medvl/ops) validates shapes, dtypes, devices and contiguity before calling, and
+// allocates outputs and workspaces with torch so the caching allocator is used.
+#include <pybind11/pybind11.h>
+
+#include <omp.h>
+
+#include <cstdint>
+#include <string>
+
+#include "sigmoid_loss/sigmoid_loss.h"
+#ifdef MEDVL_WITH_CUDA
+#include "common/cuda_info.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+medvl::SigmoidLossArgs make_sigmoid_loss_args(uintptr_t image, uintptr_t text, int64_t n_image, int64_t n_text,
+                                              int64_t dim, int dtype, uintptr_t logit_scale, uintptr_t logit_bias,
+                                              int target, bool diagonal_is_pair, uintptr_t image_labels,
+                                              uintptr_t text_labels, uintptr_t image_bits, uintptr_t text_bits,
+                                              int64_t label_words, bool compute_grad, uintptr_t row_loss,
+                                              uintptr_t row_gsum, uintptr_t grad_image, uintptr_t grad_text,
+                                              uintptr_t workspace, size_t workspace_bytes) {
+  if (target < 0 || target > 2) throw std::invalid_argument("medvl: unknown sigmoid-loss target code");
+  medvl::SigmoidLossArgs a;
+  a.image = as_ptr<const void>(image);
+  a.text = as_ptr<const void>(text);
+  a.n_image = n_image;
+  a.n_text = n_text;
+  a.dim = dim;
+  a.dtype = medvl::dtype_from_code(dtype);
+  a.logit_scale = as_ptr<const float>(logit_scale);
+  a.logit_bias = as_ptr<const float>(logit_bias);
+  a.target = static_cast<medvl::SigmoidTarget>(target);
+  a.diagonal_is_pair = diagonal_is_pair;
+  a.image_labels = as_ptr<const int64_t>(image_labels);
+  a.text_labels = as_ptr<const int64_t>(text_labels);
+  a.image_bits = as_ptr<const int32_t>(image_bits);
+  a.text_bits = as_ptr<const int32_t>(text_bits);
+  a.label_words = label_words;
+  a.compute_grad = compute_grad;
+  a.row_loss = as_ptr<float>(row_loss);
+  a.row_gsum = as_ptr<float>(row_gsum);
+  a.grad_image = as_ptr<float>(grad_image);
+  a.grad_text = as_ptr<float>(grad_text);
+  a.workspace = as_ptr<void>(workspace);
+  a.workspace_bytes = workspace_bytes;
+  return a;
+}
+
+#define MEDVL_SIGMOID_LOSS_PY_ARGS                                                                       \
+  py::arg("image"), py::arg("text"), py::arg("n_image"), py::arg("n_text"), py::arg("dim"), py::arg("dtype"), \
+      py::arg("logit_scale"), py::arg("logit_bias"), py::arg("target"), py::arg("diagonal_is_pair"),        \
+      py::arg("image_labels"), py::arg("text_labels"), py::arg("image_bits"), py::arg("text_bits"),         \
+      py::arg("label_words"), py::arg("compute_grad"), py::arg("row_loss"), py::arg("row_gsum"),            \
+      py::arg("grad_image"), py::arg("grad_text"), py::arg("workspace"), py::arg("workspace_bytes")
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "medvl compiled core (C++/OpenMP, optional CUDA); no libtorch dependency";
+  m.attr("cuda_compiled") = py::bool_(
+#ifdef MEDVL_WITH_CUDA
+      true
+#else
+      false
+#endif
+  );
+  m.attr("cuda_archs") = py::str(MEDVL_CUDA_ARCHS);
+  m.def("omp_max_threads", []() { return omp_get_max_threads(); });
+
+#ifdef MEDVL_WITH_CUDA
+  m.def("cuda_device_count", []() {
+    std::string why;
+    const int count = medvl::cuda_device_count(&why);
+    return py::make_tuple(count, why);
+  });
+  m.def("cuda_device_capability", [](int device) {
+    std::string why;
+    std::string capability = medvl::cuda_device_capability(device, &why);
+    return py::make_tuple(capability, why);
+  });
+#endif
+
+  m.def("sigmoid_loss_cpu_workspace_bytes", &medvl::sigmoid_loss_cpu_workspace_bytes, py::arg("n_image"),
+        py::arg("n_text"), py::arg("dim"), py::arg("compute_grad"), py::arg("threads"));
+  m.def(
+      "sigmoid_loss_cpu",
+      [](uintptr_t image, uintptr_t text, int64_t n_image, int64_t n_text, int64_t dim, int dtype,
+         uintptr_t logit_scale, uintptr_t logit_bias, int target, bool diagonal_is_pair, uintptr_t image_labels,
+         uintptr_t text_labels, uintptr_t image_bits, uintptr_t text_bits, int64_t label_words, bool compute_grad,
+         uintptr_t row_loss, uintptr_t row_gsum, uintptr_t grad_image, uintptr_t grad_text, uintptr_t workspace,
+         size_t workspace_bytes, int threads) {
+        const auto args = make_sigmoid_loss_args(image, text, n_image, n_text, dim, dtype, logit_scale, logit_bias,
+                                                 target, diagonal_is_pair, image_labels, text_labels, image_bits,
+                                                 text_bits, label_words, compute_grad, row_loss, row_gsum,
+                                                 grad_image, grad_text, workspace, workspace_bytes);
+        py::gil_scoped_release release;
+        medvl::sigmoid_loss_cpu(args, threads);
+      },
+      MEDVL_SIGMOID_LOSS_PY_ARGS, py::arg("threads"));
+
+#ifdef MEDVL_WITH_CUDA
+  m.def("sigmoid_loss_cuda_workspace_bytes", &medvl::sigmoid_loss_cuda_workspace_bytes, py::arg("n_image"),
+        py::arg("n_text"), py::arg("dim"), py::arg("compute_grad"));
+  m.def(
+      "sigmoid_loss_cuda",
+      [](uintptr_t image, uintptr_t text, int64_t n_image, int64_t n_text, int64_t dim, int dtype,
+         uintptr_t logit_scale, uintptr_t logit_bias, int target, bool diagonal_is_pair, uintptr_t image_labels,
+         uintptr_t text_labels, uintptr_t image_bits, uintptr_t text_bits, int64_t label_words, bool compute_grad,
+         uintptr_t row_loss, uintptr_t row_gsum, uintptr_t grad_image, uintptr_t grad_text, uintptr_t workspace,
+         size_t workspace_bytes, uintptr_t stream) {
+        const auto args = make_sigmoid_loss_args(image, text, n_image, n_text, dim, dtype, logit_scale, logit_bias,
+                                                 target, diagonal_is_pair, image_labels, text_labels, image_bits,
+                                                 text_bits, label_words, compute_grad, row_loss, row_gsum,
+                                                 grad_image, grad_text, workspace, workspace_bytes);
+        py::gil_scoped_release release;
+        medvl::sigmoid_loss_cuda(args, reinterpret_cast<void*>(stream));
+      },
+      MEDVL_SIGMOID_LOSS_PY_ARGS, py::arg("stream"));
+#endif
+}

@@ -1,0 +1,5 @@
+import sys
+
+from medvl.cli import main
+
+sys.exit(main())

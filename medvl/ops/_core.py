@@ -1,0 +1,76 @@
+"""What every op shares: the compiled core, Triton's availability, dtype codes, pointers."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+
+try:
+    from medvl import _C  # the compiled core (C++/OpenMP, CUDA when compiled)
+
+    C_IMPORT_ERROR: Optional[str] = None
+except ImportError as error:  # a source checkout that was never built
+    _C = None
+    C_IMPORT_ERROR = f"medvl._C failed to import ({error}); reinstall with `pip install .`"
+
+# Codes shared with csrc/common/dtype.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FUSED_DTYPES = tuple(DTYPE_CODES)
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError as error:
+        return f"triton is not installed ({error})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_core_state() -> Tuple[bool, str]:
+    """(usable, why not) for the compiled CUDA kernels."""
+    if _C is None:
+        return False, C_IMPORT_ERROR
+    if not _C.cuda_compiled:
+        return False, "medvl was built without CUDA (no nvcc at build time, or MEDVL_CUDA=OFF)"
+    count, why = _C.cuda_device_count()
+    if count == 0:
+        return False, f"no CUDA device ({why})"
+    return True, ""
+
+
+def cuda_arch_supported(device: torch.device) -> Optional[str]:
+    """None when the compiled CUDA archs can run on `device`, else the reason."""
+    major, minor = torch.cuda.get_device_capability(device)
+    archs = [a for a in _C.cuda_archs.split(",") if a]
+    for arch in archs:
+        digits = arch.rstrip("af")
+        if not digits.isdigit():
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        exact_only = arch.endswith(("a", "f"))  # arch-specific cubins run only on that arch
+        if (a_major, a_minor) == (major, minor) or (not exact_only and a_major == major and a_minor <= minor):
+            return None
+    return f"compiled for sm_{{{','.join(archs)}}}, device is sm_{major}{minor}; rebuild with MEDVL_CUDA_ARCHS"
+
+
+def cpu_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def pointer(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None or tensor.numel() == 0 else tensor.data_ptr()
+
+
+def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """Scratch memory from torch's allocator (the caching allocator on CUDA)."""
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
