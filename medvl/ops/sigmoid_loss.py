@@ -196,8 +196,8 @@ def sigmoid_loss_forward(
     if image.device.type == "cpu" and not torch.isfinite(loss_sum):
         _explain_non_finite(image, text, logit_scale, logit_bias)
     if not compute_grad:
-        empty = row_loss.new_empty(0)
-        return loss_sum, empty, empty.clone(), grad_image, grad_text
+        # Separate empties: a custom op's outputs may not alias each other.
+        return (loss_sum, *(row_loss.new_empty(0) for _ in range(4)))
     scale_grad = (image.float() * grad_image).sum()
     return loss_sum, row_gsum.sum(), scale_grad, grad_image, grad_text
 
@@ -206,8 +206,7 @@ def sigmoid_loss_forward(
 def _(image, text, logit_scale, logit_bias, image_labels, text_labels, target, diagonal_is_pair, compute_grad, backend):
     scalar = image.new_empty((), dtype=torch.float32)
     if not compute_grad:
-        empty = image.new_empty(0, dtype=torch.float32)
-        return scalar, empty, empty.clone(), empty.clone(), empty.clone()
+        return (scalar, *(image.new_empty(0, dtype=torch.float32) for _ in range(4)))
     return (
         scalar,
         scalar.clone(),

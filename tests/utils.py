@@ -1,0 +1,59 @@
+"""Shared test helpers: which backends run here, and the one tolerance table."""
+
+from __future__ import annotations
+
+import torch
+
+from medvl.ops import _core
+
+# Absolute/relative tolerances against a float64 reference computed on the same (upcast) inputs.
+# For float16/bfloat16 the rule is flash-attention's: our error may be at most twice the error of
+# plain PyTorch in that dtype (both against the float64 reference), plus the atol below.
+TOLERANCES = {
+    torch.float64: {"forward": (1e-10, 1e-10), "backward": (1e-9, 1e-10)},
+    torch.float32: {"forward": (2e-5, 2e-5), "backward": (1e-4, 2e-5)},
+    torch.float16: {"forward": (0.0, 1e-3), "backward": (0.0, 1e-3)},
+    torch.bfloat16: {"forward": (0.0, 1e-2), "backward": (0.0, 1e-2)},
+}
+
+
+def available_backends():
+    """(backend, device) pairs that can run on this machine."""
+    pairs = [("reference", "cpu")]
+    if _core._C is not None:
+        pairs.append(("cpu", "cpu"))
+    if _core.triton_import_error() is None:
+        pairs.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
+    if _core.cuda_core_state()[0] and torch.cuda.is_available():
+        pairs.append(("cuda", "cuda"))
+    return pairs
+
+
+def backend_params():
+    import pytest
+
+    return [pytest.param(name, device, id=f"{name}-{device}") for name, device in available_backends()]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, kind: str, name: str = "",
+                 plain: torch.Tensor = None) -> None:
+    """Compare to a float64 reference; for low precision also bound by 2x plain PyTorch's error."""
+    rtol, atol = TOLERANCES[dtype][kind]
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = (actual - expected).abs()
+    if plain is not None:
+        plain_error = (plain.detach().double().cpu() - expected).abs().max().item()
+        bound = 2 * plain_error + atol
+        assert error.max().item() <= bound, (
+            f"{name} ({dtype}, {kind}): max error {error.max().item():.3g} > 2 x plain PyTorch's "
+            f"{plain_error:.3g} + {atol}"
+        )
+        return
+    allowed = atol + rtol * expected.abs()
+    worst = (error - allowed).argmax()
+    assert (error <= allowed).all(), (
+        f"{name} ({dtype}, {kind}): |{actual.flatten()[worst].item():.8g} - {expected.flatten()[worst].item():.8g}|"
+        f" = {error.flatten()[worst].item():.3g} exceeds atol {atol} + rtol {rtol}"
+    )
