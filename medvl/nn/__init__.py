@@ -2,5 +2,7 @@
 
 from medvl.nn import functional
 from medvl.nn.sigmoid_loss import SigLIPLoss
+from medvl.nn.supcon_loss import SupConLoss
+from medvl.nn.triplet_loss import MedTrimLoss, TripletLoss
 
-__all__ = ["functional", "SigLIPLoss"]
+__all__ = ["functional", "MedTrimLoss", "SigLIPLoss", "SupConLoss", "TripletLoss"]

@@ -2,5 +2,7 @@
 
 from medvl.ops._dispatch import BackendUnavailable
 from medvl.ops.sigmoid_loss import sigmoid_loss
+from medvl.ops.triplet_mining import triplet_mining
+from medvl.reference.triplet_mining import Triplets
 
-__all__ = ["BackendUnavailable", "sigmoid_loss"]
+__all__ = ["BackendUnavailable", "Triplets", "sigmoid_loss", "triplet_mining"]

@@ -20,6 +20,7 @@ import torch
 
 from medvl.ops import _core, _dispatch
 from medvl.ops._core import _C
+from medvl.ops._labels import pack_multi_hot, unpack_bits
 from medvl.reference import sigmoid_loss as reference  # the module
 
 TARGETS = {"pair": 0, "label": 1, "jaccard": 2}
@@ -102,16 +103,10 @@ def _run_triton(image, text, logit_scale, logit_bias, target, diagonal_is_pair, 
     )
 
 
-def _unpack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """(B, W) int32 words back to (B, 32 W) bool, for the reference backend."""
-    shifts = torch.arange(32, device=bits.device, dtype=torch.int64)
-    return (((bits.to(torch.int64)[:, :, None] >> shifts) & 1) != 0).reshape(bits.shape[0], -1)
-
-
 def _run_reference(image, text, logit_scale, logit_bias, target, diagonal_is_pair, image_labels, text_labels, compute_grad):
     name = {code: key for key, code in TARGETS.items()}[target]
     if name == "jaccard":
-        image_labels, text_labels = _unpack_bits(image_labels), _unpack_bits(text_labels)
+        image_labels, text_labels = unpack_bits(image_labels), unpack_bits(text_labels)
     return reference.sigmoid_loss_parts(
         image, text, logit_scale, logit_bias, target=name, image_labels=image_labels, text_labels=text_labels,
         diagonal_is_pair=diagonal_is_pair, compute_grad=compute_grad,
@@ -305,19 +300,6 @@ def _as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
         if not math.isfinite(float(scalar.detach())):
             raise ValueError(f"{name} must be finite, got {float(scalar.detach())}")
     return scalar
-
-
-def pack_multi_hot(labels: torch.Tensor) -> torch.Tensor:
-    """(B, K) multi-hot -> (B, ceil(K / 32)) int32 words, bit k % 32 of word k // 32 set for label k."""
-    rows, width = labels.shape
-    words = max(1, (width + 31) // 32)
-    padded = labels.new_zeros(rows, words * 32, dtype=torch.int64)
-    padded[:, :width] = labels.to(torch.bool).to(torch.int64)
-    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=labels.device),
-                                       torch.arange(32, device=labels.device))
-    packed = (padded.view(rows, words, 32) * weights).sum(-1)
-    # Reinterpret the unsigned 32-bit words as int32 (the kernels read bits, not values).
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
 
 
 def _check_labels(target: str, image_labels, text_labels, image: torch.Tensor, text: torch.Tensor):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import medvl
-from medvl.ops.sigmoid_loss import pack_multi_hot
+from medvl.ops._labels import pack_multi_hot
 from medvl.reference.sigmoid_loss import sigmoid_loss as reference_loss
 from tests.utils import assert_close, available_backends, backend_params
 

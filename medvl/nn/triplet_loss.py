@@ -1,0 +1,122 @@
+"""Triplet losses over mined triplets: TripletLoss and MedTrim's four-term MedTrimLoss."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from medvl.ops.triplet_mining import triplet_mining
+from medvl.reference.triplet_mining import DISTANCES, Triplets
+
+REDUCTIONS = ("mean", "sum", "mean_nonzero")
+
+
+def row_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Distance between matching rows, differentiable; the same definitions mining uses."""
+    if distance == "euclidean":
+        return torch.linalg.vector_norm(a - b, dim=1)
+    if distance == "squared_euclidean":
+        return (a - b).pow(2).sum(1)
+    if distance == "cosine":
+        norms = torch.linalg.vector_norm(a, dim=1).clamp_min(1e-12) * torch.linalg.vector_norm(b, dim=1).clamp_min(1e-12)
+        return 1 - (a * b).sum(1) / norms
+    raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+
+
+def triplet_margin_loss(anchors: torch.Tensor, candidates: torch.Tensor, triplets: Triplets, margin: float,
+                        distance: str, reduction: str) -> torch.Tensor:
+    """Hinge max(d(a, p) - d(a, n) + margin, 0) over triplets; gradients flow through the gathers."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    anchor, positive, negative = triplets
+    if anchor.numel() == 0:
+        # No triplet: a zero that still belongs to the graph, so backward() works.
+        return (anchors.sum() + candidates.sum()) * 0.0
+    a = anchors[anchor]
+    losses = torch.relu(row_distance(a, candidates[positive], distance)
+                        - row_distance(a, candidates[negative], distance) + margin)
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.mean()
+    active = losses > 0
+    return losses.sum() / active.sum().clamp_min(1)
+
+
+class TripletLoss(torch.nn.Module):
+    """Triplet margin loss on mined triplets (batch-hard by default), memory O(B * D).
+
+    ``loss(embeddings, labels)`` mines within the batch; ``loss(anchors, labels, candidates=texts,
+    candidate_labels=...)`` mines across modalities. ``reduction="mean_nonzero"`` averages over
+    the triplets that violate the margin (pytorch-metric-learning's default reducer).
+
+    Example:
+        >>> loss = TripletLoss(margin=0.2)(torch.randn(16, 8), torch.randint(0, 4, (16,)))
+    """
+
+    def __init__(self, margin: float = 0.2, distance: str = "euclidean", strategy: str = "batch_hard",
+                 reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        if strategy == "entities":
+            raise ValueError("strategy='entities' mines from entity sets: use MedTrimLoss")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+        self.margin, self.distance, self.strategy, self.reduction, self.backend = (
+            margin, distance, strategy, reduction, backend)
+
+    def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                candidates: Optional[torch.Tensor] = None, candidate_labels: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        triplets = triplet_mining(embeddings, candidates, labels=labels, candidate_labels=candidate_labels,
+                                  strategy=self.strategy, distance=self.distance, backend=self.backend)
+        return triplet_margin_loss(embeddings, embeddings if candidates is None else candidates, triplets,
+                                   self.margin, self.distance, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, distance={self.distance!r}, strategy={self.strategy!r}"
+
+
+class MedTrimLoss(torch.nn.Module):
+    """MedTrim's multimodal triplet alignment (Ozturk et al. 2025, arXiv:2504.15929).
+
+    Triplets are mined from entity scores (disease, adjective, direction sets parsed from each
+    report) in four directions: image-image, text-text, image-text and text-image; the loss is
+    the weighted sum of the four hinge losses. Image i and text i share report i's entities.
+    ``weights`` default to 1 each (the four terms summed).
+
+    Example:
+        >>> sets = [torch.rand(8, k) < 0.3 for k in (14, 6, 9)]
+        >>> loss = MedTrimLoss()(torch.randn(8, 16), torch.randn(8, 16), sets)
+    """
+
+    TERMS = ("image_image", "text_text", "image_text", "text_image")
+
+    def __init__(self, margin: float = 0.3, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+                 distance: str = "euclidean", entity_weights: Sequence[float] = (0.85, 0.10, 0.05),
+                 score_range: Tuple[float, float] = (0.25, 0.6), reduction: str = "mean",
+                 backend: Optional[str] = None):
+        super().__init__()
+        if len(weights) != 4:
+            raise ValueError(f"weights must hold four numbers ({', '.join(self.TERMS)}), got {tuple(weights)}")
+        self.margin, self.weights, self.distance = margin, tuple(float(w) for w in weights), distance
+        self.entity_weights, self.score_range = tuple(entity_weights), tuple(score_range)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, entities: Sequence[torch.Tensor],
+                output_dict: bool = False) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        directions = {
+            "image_image": (image_features, None),
+            "text_text": (text_features, None),
+            "image_text": (image_features, text_features),
+            "text_image": (text_features, image_features),
+        }
+        terms = {}
+        for name, (anchors, candidates) in directions.items():
+            triplets = triplet_mining(anchors, candidates, entities=entities, strategy="entities",
+                                      distance=self.distance, entity_weights=self.entity_weights,
+                                      score_range=self.score_range, backend=self.backend)
+            terms[name] = triplet_margin_loss(anchors, anchors if candidates is None else candidates, triplets,
+                                              self.margin, self.distance, self.reduction)
+        total = sum(w * terms[name] for w, name in zip(self.weights, self.TERMS))
+        return {"loss": total, **terms} if output_dict else total
