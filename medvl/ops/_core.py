@@ -44,7 +44,7 @@ def cuda_core_state() -> Tuple[bool, str]:
         return False, "medvl was built without CUDA (no nvcc at build time, or MEDVL_CUDA=OFF)"
     count, why = _C.cuda_device_count()
     if count == 0:
-        return False, f"no CUDA device ({why})"
+        return False, f"no usable CUDA device (cudaGetDeviceCount: {why})"
     return True, ""
 
 
