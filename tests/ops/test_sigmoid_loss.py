@@ -335,3 +335,20 @@ def test_siglip_module_output_dict():
     x, t, s, b = _good()
     out = medvl.nn.SigLIPLoss(backend="cpu")(x, t, s, b, output_dict=True)
     assert set(out) == {"contrastive_loss"} and out["contrastive_loss"].shape == ()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [p[0] for p in available_backends() if p[1] == "cuda"])
+def test_torch_compile_inductor_on_gpu(backend):
+    # Inductor over the GPU backends (DESIGN.md: compiling a Triton path over CPU tensors fails).
+    x, t, s, b, labels = make_inputs(257, 257, 128, "label", dtype=torch.bfloat16, device="cuda")
+
+    def step(x, t, s, b, image_labels, text_labels):
+        return medvl.sigmoid_loss(x, t, s, b, target="label", image_labels=image_labels,
+                                  text_labels=text_labels, backend=backend)
+
+    eager = loss_and_grads(step, x, t, s, b, **labels)
+    traced = loss_and_grads(torch.compile(step, fullgraph=True), x, t, s, b, **labels)
+    for name, a, e in zip(NAMES, traced, eager):
+        torch.testing.assert_close(a, e, msg=f"compiled {name}")
