@@ -118,6 +118,8 @@ def _worker(rank, world, port):
             assert "same grad_output on every rank" in str(error), str(error)
         else:
             raise AssertionError("unequal grad_outputs across ranks were accepted")
+        # Every rank done before any tears its connections down (gloo aborts a peer still talking).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
