@@ -181,10 +181,51 @@ def bench_sigmoid_loss(n: int, dim: int, dtype: torch.dtype, device: torch.devic
 
 
 # ---------------------------------------------------------------------------------------------
+# triplet_mining
+# ---------------------------------------------------------------------------------------------
+
+
+def triplet_mining_methods(device: torch.device) -> Dict[str, Callable]:
+    """name -> miner(embeddings, labels) for batch-hard mining, every method runnable here."""
+    import medvl
+    from medvl.ops.triplet_mining import BACKENDS
+    from medvl.reference.triplet_mining import triplet_mining as reference_mining
+
+    methods: Dict[str, Callable] = {}
+    probe = torch.empty(1, 1, device=device)
+    for name in ("cuda", "triton", "cpu"):
+        if not BACKENDS[name].reasons(probe, 0) and not (name == "triton" and device.type == "cpu"):
+            methods[f"medvl-{name}"] = lambda x, y, name=name: medvl.triplet_mining(x, labels=y, backend=name)
+    methods["reference"] = lambda x, y: reference_mining(x, labels=y)
+    try:
+        from pytorch_metric_learning import distances, miners
+
+        miner = miners.BatchHardMiner(distance=distances.LpDistance(normalize_embeddings=False))
+        methods["pytorch-metric-learning"] = lambda x, y: miner(x, y)
+    except ImportError:
+        pass
+    return methods
+
+
+def bench_triplet_mining(n: int, dim: int, dtype: torch.dtype, device: torch.device, repeats: int,
+                         methods: Optional[List[str]] = None) -> List[Measurement]:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(n, dim, generator=generator).to(device, dtype)
+    labels = torch.randint(0, max(2, n // 8), (n,), generator=generator).to(device)
+    results = []
+    for name, miner in triplet_mining_methods(device).items():
+        if methods and name not in methods:
+            continue
+        results.append(measure("batch-hard mining", f"B={n} D={dim} {str(dtype)[6:]}", name,
+                               lambda miner=miner: miner(x, labels), device, repeats, 2.0 * n * n * dim))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # Table, results file, command line
 # ---------------------------------------------------------------------------------------------
 
-PEERS = ("open_clip", "reference-compiled", "reference")
+PEERS = ("open_clip", "pytorch-metric-learning", "reference-compiled", "reference")
 
 
 def annotate(results: List[Measurement], rate: float) -> None:
@@ -268,7 +309,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default=None, help="batch sizes, comma separated (default: 1024,4096 on CPU; "
                         "4096,16384,65536 on CUDA)")
-    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--op", default="all", choices=["all", "sigmoid_loss", "triplet_mining"])
+    parser.add_argument("--dim", type=int, default=512, help="feature dim of the losses")
+    parser.add_argument("--mining-dim", type=int, default=256, help="embedding dim of the mining benchmark")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=3)
@@ -286,8 +329,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"# medvl bench on {machine_name(device)}; torch {torch.__version__}; "
           f"{dtype} GEMM rate here {rate / 1e9:.1f} GFLOP/s (the limit)")
     results: List[Measurement] = []
-    for n in sizes:
-        current = bench_sigmoid_loss(n, args.dim, dtype, device, args.repeats, methods)
+    runs = []
+    if args.op in ("all", "sigmoid_loss"):
+        runs += [lambda n=n: bench_sigmoid_loss(n, args.dim, dtype, device, args.repeats, methods) for n in sizes]
+    if args.op in ("all", "triplet_mining"):
+        runs += [lambda n=n: bench_triplet_mining(n, args.mining_dim, dtype, device, args.repeats, methods)
+                 for n in sizes]
+    for run in runs:
+        current = run()
         annotate(current, rate)
         results += current
         print(format_table(current), flush=True)

@@ -58,4 +58,11 @@ size_t triplet_mining_cpu_workspace_bytes(int64_t n_anchor, int64_t n_candidate,
                                           int64_t max_pairs_per_anchor, int threads);
 void triplet_mining_cpu(const TripletMiningArgs& args, int threads);
 
+#ifdef MEDVL_WITH_CUDA
+// All pointers are device pointers; positive/negative are written with -1 where none.
+size_t triplet_mining_cuda_workspace_bytes(int64_t n_anchor, int64_t n_candidate, int64_t dim, int strategy,
+                                           int64_t max_pairs_per_anchor);
+void triplet_mining_cuda(const TripletMiningArgs& args, void* stream);
+#endif
+
 }  // namespace medvl
