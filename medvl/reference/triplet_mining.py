@@ -100,7 +100,9 @@ def triplet_mining(
     if within:
         candidates, candidate_labels, candidate_entities = anchors, labels, entities
     n_anchor, n_candidate = anchors.shape[0], candidates.shape[0]
-    dist = pairwise_distance(anchors, candidates, distance)
+    # Mining only compares distances, and the square root orders them as their squares do (it can
+    # only merge two squares into one rounded root): every backend mines euclidean on squares.
+    dist = pairwise_distance(anchors, candidates, "squared_euclidean" if distance == "euclidean" else distance)
     own = torch.eye(n_anchor, n_candidate, dtype=torch.bool, device=anchors.device) if within else None
     arange = torch.arange(n_anchor, device=anchors.device)
 

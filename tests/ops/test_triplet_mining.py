@@ -217,3 +217,30 @@ def test_memory_is_not_batch_squared():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(8, 4))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_triton_small_tiles_cross_tile_ties(strategy):
+    # Several candidate tiles, D chunks and semi-hard pair slices: the cross-tile tie rule at work.
+    if not any(p.values[0] == "triton" for p in mining_backends(strategy)):
+        pytest.skip("no triton backend here")
+    from medvl.kernels import triplet_mining as triton_mining
+    from medvl.ops.triplet_mining import _Inputs, _run_fused
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = make(40, 20, seed=6, device=device, classes=4)
+    x = torch.cat([data["x"], data["x"][:10]])  # duplicates: exact distance ties across tiles
+    labels = torch.cat([data["labels"], data["labels"][:10]])
+    entities = [torch.cat([e, e[:10]]) for e in data["entities"]]
+    code = STRATEGY_CODES[strategy]
+    from medvl.ops._labels import pack_multi_hot
+
+    bits = torch.cat([pack_multi_hot(e) for e in entities], 1) if strategy == "entities" else None
+    words = [pack_multi_hot(e).shape[1] for e in entities] if strategy == "entities" else []
+    inputs = _Inputs(x, x, None if strategy == "entities" else labels, None if strategy == "entities" else labels,
+                     bits, bits, code, 0, words, [0.85, 0.10, 0.05], 0.25, 0.6, True)
+    small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_S=2)
+    ours = _run_fused(lambda *a: triton_mining.triplet_mining_forward(*a, block_overrides=small), inputs)
+    kw = {"entities": [e.cpu() for e in entities]} if strategy == "entities" else {"labels": labels.cpu()}
+    expected = reference_mining(x.cpu(), strategy=strategy, **kw)
+    assert_same(ours, expected, f"triton small tiles {strategy}")
