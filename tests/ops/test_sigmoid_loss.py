@@ -352,3 +352,27 @@ def test_torch_compile_inductor_on_gpu(backend):
     traced = loss_and_grads(torch.compile(step, fullgraph=True), x, t, s, b, **labels)
     for name, a, e in zip(NAMES, traced, eager):
         torch.testing.assert_close(a, e, msg=f"compiled {name}")
+
+
+_ISA_SCRIPT = r"""
+import json, torch, medvl
+from tests.ops.test_sigmoid_loss import NAMES, float64_expected, loss_and_grads, make_inputs
+worst = 0.0
+for n_image, n_text, dim, target in [(1, 1, 3, "pair"), (129, 7, 100, "label"), (70, 130, 64, "jaccard")]:
+    x, t, s, b, labels = make_inputs(n_image, n_text, dim, target, seed=dim)
+    ours = loss_and_grads(medvl.sigmoid_loss, x, t, s, b, target=target, backend="cpu", **labels)
+    expected = float64_expected(x, t, s, b, labels, target)
+    for a, e in zip(ours, expected):
+        worst = max(worst, ((a.double() - e).abs() / (1e-4 + e.abs())).max().item())
+print(json.dumps({"worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_cpu_fallback_instruction_sets_match_reference(isa):
+    # The CPU backend picks its micro-kernel once per process; MEDVL_CPU_ISA lowers the choice.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "MEDVL_CPU_ISA": isa, "OMP_NUM_THREADS": "2"})
+    worst = json.loads(out.stdout.strip().splitlines()[-1])["worst"]
+    assert worst < 1e-3, f"{isa} micro-kernel: worst relative error {worst:.3g}"
