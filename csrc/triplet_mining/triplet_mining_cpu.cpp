@@ -8,6 +8,10 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "triplet_mining/triplet_mining.h"
 
 namespace medvl {
@@ -58,16 +62,77 @@ float iou_score(const TripletMiningArgs& a, int64_t i, int64_t j) {
 }  // namespace
 
 namespace {
+// Anchors are mined in blocks of kAnchorBlock against candidate panels of kPanel (k-major, zero
+// padded): a register-blocked dot-product tile, then per-anchor extrema over the block's rows.
+constexpr int64_t kAnchorBlock = 16;
+constexpr int64_t kPanel = 32;
+
 size_t round_up(size_t bytes) { return (bytes + 63) / 64 * 64; }
+int64_t padded_candidates(int64_t n_candidate) { return (n_candidate + kPanel - 1) / kPanel * kPanel; }
 
 size_t shared_bytes(int64_t n_candidate, int64_t dim) {
-  return round_up(static_cast<size_t>(n_candidate) * (dim + 1) * sizeof(float));  // fp32 rows, squared norms
+  // Packed candidate panels, then their squared norms.
+  return round_up(static_cast<size_t>(padded_candidates(n_candidate)) * (dim + 1) * sizeof(float));
 }
 
 size_t per_thread_bytes(int64_t n_candidate, int64_t dim, bool semi_hard, int64_t longest) {
-  size_t bytes = static_cast<size_t>(dim + n_candidate) * sizeof(float);
+  size_t bytes = static_cast<size_t>(kAnchorBlock) * (dim + padded_candidates(n_candidate)) * sizeof(float);
   if (semi_hard) bytes += static_cast<size_t>(longest + 1) * 2 * (sizeof(float) + sizeof(int64_t));
   return round_up(bytes);
+}
+
+// dots[r][j] = sum_k rows[r][k] * candidate_j[k] for a block of kAnchorBlock rows and every
+// candidate, k ascending for every (r, j) alike: equal candidates get bit-equal dot products.
+void block_dots_generic(const float* rows, const float* panels, int64_t n_panels, int64_t dim, float* dots,
+                        int64_t ldd) {
+  for (int64_t q = 0; q < n_panels; ++q) {
+    const float* panel = panels + q * dim * kPanel;
+    for (int64_t r = 0; r < kAnchorBlock; ++r) {
+      float acc[kPanel] = {};
+      for (int64_t k = 0; k < dim; ++k) {
+        const float a = rows[r * dim + k];
+        for (int64_t c = 0; c < kPanel; ++c) acc[c] += a * panel[k * kPanel + c];
+      }
+      std::copy(acc, acc + kPanel, dots + r * ldd + q * kPanel);
+    }
+  }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) void block_dots_avx512(const float* rows, const float* panels, int64_t n_panels,
+                                                          int64_t dim, float* dots, int64_t ldd) {
+  constexpr int kRows = 8;  // 8 rows x 2 vectors of 16: 16 accumulators in registers
+  for (int64_t q = 0; q < n_panels; ++q) {
+    const float* panel = panels + q * dim * kPanel;
+    for (int64_t r0 = 0; r0 < kAnchorBlock; r0 += kRows) {
+      __m512 acc[kRows][2];
+      for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      const float* a = rows + r0 * dim;
+      for (int64_t k = 0; k < dim; ++k) {
+        const __m512 b0 = _mm512_loadu_ps(panel + k * kPanel);
+        const __m512 b1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+        for (int r = 0; r < kRows; ++r) {
+          const __m512 x = _mm512_set1_ps(a[r * dim + k]);
+          acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        _mm512_storeu_ps(dots + (r0 + r) * ldd + q * kPanel, acc[r][0]);
+        _mm512_storeu_ps(dots + (r0 + r) * ldd + q * kPanel + 16, acc[r][1]);
+      }
+    }
+  }
+}
+#endif
+
+using BlockDots = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t);
+
+BlockDots pick_block_dots() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f")) return block_dots_avx512;
+#endif
+  return block_dots_generic;
 }
 }  // namespace
 
@@ -88,100 +153,117 @@ void triplet_mining_cpu(const TripletMiningArgs& a, int threads) {
       triplet_mining_cpu_workspace_bytes(a.n_anchor, a.n_candidate, a.dim, static_cast<int>(a.strategy), longest, threads))
     throw std::invalid_argument("medvl: triplet_mining_cpu workspace too small");
   const int64_t dim = a.dim;
-  float* cand = static_cast<float*>(a.workspace);
-  float* cand_norm = cand + a.n_candidate * dim;
+  const int64_t n_panels = padded_candidates(a.n_candidate) / kPanel;
+  const int64_t ldd = n_panels * kPanel;
+  float* panels = static_cast<float*>(a.workspace);
+  float* cand_norm = panels + ldd * dim;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t j = 0; j < a.n_candidate; ++j) {
-    float sq = 0.f;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float v = load(a.candidates, a.dtype, j * dim + d);
-      cand[j * dim + d] = v;
-      sq += v * v;
+  for (int64_t q = 0; q < n_panels; ++q) {
+    float* panel = panels + q * dim * kPanel;
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const int64_t j = q * kPanel + c;
+      float sq = 0.f;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float v = j < a.n_candidate ? load(a.candidates, a.dtype, j * dim + d) : 0.f;
+        panel[d * kPanel + c] = v;
+        sq += v * v;
+      }
+      cand_norm[j] = sq;
     }
-    cand_norm[j] = sq;
   }
+  const BlockDots block_dots = pick_block_dots();
   char* per_thread_base = static_cast<char*>(a.workspace) + shared_bytes(a.n_candidate, dim);
   const size_t per_thread =
       per_thread_bytes(a.n_candidate, dim, a.strategy == MiningStrategy::kSemiHard, longest);
+  const int64_t n_blocks = (a.n_anchor + kAnchorBlock - 1) / kAnchorBlock;
 
 #pragma omp parallel num_threads(threads)
   {
     // int64 arrays first, so they stay 8-byte aligned.
     int64_t* order = reinterpret_cast<int64_t*>(per_thread_base + per_thread * omp_get_thread_num());
     int64_t* bucket_j = order + (longest + 1);
-    float* row = reinterpret_cast<float*>(a.strategy == MiningStrategy::kSemiHard ? bucket_j + (longest + 1) : order);
-    float* dist = row + dim;
-    float* sorted_d = dist + a.n_candidate;  // semi-hard: positive distances, ascending
+    float* rows = reinterpret_cast<float*>(a.strategy == MiningStrategy::kSemiHard ? bucket_j + (longest + 1) : order);
+    float* dots = rows + kAnchorBlock * dim;            // [kAnchorBlock][ldd]
+    float* sorted_d = dots + kAnchorBlock * ldd;        // semi-hard: positive distances, ascending
     float* bucket_d = sorted_d + (longest + 1);
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t i = 0; i < a.n_anchor; ++i) {
-      float row_sq = 0.f;
-      for (int64_t d = 0; d < dim; ++d) {
-        row[d] = load(a.anchors, a.dtype, i * dim + d);
-        row_sq += row[d] * row[d];
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t block = 0; block < n_blocks; ++block) {
+      const int64_t i0 = block * kAnchorBlock;
+      const int64_t rows_here = std::min(kAnchorBlock, a.n_anchor - i0);
+      float row_sq[kAnchorBlock];
+      for (int64_t r = 0; r < kAnchorBlock; ++r) {
+        row_sq[r] = 0.f;
+        for (int64_t d = 0; d < dim; ++d) {
+          const float v = r < rows_here ? load(a.anchors, a.dtype, (i0 + r) * dim + d) : 0.f;
+          rows[r * dim + d] = v;
+          row_sq[r] += v * v;
+        }
       }
-      const float row_norm = std::max(std::sqrt(row_sq), 1e-12f);
-      for (int64_t j = 0; j < a.n_candidate; ++j) {
-        float dot = 0.f;
-        const float* c = cand + j * dim;
-        for (int64_t d = 0; d < dim; ++d) dot += row[d] * c[d];
-        if (a.distance == MiningDistance::kCosine) {
-          dist[j] = 1.f - dot / (row_norm * std::max(std::sqrt(cand_norm[j]), 1e-12f));
+      block_dots(rows, panels, n_panels, dim, dots, ldd);
+      for (int64_t r = 0; r < rows_here; ++r) {
+        const int64_t i = i0 + r;
+        float* dist = dots + r * ldd;
+        const float row_norm = std::max(std::sqrt(row_sq[r]), 1e-12f);
+        for (int64_t j = 0; j < a.n_candidate; ++j) {
+          const float dot = dist[j];
+          if (a.distance == MiningDistance::kCosine) {
+            dist[j] = 1.f - dot / (row_norm * std::max(std::sqrt(cand_norm[j]), 1e-12f));
+          } else {
+            // Mining only compares distances: the square root changes no order.
+            dist[j] = std::max(row_sq[r] + cand_norm[j] - 2.f * dot, 0.f);
+          }
+        }
+        if (a.strategy == MiningStrategy::kBatchHard) {
+          Best pos(0.f), neg(0.f);
+          for (int64_t j = 0; j < a.n_candidate; ++j) {
+            if (a.within && j == i) continue;
+            if (a.labels[i] == a.candidate_labels[j]) pos.take_max(dist[j], j);
+            else neg.take_min(dist[j], j);
+          }
+          a.positive[i] = pos.index;
+          a.negative[i] = neg.index;
+        } else if (a.strategy == MiningStrategy::kEntities) {
+          Best top(0.f), low(0.f);
+          float top_dist = 0.f, low_dist = 0.f;
+          for (int64_t j = 0; j < a.n_candidate; ++j) {
+            if (a.within && j == i) continue;
+            const float s = iou_score(a, i, j);
+            if (top.index < 0 || s > top.value || (s == top.value && dist[j] > top_dist)) {
+              top.value = s, top.index = j, top_dist = dist[j];
+            }
+            if (s >= a.score_low && s < a.score_high &&
+                (low.index < 0 || s < low.value || (s == low.value && dist[j] < low_dist))) {
+              low.value = s, low.index = j, low_dist = dist[j];
+            }
+          }
+          a.positive[i] = top.index;
+          a.negative[i] = (low.index >= 0 && top.index >= 0 && low.value < top.value) ? low.index : -1;
         } else {
-          // Mining only compares distances: the square root changes no order.
-          dist[j] = std::max(row_sq + cand_norm[j] - 2.f * dot, 0.f);
-        }
-      }
-      if (a.strategy == MiningStrategy::kBatchHard) {
-        Best pos(0.f), neg(0.f);
-        for (int64_t j = 0; j < a.n_candidate; ++j) {
-          if (a.within && j == i) continue;
-          if (a.labels[i] == a.candidate_labels[j]) pos.take_max(dist[j], j);
-          else neg.take_min(dist[j], j);
-        }
-        a.positive[i] = pos.index;
-        a.negative[i] = neg.index;
-      } else if (a.strategy == MiningStrategy::kEntities) {
-        Best top(0.f), low(0.f);
-        float top_dist = 0.f, low_dist = 0.f;
-        for (int64_t j = 0; j < a.n_candidate; ++j) {
-          if (a.within && j == i) continue;
-          const float s = iou_score(a, i, j);
-          if (top.index < 0 || s > top.value || (s == top.value && dist[j] > top_dist)) {
-            top.value = s, top.index = j, top_dist = dist[j];
+          const int64_t first = a.pair_offsets[i], count = a.pair_offsets[i + 1] - first;
+          std::iota(order, order + count, int64_t{0});
+          std::stable_sort(order, order + count, [&](int64_t p, int64_t q) {
+            return dist[a.pair_positive[first + p]] < dist[a.pair_positive[first + q]];
+          });
+          for (int64_t q = 0; q < count; ++q) sorted_d[q] = dist[a.pair_positive[first + order[q]]];
+          std::fill(bucket_j, bucket_j + count + 1, int64_t{-1});
+          Best farthest(0.f);
+          for (int64_t j = 0; j < a.n_candidate; ++j) {
+            if ((a.within && j == i) || a.labels[i] == a.candidate_labels[j]) continue;
+            farthest.take_max(dist[j], j);
+            // The negative is beyond exactly the positives with distance < dist[j]: the first k sorted.
+            const int64_t k = std::lower_bound(sorted_d, sorted_d + count, dist[j]) - sorted_d;
+            if (bucket_j[k] < 0 || dist[j] < bucket_d[k]) bucket_d[k] = dist[j], bucket_j[k] = j;
           }
-          if (s >= a.score_low && s < a.score_high &&
-              (low.index < 0 || s < low.value || (s == low.value && dist[j] < low_dist))) {
-            low.value = s, low.index = j, low_dist = dist[j];
+          // Sorted positive q takes the best negative from buckets k > q: a suffix minimum.
+          float best_d = 0.f;
+          int64_t best_j = -1;
+          for (int64_t q = count - 1; q >= 0; --q) {
+            const int64_t k = q + 1;
+            if (bucket_j[k] >= 0 &&
+                (best_j < 0 || bucket_d[k] < best_d || (bucket_d[k] == best_d && bucket_j[k] < best_j)))
+              best_d = bucket_d[k], best_j = bucket_j[k];
+            a.negative[first + order[q]] = best_j >= 0 ? best_j : farthest.index;
           }
-        }
-        a.positive[i] = top.index;
-        a.negative[i] = (low.index >= 0 && top.index >= 0 && low.value < top.value) ? low.index : -1;
-      } else {
-        const int64_t first = a.pair_offsets[i], count = a.pair_offsets[i + 1] - first;
-        std::iota(order, order + count, int64_t{0});
-        std::stable_sort(order, order + count, [&](int64_t p, int64_t q) {
-          return dist[a.pair_positive[first + p]] < dist[a.pair_positive[first + q]];
-        });
-        for (int64_t q = 0; q < count; ++q) sorted_d[q] = dist[a.pair_positive[first + order[q]]];
-        std::fill(bucket_j, bucket_j + count + 1, int64_t{-1});
-        Best farthest(0.f);
-        for (int64_t j = 0; j < a.n_candidate; ++j) {
-          if ((a.within && j == i) || a.labels[i] == a.candidate_labels[j]) continue;
-          farthest.take_max(dist[j], j);
-          // The negative is beyond exactly the positives with distance < dist[j]: the first k sorted.
-          const int64_t k = std::lower_bound(sorted_d, sorted_d + count, dist[j]) - sorted_d;
-          if (bucket_j[k] < 0 || dist[j] < bucket_d[k]) bucket_d[k] = dist[j], bucket_j[k] = j;
-        }
-        // Sorted positive q takes the best negative from buckets k > q: a suffix minimum.
-        float best_d = 0.f;
-        int64_t best_j = -1;
-        for (int64_t q = count - 1; q >= 0; --q) {
-          const int64_t k = q + 1;
-          if (bucket_j[k] >= 0 &&
-              (best_j < 0 || bucket_d[k] < best_d || (bucket_d[k] == best_d && bucket_j[k] < best_j)))
-            best_d = bucket_d[k], best_j = bucket_j[k];
-          a.negative[first + order[q]] = best_j >= 0 ? best_j : farthest.index;
         }
       }
     }
