@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import fp32_dot_precision, popcount32
+
 __all__ = ["sigmoid_loss_forward", "block_sizes"]
 
 TARGET_PAIR, TARGET_LABEL, TARGET_JACCARD = 0, 1, 2
@@ -47,18 +49,6 @@ _FP16_G_SCALE = 16384.0
 # --------------------------------------------------------------------------------------------
 # Kernels.
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _popcount32(x):
-    """Set bits of each int32 word (SWAR). Arithmetic shifts are safe: every shifted value is
-    masked before it is used, so copies of the sign bit never reach the count."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F  # non-negative from here on
-    x = x + (x >> 8)
-    x = x + (x >> 16)
-    return x & 0x3F
 
 
 @triton.jit
@@ -108,7 +98,7 @@ def _sigmoid_loss_pass(
         own_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for w in range(0, label_words):
             word = tl.load(own_lab_ptr + rows64 * label_words + w, mask=row_ok, other=0)
-            own_bits += _popcount32(word)
+            own_bits += popcount32(word)
 
     if SINGLE_K:
         a_tile = tl.load(
@@ -171,8 +161,8 @@ def _sigmoid_loss_pass(
             for w in range(0, label_words):
                 word_a = tl.load(own_lab_ptr + rows64 * label_words + w, mask=row_ok, other=0)
                 word_b = tl.load(other_lab_ptr + cols64 * label_words + w, mask=col_ok, other=0)
-                both += _popcount32(word_a[:, None] & word_b[None, :])
-                other_bits += _popcount32(word_b)
+                both += popcount32(word_a[:, None] & word_b[None, :])
+                other_bits += popcount32(word_b)
             either = own_bits[:, None] + other_bits[None, :] - both  # |a | b| = |a| + |b| - |a & b|
             y = tl.where(either > 0, both.to(tl.float32) / tl.maximum(either, 1).to(tl.float32), 1.0)
             if DIAG:
@@ -271,15 +261,6 @@ def block_sizes(n_own: int, n_other: int, dim: int, dtype: torch.dtype, compute_
                 num_warps=num_warps, num_stages=num_stages)
 
 
-def _fp32_dot_precision(device: torch.device) -> str:
-    """fp32 inputs: "tf32x3" (three TF32 MMAs, close to fp32) unless torch's own matmul precision
-    allows TF32 ("high"/"medium"), matching what a plain torch matmul would do. "ieee" would be exact
-    but runs on the CUDA cores at a fraction of the rate."""
-    if device.type != "cuda":
-        return "ieee"  # the interpreter computes in numpy fp32 whatever is asked
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def _launch(own, other, scale, bias, own_labels, other_labels, label_words, loss, gsum, grad,
             target, diagonal_is_pair, write_stats, compute_grad, interpreted, overrides):
     n_own, dim = own.shape
@@ -291,7 +272,7 @@ def _launch(own, other, scale, bias, own_labels, other_labels, label_words, loss
     single_k = dim <= cfg["BLOCK_K"]
     share_b = compute_grad and single_k and n_d == 1 and cfg["BLOCK_D"] == cfg["BLOCK_K"]
     if own.dtype == torch.float32:
-        precision = _fp32_dot_precision(own.device)
+        precision = fp32_dot_precision(own.device)
     else:
         precision = "tf32"  # ignored by tl.dot for 16-bit inputs
     grid = (triton.cdiv(n_own, cfg["BLOCK_M"]), n_d)

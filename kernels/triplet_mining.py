@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import fp32_dot_precision, popcount32
+
 __all__ = ["SUPPORTED_STRATEGIES", "triplet_mining_forward", "block_sizes"]
 
 STRATEGY_BATCH_HARD, STRATEGY_SEMI_HARD, STRATEGY_ENTITIES = 0, 1, 2
@@ -59,18 +61,6 @@ _NO_INDEX = tl.constexpr(2147483647)  # "no column" in the index reductions (int
 # --------------------------------------------------------------------------------------------
 # Kernels.
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _popcount32(x):
-    """Set bits of each int32 word (SWAR). Every shifted value is masked before use, so the sign
-    copies brought in by the arithmetic shifts never reach the count."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F  # non-negative from here on
-    x = x + (x >> 8)
-    x = x + (x >> 16)
-    return x & 0x3F
 
 
 @triton.jit
@@ -124,8 +114,8 @@ def _iou_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, s
     for w in range(start, start + count):
         word_a = tl.load(a_bits_ptr + rows64 * n_words + w, mask=row_ok, other=0)
         word_c = tl.load(c_bits_ptr + cols64 * n_words + w, mask=col_ok, other=0)
-        both += _popcount32(word_a[:, None] & word_c[None, :])
-        c_count += _popcount32(word_c)
+        both += popcount32(word_a[:, None] & word_c[None, :])
+        c_count += popcount32(word_c)
     either = a_count[:, None] + c_count[None, :] - both  # |a | c| = |a| + |c| - |a & c|
     iou = tl.math.div_rn(both.to(tl.float32), tl.maximum(either, 1).to(tl.float32))
     return tl.where(either > 0, iou, 1.0)
@@ -135,7 +125,7 @@ def _iou_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, s
 def _set_sizes(bits_ptr, rows64, row_ok, n_words, start, count, BLOCK_M: tl.constexpr):
     total = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for w in range(start, start + count):
-        total += _popcount32(tl.load(bits_ptr + rows64 * n_words + w, mask=row_ok, other=0))
+        total += popcount32(tl.load(bits_ptr + rows64 * n_words + w, mask=row_ok, other=0))
     return total
 
 
@@ -412,14 +402,6 @@ def block_sizes(n_anchor: int, n_candidate: int, dim: int, dtype: torch.dtype, s
                 num_stages=num_stages)
 
 
-def _fp32_dot_precision(device: torch.device) -> str:
-    """fp32 inputs: "tf32x3" (close to fp32; exact for the small-integer inputs of the tests) unless
-    torch's matmul precision allows TF32, as a plain torch matmul would. The interpreter is fp32 anyway."""
-    if device.type != "cuda":
-        return "ieee"
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def _row_norms(x: torch.Tensor, cosine: bool) -> torch.Tensor:
     """The reference's own expressions: |x|^2 in fp32, or max(|x|, 1e-12) for cosine."""
     squared = x.float().pow(2).sum(1)
@@ -452,7 +434,7 @@ def triplet_mining_forward(inputs, pair_offsets: Optional[torch.Tensor] = None,
     cosine = distance == DISTANCE_COSINE
     a_norm = _row_norms(anchors, cosine)
     c_norm = a_norm if within else _row_norms(candidates, cosine)
-    precision = _fp32_dot_precision(device) if anchors.dtype == torch.float32 else "tf32"  # 16-bit: ignored
+    precision = fp32_dot_precision(device) if anchors.dtype == torch.float32 else "tf32"  # 16-bit: ignored
 
     longest = None
     if strategy == STRATEGY_SEMI_HARD:

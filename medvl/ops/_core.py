@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -19,6 +19,13 @@ except ImportError as error:  # a source checkout that was never built
 # Codes shared with csrc/common/dtype.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FUSED_DTYPES = tuple(DTYPE_CODES)
+
+
+def dtype_reasons(tensor: torch.Tensor) -> List[str]:
+    """Why a fused backend can't take this dtype (empty when it can)."""
+    if tensor.dtype not in FUSED_DTYPES:
+        return [f"dtype {tensor.dtype} is not one of float32, bfloat16, float16"]
+    return []
 
 
 def triton_interpreter() -> bool:

@@ -116,17 +116,11 @@ def _run_reference(image, text, logit_scale, logit_bias, target, diagonal_is_pai
 _RUNNERS = {"cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton, "reference": _run_reference}
 
 
-def _dtype_reason(image: torch.Tensor) -> List[str]:
-    if image.dtype not in _core.FUSED_DTYPES:
-        return [f"dtype {image.dtype} is not one of float32, bfloat16, float16"]
-    return []
-
-
 def _cpu_reasons(image, text) -> List[str]:
     why = [] if _C is not None else [_core.C_IMPORT_ERROR]
     if image.device.type != "cpu":
         why.append(f"tensors are on {image.device}, not the CPU")
-    return why + _dtype_reason(image)
+    return why + _core.dtype_reasons(image)
 
 
 def _cuda_reasons(image, text) -> List[str]:
@@ -136,7 +130,7 @@ def _cuda_reasons(image, text) -> List[str]:
     if not usable:
         return [why_not]
     arch = _core.cuda_arch_supported(image.device)
-    return ([arch] if arch else []) + _dtype_reason(image)
+    return ([arch] if arch else []) + _core.dtype_reasons(image)
 
 
 def _triton_reasons(image, text) -> List[str]:
@@ -148,7 +142,7 @@ def _triton_reasons(image, text) -> List[str]:
         why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set")
     elif image.device.type not in ("cpu", "cuda"):
         why.append(f"tensors are on {image.device}")
-    return why + _dtype_reason(image)
+    return why + _core.dtype_reasons(image)
 
 
 BACKENDS = {

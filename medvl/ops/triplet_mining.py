@@ -123,19 +123,13 @@ _RUNNERS = {
 }
 
 
-def _dtype_reason(anchors: torch.Tensor) -> List[str]:
-    if anchors.dtype not in _core.FUSED_DTYPES:
-        return [f"dtype {anchors.dtype} is not one of float32, bfloat16, float16"]
-    return []
-
-
 def _cpu_reasons(anchors, strategy) -> List[str]:
     if _C is None:
         return [_core.C_IMPORT_ERROR]
     why = [] if hasattr(_C, "triplet_mining_cpu") else ["medvl._C was built without triplet_mining_cpu"]
     if anchors.device.type != "cpu":
         why.append(f"tensors are on {anchors.device}, not the CPU")
-    return why + _dtype_reason(anchors)
+    return why + _core.dtype_reasons(anchors)
 
 
 def _triton_reasons(anchors, strategy) -> List[str]:
@@ -151,7 +145,7 @@ def _triton_reasons(anchors, strategy) -> List[str]:
         why.append(f"strategy {STRATEGIES[strategy]!r} has no Triton kernel yet")
     if anchors.device.type == "cpu" and not _core.triton_interpreter():
         why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set")
-    return why + _dtype_reason(anchors)
+    return why + _core.dtype_reasons(anchors)
 
 
 def _cuda_reasons(anchors, strategy) -> List[str]:
