@@ -66,6 +66,54 @@ medvl::SigmoidLossArgs make_sigmoid_loss_args(uintptr_t image, uintptr_t text, i
       py::arg("label_words"), py::arg("compute_grad"), py::arg("row_loss"), py::arg("row_gsum"),            \
       py::arg("grad_image"), py::arg("grad_text"), py::arg("workspace"), py::arg("workspace_bytes")
 
+medvl::TripletMiningArgs make_mining_args(uintptr_t anchors, uintptr_t candidates, int64_t n_anchor,
+                                          int64_t n_candidate, int64_t dim, int dtype, int strategy, int distance,
+                                          bool within, uintptr_t labels, uintptr_t candidate_labels,
+                                          uintptr_t anchor_bits, uintptr_t candidate_bits,
+                                          const std::array<int64_t, 3>& entity_words,
+                                          const std::array<float, 3>& entity_weights, float score_low,
+                                          float score_high, uintptr_t pair_offsets, uintptr_t pair_positive,
+                                          uintptr_t positive, uintptr_t negative, uintptr_t workspace,
+                                          size_t workspace_bytes) {
+  if (strategy < 0 || strategy > 2) throw std::invalid_argument("medvl: unknown mining strategy code");
+  if (distance < 0 || distance > 2) throw std::invalid_argument("medvl: unknown mining distance code");
+  medvl::TripletMiningArgs a;
+  a.anchors = as_ptr<const void>(anchors);
+  a.candidates = as_ptr<const void>(candidates);
+  a.n_anchor = n_anchor;
+  a.n_candidate = n_candidate;
+  a.dim = dim;
+  a.dtype = medvl::dtype_from_code(dtype);
+  a.strategy = static_cast<medvl::MiningStrategy>(strategy);
+  a.distance = static_cast<medvl::MiningDistance>(distance);
+  a.within = within;
+  a.labels = as_ptr<const int64_t>(labels);
+  a.candidate_labels = as_ptr<const int64_t>(candidate_labels);
+  a.anchor_bits = as_ptr<const int32_t>(anchor_bits);
+  a.candidate_bits = as_ptr<const int32_t>(candidate_bits);
+  for (int k = 0; k < 3; ++k) {
+    a.entity_words[k] = entity_words[k];
+    a.entity_weights[k] = entity_weights[k];
+  }
+  a.score_low = score_low;
+  a.score_high = score_high;
+  a.pair_offsets = as_ptr<const int64_t>(pair_offsets);
+  a.pair_positive = as_ptr<const int64_t>(pair_positive);
+  a.positive = as_ptr<int64_t>(positive);
+  a.negative = as_ptr<int64_t>(negative);
+  a.workspace = as_ptr<void>(workspace);
+  a.workspace_bytes = workspace_bytes;
+  return a;
+}
+
+#define MEDVL_MINING_PY_ARGS                                                                                   \
+  py::arg("anchors"), py::arg("candidates"), py::arg("n_anchor"), py::arg("n_candidate"), py::arg("dim"),        \
+      py::arg("dtype"), py::arg("strategy"), py::arg("distance"), py::arg("within"), py::arg("labels"),          \
+      py::arg("candidate_labels"), py::arg("anchor_bits"), py::arg("candidate_bits"), py::arg("entity_words"),   \
+      py::arg("entity_weights"), py::arg("score_low"), py::arg("score_high"), py::arg("pair_offsets"),           \
+      py::arg("pair_positive"), py::arg("positive"), py::arg("negative"), py::arg("workspace"),                  \
+      py::arg("workspace_bytes")
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -122,43 +170,14 @@ PYBIND11_MODULE(_C, m) {
          std::array<float, 3> entity_weights, float score_low, float score_high, uintptr_t pair_offsets,
          uintptr_t pair_positive, uintptr_t positive, uintptr_t negative, uintptr_t workspace,
          size_t workspace_bytes, int threads) {
-        if (strategy < 0 || strategy > 2) throw std::invalid_argument("medvl: unknown mining strategy code");
-        if (distance < 0 || distance > 2) throw std::invalid_argument("medvl: unknown mining distance code");
-        medvl::TripletMiningArgs a;
-        a.anchors = as_ptr<const void>(anchors);
-        a.candidates = as_ptr<const void>(candidates);
-        a.n_anchor = n_anchor;
-        a.n_candidate = n_candidate;
-        a.dim = dim;
-        a.dtype = medvl::dtype_from_code(dtype);
-        a.strategy = static_cast<medvl::MiningStrategy>(strategy);
-        a.distance = static_cast<medvl::MiningDistance>(distance);
-        a.within = within;
-        a.labels = as_ptr<const int64_t>(labels);
-        a.candidate_labels = as_ptr<const int64_t>(candidate_labels);
-        a.anchor_bits = as_ptr<const int32_t>(anchor_bits);
-        a.candidate_bits = as_ptr<const int32_t>(candidate_bits);
-        for (int k = 0; k < 3; ++k) {
-          a.entity_words[k] = entity_words[k];
-          a.entity_weights[k] = entity_weights[k];
-        }
-        a.score_low = score_low;
-        a.score_high = score_high;
-        a.pair_offsets = as_ptr<const int64_t>(pair_offsets);
-        a.pair_positive = as_ptr<const int64_t>(pair_positive);
-        a.positive = as_ptr<int64_t>(positive);
-        a.negative = as_ptr<int64_t>(negative);
-        a.workspace = as_ptr<void>(workspace);
-        a.workspace_bytes = workspace_bytes;
+        const auto args = make_mining_args(anchors, candidates, n_anchor, n_candidate, dim, dtype, strategy, distance,
+                                           within, labels, candidate_labels, anchor_bits, candidate_bits,
+                                           entity_words, entity_weights, score_low, score_high, pair_offsets,
+                                           pair_positive, positive, negative, workspace, workspace_bytes);
         py::gil_scoped_release release;
-        medvl::triplet_mining_cpu(a, threads);
+        medvl::triplet_mining_cpu(args, threads);
       },
-      py::arg("anchors"), py::arg("candidates"), py::arg("n_anchor"), py::arg("n_candidate"), py::arg("dim"),
-      py::arg("dtype"), py::arg("strategy"), py::arg("distance"), py::arg("within"), py::arg("labels"),
-      py::arg("candidate_labels"), py::arg("anchor_bits"), py::arg("candidate_bits"), py::arg("entity_words"),
-      py::arg("entity_weights"), py::arg("score_low"), py::arg("score_high"), py::arg("pair_offsets"),
-      py::arg("pair_positive"), py::arg("positive"), py::arg("negative"), py::arg("workspace"),
-      py::arg("workspace_bytes"), py::arg("threads"));
+      MEDVL_MINING_PY_ARGS, py::arg("threads"));
 
 #ifdef MEDVL_WITH_CUDA
   m.def("sigmoid_loss_cuda_workspace_bytes", &medvl::sigmoid_loss_cuda_workspace_bytes, py::arg("n_image"),
@@ -178,5 +197,23 @@ PYBIND11_MODULE(_C, m) {
         medvl::sigmoid_loss_cuda(args, reinterpret_cast<void*>(stream));
       },
       MEDVL_SIGMOID_LOSS_PY_ARGS, py::arg("stream"));
+  m.def("triplet_mining_cuda_workspace_bytes", &medvl::triplet_mining_cuda_workspace_bytes, py::arg("n_anchor"),
+        py::arg("n_candidate"), py::arg("dim"), py::arg("strategy"), py::arg("max_pairs_per_anchor"));
+  m.def(
+      "triplet_mining_cuda",
+      [](uintptr_t anchors, uintptr_t candidates, int64_t n_anchor, int64_t n_candidate, int64_t dim, int dtype,
+         int strategy, int distance, bool within, uintptr_t labels, uintptr_t candidate_labels,
+         uintptr_t anchor_bits, uintptr_t candidate_bits, std::array<int64_t, 3> entity_words,
+         std::array<float, 3> entity_weights, float score_low, float score_high, uintptr_t pair_offsets,
+         uintptr_t pair_positive, uintptr_t positive, uintptr_t negative, uintptr_t workspace,
+         size_t workspace_bytes, uintptr_t stream) {
+        const auto args = make_mining_args(anchors, candidates, n_anchor, n_candidate, dim, dtype, strategy, distance,
+                                           within, labels, candidate_labels, anchor_bits, candidate_bits,
+                                           entity_words, entity_weights, score_low, score_high, pair_offsets,
+                                           pair_positive, positive, negative, workspace, workspace_bytes);
+        py::gil_scoped_release release;
+        medvl::triplet_mining_cuda(args, reinterpret_cast<void*>(stream));
+      },
+      MEDVL_MINING_PY_ARGS, py::arg("stream"));
 #endif
 }

@@ -48,26 +48,34 @@ class _Inputs:
         self.within = within
 
 
-def _cpu_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None):
+def _compiled_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None):
+    """The C++ (cpu) or CUDA kernel, same arguments: outputs allocated here with torch."""
     anchors, candidates = inputs.anchors, inputs.candidates
-    threads = _core.cpu_threads()
+    on_cuda = anchors.device.type == "cuda"
     n_out = anchors.shape[0] if pair_positive is None else pair_positive.shape[0]
-    positive = torch.full((anchors.shape[0],), -1, dtype=torch.int64)
-    negative = torch.full((n_out,), -1, dtype=torch.int64)
+    positive = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+    negative = torch.full((n_out,), -1, dtype=torch.int64, device=anchors.device)
     longest = 0 if pair_offsets is None else int((pair_offsets[1:] - pair_offsets[:-1]).max())
-    nbytes = _C.triplet_mining_cpu_workspace_bytes(anchors.shape[0], candidates.shape[0], anchors.shape[1],
-                                                    inputs.strategy, longest, threads)
+    sizes = (anchors.shape[0], candidates.shape[0], anchors.shape[1], inputs.strategy, longest)
+    threads = _core.cpu_threads()
+    nbytes = (_C.triplet_mining_cuda_workspace_bytes(*sizes) if on_cuda
+              else _C.triplet_mining_cpu_workspace_bytes(*sizes, threads))
     scratch = _core.workspace(nbytes, anchors.device)
     words = inputs.entity_words + [0] * (3 - len(inputs.entity_words))
     weights = inputs.weights + [0.0] * (3 - len(inputs.weights))
-    _C.triplet_mining_cpu(
+    args = (
         anchors.data_ptr(), candidates.data_ptr(), anchors.shape[0], candidates.shape[0], anchors.shape[1],
         _core.DTYPE_CODES[anchors.dtype], inputs.strategy, inputs.distance, inputs.within,
         _core.pointer(inputs.labels), _core.pointer(inputs.candidate_labels),
         _core.pointer(inputs.anchor_bits), _core.pointer(inputs.candidate_bits), words, weights,
         inputs.lo, inputs.hi, _core.pointer(pair_offsets), _core.pointer(pair_positive),
-        positive.data_ptr(), negative.data_ptr(), scratch.data_ptr(), scratch.numel(), threads,
+        positive.data_ptr(), negative.data_ptr(), scratch.data_ptr(), scratch.numel(),
     )
+    if on_cuda:
+        with torch.cuda.device(anchors.device):
+            _C.triplet_mining_cuda(*args, torch.cuda.current_stream(anchors.device).cuda_stream)
+    else:
+        _C.triplet_mining_cpu(*args, threads)
     return positive, negative
 
 
@@ -75,10 +83,6 @@ def _triton_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None):
     from medvl.kernels import triplet_mining as triton_kernels
 
     return triton_kernels.triplet_mining_forward(inputs, pair_offsets, pair_positive)
-
-
-def _cuda_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None):
-    raise NotImplementedError  # declined in _cuda_reasons until the CUDA kernel lands
 
 
 def _run_fused(kernel, inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,9 +120,9 @@ def _run_reference(inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 _RUNNERS = {
-    "cpu": lambda inputs: _run_fused(_cpu_per_anchor, inputs),
+    "cpu": lambda inputs: _run_fused(_compiled_per_anchor, inputs),
     "triton": lambda inputs: _run_fused(_triton_per_anchor, inputs),
-    "cuda": lambda inputs: _run_fused(_cuda_per_anchor, inputs),
+    "cuda": lambda inputs: _run_fused(_compiled_per_anchor, inputs),
     "reference": _run_reference,
 }
 
@@ -151,7 +155,11 @@ def _triton_reasons(anchors, strategy) -> List[str]:
 def _cuda_reasons(anchors, strategy) -> List[str]:
     if anchors.device.type != "cuda":
         return [f"tensors are on {anchors.device}, not a CUDA device"]
-    return ["triplet_mining has no CUDA kernel yet; the triton backend covers CUDA tensors"]
+    usable, why_not = _core.cuda_core_state()
+    if not usable:
+        return [why_not]
+    arch = _core.cuda_arch_supported(anchors.device)
+    return ([arch] if arch else []) + _core.dtype_reasons(anchors)
 
 
 BACKENDS = {
