@@ -40,10 +40,12 @@ def _label_words(target: int, image_labels: Optional[torch.Tensor]) -> int:
     return image_labels.shape[1] if target == TARGETS["jaccard"] else 0
 
 
-def _run_cpu(image, text, logit_scale, logit_bias, target, diagonal_is_pair, image_labels, text_labels, compute_grad):
+def _run_compiled(image, text, logit_scale, logit_bias, target, diagonal_is_pair, image_labels, text_labels,
+                  compute_grad):
+    """The C++ (CPU tensors) or CUDA (CUDA tensors) kernel: same arguments, outputs allocated by torch."""
     n_image, dim = image.shape
     n_text = text.shape[0]
-    threads = _core.cpu_threads()
+    on_cuda = image.device.type == "cuda"
     row_loss = image.new_empty(n_image, dtype=torch.float32)
     if compute_grad:
         row_gsum = image.new_empty(n_image, dtype=torch.float32)
@@ -51,47 +53,25 @@ def _run_cpu(image, text, logit_scale, logit_bias, target, diagonal_is_pair, ima
         grad_text = image.new_empty(n_text, dim, dtype=torch.float32)
     else:
         row_gsum = grad_image = grad_text = image.new_empty(0, dtype=torch.float32)
-    nbytes = _C.sigmoid_loss_cpu_workspace_bytes(n_image, n_text, dim, compute_grad, threads)
+    threads = _core.cpu_threads()
+    nbytes = (_C.sigmoid_loss_cuda_workspace_bytes(n_image, n_text, dim, compute_grad) if on_cuda
+              else _C.sigmoid_loss_cpu_workspace_bytes(n_image, n_text, dim, compute_grad, threads))
     scratch = _core.workspace(nbytes, image.device)
-    _C.sigmoid_loss_cpu(
+    is_label, is_jaccard = target == TARGETS["label"], target == TARGETS["jaccard"]
+    args = (
         image.data_ptr(), text.data_ptr(), n_image, n_text, dim, _core.DTYPE_CODES[image.dtype],
         logit_scale.data_ptr(), logit_bias.data_ptr(), target, diagonal_is_pair,
-        _core.pointer(image_labels if target == TARGETS["label"] else None),
-        _core.pointer(text_labels if target == TARGETS["label"] else None),
-        _core.pointer(image_labels if target == TARGETS["jaccard"] else None),
-        _core.pointer(text_labels if target == TARGETS["jaccard"] else None),
+        _core.pointer(image_labels if is_label else None), _core.pointer(text_labels if is_label else None),
+        _core.pointer(image_labels if is_jaccard else None), _core.pointer(text_labels if is_jaccard else None),
         _label_words(target, image_labels), compute_grad,
         row_loss.data_ptr(), _core.pointer(row_gsum), _core.pointer(grad_image), _core.pointer(grad_text),
-        scratch.data_ptr(), scratch.numel(), threads,
+        scratch.data_ptr(), scratch.numel(),
     )
-    return row_loss, row_gsum, grad_image, grad_text
-
-
-def _run_cuda(image, text, logit_scale, logit_bias, target, diagonal_is_pair, image_labels, text_labels, compute_grad):
-    n_image, dim = image.shape
-    n_text = text.shape[0]
-    row_loss = image.new_empty(n_image, dtype=torch.float32)
-    if compute_grad:
-        row_gsum = image.new_empty(n_image, dtype=torch.float32)
-        grad_image = image.new_empty(n_image, dim, dtype=torch.float32)
-        grad_text = image.new_empty(n_text, dim, dtype=torch.float32)
+    if on_cuda:
+        with torch.cuda.device(image.device):
+            _C.sigmoid_loss_cuda(*args, torch.cuda.current_stream(image.device).cuda_stream)
     else:
-        row_gsum = grad_image = grad_text = image.new_empty(0, dtype=torch.float32)
-    nbytes = _C.sigmoid_loss_cuda_workspace_bytes(n_image, n_text, dim, compute_grad)
-    scratch = _core.workspace(nbytes, image.device)
-    with torch.cuda.device(image.device):
-        stream = torch.cuda.current_stream(image.device).cuda_stream
-        _C.sigmoid_loss_cuda(
-            image.data_ptr(), text.data_ptr(), n_image, n_text, dim, _core.DTYPE_CODES[image.dtype],
-            logit_scale.data_ptr(), logit_bias.data_ptr(), target, diagonal_is_pair,
-            _core.pointer(image_labels if target == TARGETS["label"] else None),
-            _core.pointer(text_labels if target == TARGETS["label"] else None),
-            _core.pointer(image_labels if target == TARGETS["jaccard"] else None),
-            _core.pointer(text_labels if target == TARGETS["jaccard"] else None),
-            _label_words(target, image_labels), compute_grad,
-            row_loss.data_ptr(), _core.pointer(row_gsum), _core.pointer(grad_image), _core.pointer(grad_text),
-            scratch.data_ptr(), scratch.numel(), stream,
-        )
+        _C.sigmoid_loss_cpu(*args, threads)
     return row_loss, row_gsum, grad_image, grad_text
 
 
@@ -113,7 +93,7 @@ def _run_reference(image, text, logit_scale, logit_bias, target, diagonal_is_pai
     )
 
 
-_RUNNERS = {"cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton, "reference": _run_reference}
+_RUNNERS = {"cpu": _run_compiled, "cuda": _run_compiled, "triton": _run_triton, "reference": _run_reference}
 
 
 def _cpu_reasons(image, text) -> List[str]:
