@@ -27,7 +27,7 @@ test: setup
 
 # The issue-sized benchmarks (pytest-benchmark); results land in bench/results/.
 bench-full: setup
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/pytest-benchmark-latest.json
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/pytest-benchmark-$$(hostname).json
 
 clean:
 	rm -rf build $(VENV) .pytest_cache
