@@ -81,3 +81,40 @@ def pointer(tensor: Optional[torch.Tensor]) -> int:
 def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     """Scratch memory from torch's allocator (the caching allocator on CUDA)."""
     return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+
+
+# Why each kind of fused backend can't take a tensor; the ops add their own limits on top.
+
+
+def cpu_backend_reasons(tensor: torch.Tensor, entry: str) -> List[str]:
+    """The compiled CPU kernel `entry` of medvl._C."""
+    if _C is None:
+        return [C_IMPORT_ERROR]
+    why = [] if hasattr(_C, entry) else [f"medvl._C was built without {entry}"]
+    if tensor.device.type != "cpu":
+        why.append(f"tensors are on {tensor.device}, not the CPU")
+    return why + dtype_reasons(tensor)
+
+
+def cuda_backend_reasons(tensor: torch.Tensor) -> List[str]:
+    """The compiled CUDA kernels."""
+    if tensor.device.type != "cuda":
+        return [f"tensors are on {tensor.device}, not a CUDA device"]
+    usable, why_not = cuda_core_state()
+    if not usable:
+        return [why_not]
+    arch = cuda_arch_supported(tensor.device)
+    return ([arch] if arch else []) + dtype_reasons(tensor)
+
+
+def triton_backend_reasons(tensor: torch.Tensor) -> List[str]:
+    """The Triton kernels: a CUDA device, or CPU tensors under the interpreter."""
+    problem = triton_import_error()
+    if problem:
+        return [problem]
+    why = []
+    if tensor.device.type == "cpu" and not triton_interpreter():
+        why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set")
+    elif tensor.device.type not in ("cpu", "cuda"):
+        why.append(f"tensors are on {tensor.device}")
+    return why + dtype_reasons(tensor)

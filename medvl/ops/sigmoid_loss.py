@@ -97,32 +97,15 @@ _RUNNERS = {"cpu": _run_compiled, "cuda": _run_compiled, "triton": _run_triton, 
 
 
 def _cpu_reasons(image, text) -> List[str]:
-    why = [] if _C is not None else [_core.C_IMPORT_ERROR]
-    if image.device.type != "cpu":
-        why.append(f"tensors are on {image.device}, not the CPU")
-    return why + _core.dtype_reasons(image)
+    return _core.cpu_backend_reasons(image, "sigmoid_loss_cpu")
 
 
 def _cuda_reasons(image, text) -> List[str]:
-    if image.device.type != "cuda":
-        return [f"tensors are on {image.device}, not a CUDA device"]
-    usable, why_not = _core.cuda_core_state()
-    if not usable:
-        return [why_not]
-    arch = _core.cuda_arch_supported(image.device)
-    return ([arch] if arch else []) + _core.dtype_reasons(image)
+    return _core.cuda_backend_reasons(image)
 
 
 def _triton_reasons(image, text) -> List[str]:
-    problem = _core.triton_import_error()
-    if problem:
-        return [problem]
-    why = []
-    if image.device.type == "cpu" and not _core.triton_interpreter():
-        why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set")
-    elif image.device.type not in ("cpu", "cuda"):
-        why.append(f"tensors are on {image.device}")
-    return why + _core.dtype_reasons(image)
+    return _core.triton_backend_reasons(image)
 
 
 BACKENDS = {

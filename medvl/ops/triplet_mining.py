@@ -128,38 +128,24 @@ _RUNNERS = {
 
 
 def _cpu_reasons(anchors, strategy) -> List[str]:
-    if _C is None:
-        return [_core.C_IMPORT_ERROR]
-    why = [] if hasattr(_C, "triplet_mining_cpu") else ["medvl._C was built without triplet_mining_cpu"]
-    if anchors.device.type != "cpu":
-        why.append(f"tensors are on {anchors.device}, not the CPU")
-    return why + _core.dtype_reasons(anchors)
+    return _core.cpu_backend_reasons(anchors, "triplet_mining_cpu")
 
 
 def _triton_reasons(anchors, strategy) -> List[str]:
-    problem = _core.triton_import_error()
-    if problem:
-        return [problem]
-    why = []
+    why = _core.triton_backend_reasons(anchors)
+    if _core.triton_import_error():
+        return why
     try:
         from medvl.kernels import triplet_mining as triton_kernels
     except ImportError as error:
-        return [f"medvl.kernels.triplet_mining failed to import ({error})"]
+        return why + [f"medvl.kernels.triplet_mining failed to import ({error})"]
     if strategy not in triton_kernels.SUPPORTED_STRATEGIES:
         why.append(f"strategy {STRATEGIES[strategy]!r} has no Triton kernel yet")
-    if anchors.device.type == "cpu" and not _core.triton_interpreter():
-        why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set")
-    return why + _core.dtype_reasons(anchors)
+    return why
 
 
 def _cuda_reasons(anchors, strategy) -> List[str]:
-    if anchors.device.type != "cuda":
-        return [f"tensors are on {anchors.device}, not a CUDA device"]
-    usable, why_not = _core.cuda_core_state()
-    if not usable:
-        return [why_not]
-    arch = _core.cuda_arch_supported(anchors.device)
-    return ([arch] if arch else []) + _core.dtype_reasons(anchors)
+    return _core.cuda_backend_reasons(anchors)
 
 
 BACKENDS = {
