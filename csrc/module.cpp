@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "patch_embed3d/patch_embed3d.h"
 #include "sigmoid_loss/sigmoid_loss.h"
 #include "triplet_mining/triplet_mining.h"
 #ifdef MEDVL_WITH_CUDA
@@ -114,6 +115,64 @@ medvl::TripletMiningArgs make_mining_args(uintptr_t anchors, uintptr_t candidate
       py::arg("pair_positive"), py::arg("positive"), py::arg("negative"), py::arg("workspace"),                  \
       py::arg("workspace_bytes")
 
+medvl::PatchEmbed3dArgs make_patch_embed3d_args(uintptr_t volume, int volume_type, const std::array<int64_t, 5>& shape,
+                                                const std::array<int64_t, 3>& patch,
+                                                const std::array<int64_t, 3>& grid, int64_t embed_dim,
+                                                uintptr_t weight, int weight_type, uintptr_t bias, uintptr_t pos_embed,
+                                                bool has_window, const std::array<float, 4>& window, uintptr_t out,
+                                                int out_type, uintptr_t grad_out, int grad_out_type,
+                                                uintptr_t grad_weight, uintptr_t grad_volume, uintptr_t workspace,
+                                                size_t workspace_bytes) {
+  medvl::PatchEmbed3dArgs a;
+  a.volume = as_ptr<const void>(volume);
+  a.volume_type = medvl::volume_type_from_code(volume_type);
+  a.batch = shape[0];
+  a.channels = shape[1];
+  for (int i = 0; i < 3; ++i) {
+    a.size[i] = shape[2 + i];
+    a.patch[i] = patch[i];
+    a.grid[i] = grid[i];
+  }
+  a.embed_dim = embed_dim;
+  a.weight = as_ptr<const void>(weight);
+  a.weight_type = medvl::dtype_from_code(weight_type);
+  a.bias = as_ptr<const float>(bias);
+  a.pos_embed = as_ptr<const float>(pos_embed);
+  a.has_window = has_window;
+  a.window_lo = window[0];
+  a.window_hi = window[1];
+  a.out_lo = window[2];
+  a.out_hi = window[3];
+  a.out = as_ptr<void>(out);
+  a.out_type = medvl::dtype_from_code(out_type);
+  a.grad_out = as_ptr<const void>(grad_out);
+  a.grad_out_type = medvl::dtype_from_code(grad_out_type);
+  a.grad_weight = as_ptr<float>(grad_weight);
+  a.grad_volume = as_ptr<void>(grad_volume);
+  a.workspace = as_ptr<void>(workspace);
+  a.workspace_bytes = workspace_bytes;
+  return a;
+}
+
+#define MEDVL_PATCH_EMBED3D_PY_ARGS                                                                           \
+  py::arg("volume"), py::arg("volume_type"), py::arg("shape"), py::arg("patch"), py::arg("grid"),               \
+      py::arg("embed_dim"), py::arg("weight"), py::arg("weight_type"), py::arg("bias"), py::arg("pos_embed"),   \
+      py::arg("has_window"), py::arg("window"), py::arg("out"), py::arg("out_type"), py::arg("grad_out"),       \
+      py::arg("grad_out_type"), py::arg("grad_weight"), py::arg("grad_volume"), py::arg("workspace"),           \
+      py::arg("workspace_bytes"), py::arg("pass_")
+
+#define MEDVL_PATCH_EMBED3D_LAMBDA_ARGS                                                                       \
+  uintptr_t volume, int volume_type, std::array<int64_t, 5> shape, std::array<int64_t, 3> patch,                \
+      std::array<int64_t, 3> grid, int64_t embed_dim, uintptr_t weight, int weight_type, uintptr_t bias,        \
+      uintptr_t pos_embed, bool has_window, std::array<float, 4> window, uintptr_t out, int out_type,           \
+      uintptr_t grad_out, int grad_out_type, uintptr_t grad_weight, uintptr_t grad_volume, uintptr_t workspace, \
+      size_t workspace_bytes, int pass
+
+#define MEDVL_PATCH_EMBED3D_MAKE_ARGS                                                                        \
+  make_patch_embed3d_args(volume, volume_type, shape, patch, grid, embed_dim, weight, weight_type, bias,       \
+                          pos_embed, has_window, window, out, out_type, grad_out, grad_out_type, grad_weight,  \
+                          grad_volume, workspace, workspace_bytes)
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -179,7 +238,37 @@ PYBIND11_MODULE(_C, m) {
       },
       MEDVL_MINING_PY_ARGS, py::arg("threads"));
 
+  // Workspace sizes: call with the pointers 0 and workspace_bytes 0.
+  m.def(
+      "patch_embed3d_cpu_workspace_bytes",
+      [](MEDVL_PATCH_EMBED3D_LAMBDA_ARGS, int threads) {
+        return medvl::patch_embed3d_cpu_workspace_bytes(MEDVL_PATCH_EMBED3D_MAKE_ARGS, pass, threads);
+      },
+      MEDVL_PATCH_EMBED3D_PY_ARGS, py::arg("threads"));
+  m.def(
+      "patch_embed3d_cpu",
+      [](MEDVL_PATCH_EMBED3D_LAMBDA_ARGS, int threads) {
+        const auto args = MEDVL_PATCH_EMBED3D_MAKE_ARGS;
+        py::gil_scoped_release release;
+        medvl::patch_embed3d_cpu(args, pass, threads);
+      },
+      MEDVL_PATCH_EMBED3D_PY_ARGS, py::arg("threads"));
+
 #ifdef MEDVL_WITH_CUDA
+  m.def(
+      "patch_embed3d_cuda_workspace_bytes",
+      [](MEDVL_PATCH_EMBED3D_LAMBDA_ARGS) {
+        return medvl::patch_embed3d_cuda_workspace_bytes(MEDVL_PATCH_EMBED3D_MAKE_ARGS, pass);
+      },
+      MEDVL_PATCH_EMBED3D_PY_ARGS);
+  m.def(
+      "patch_embed3d_cuda",
+      [](MEDVL_PATCH_EMBED3D_LAMBDA_ARGS, uintptr_t stream) {
+        const auto args = MEDVL_PATCH_EMBED3D_MAKE_ARGS;
+        py::gil_scoped_release release;
+        medvl::patch_embed3d_cuda(args, pass, reinterpret_cast<void*>(stream));
+      },
+      MEDVL_PATCH_EMBED3D_PY_ARGS, py::arg("stream"));
   m.def("sigmoid_loss_cuda_workspace_bytes", &medvl::sigmoid_loss_cuda_workspace_bytes, py::arg("n_image"),
         py::arg("n_text"), py::arg("dim"), py::arg("compute_grad"));
   m.def(

@@ -4,6 +4,6 @@ __version__ = "0.1.0"
 
 from medvl import nn  # noqa: E402
 from medvl._info import info  # noqa: E402
-from medvl.ops import BackendUnavailable, Triplets, sigmoid_loss, triplet_mining  # noqa: E402
+from medvl.ops import BackendUnavailable, Triplets, patch_embed3d, sigmoid_loss, triplet_mining  # noqa: E402
 
-__all__ = ["BackendUnavailable", "Triplets", "info", "nn", "sigmoid_loss", "triplet_mining", "__version__"]
+__all__ = ["BackendUnavailable", "Triplets", "info", "nn", "patch_embed3d", "sigmoid_loss", "triplet_mining", "__version__"]

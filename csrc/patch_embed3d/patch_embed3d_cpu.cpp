@@ -1,0 +1,371 @@
+// CPU patch embedding: the window, the patch gather and the projection in one pass over the raw
+// volume, OpenMP over blocks of tokens (forward, grad volume) or of weight columns (grad weight).
+//
+// Patches are gathered from the raw volume a tile at a time (a few hundred tokens x a few hundred
+// columns, in each thread's L2) and multiplied with the packed-panel FMA micro-kernel of
+// common/cpu_gemm_kernels.h: 2 M K E FLOPs per GEMM, no im2col matrix and no windowed copy of the
+// volume. The backward passes gather again from the raw volume. Every output element is written by
+// one thread in a fixed order: results do not depend on the thread count or the run.
+//
+// The window arithmetic is the reference's, operation for operation (this file is compiled with
+// -ffp-contract=off so that no multiply-add is fused), so the windowed values match PyTorch's bit
+// for bit; only the GEMM's summation order differs.
+#include <omp.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu_simd.h"
+#include "patch_embed3d/patch_embed3d.h"
+
+namespace medvl {
+// Everything of this op in its own namespace: the other CPU ops have their own Plan, scalar::, avx2::...
+namespace patch_embed3d_impl {
+namespace detail {
+
+using cpu::Isa;
+
+inline int64_t columns(const PatchEmbed3dArgs& a) { return a.channels * a.patch[0] * a.patch[1] * a.patch[2]; }
+inline int64_t tokens_per_volume(const PatchEmbed3dArgs& a) { return a.grid[0] * a.grid[1] * a.grid[2]; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Tile sizes and one thread's scratch (floats, each piece 64-byte aligned).
+struct Plan {
+  Isa isa = Isa::kScalar;
+  int mr = 1, nr = 1;
+  int64_t mb = 0;  // tokens per block (forward, grad volume): a multiple of mr
+  int64_t kc = 0;  // K block of the forward GEMM
+  int64_t tc = 0;  // tokens per chunk of the grad-weight GEMM
+  int64_t kb = 0;  // columns per block (grad weight tasks, grad volume): a multiple of nr
+  size_t off_tile = 0, off_panel = 0, off_tail = 0, per_thread = 0;
+  size_t shared = 0;  // the packed weight, before the per-thread pieces
+};
+
+// Windowed value of every raw value in v[0, n), in place.
+struct Window {
+  bool on;
+  float lo, hi, out_lo, out_hi;
+  explicit Window(const PatchEmbed3dArgs& a)
+      : on(a.has_window), lo(a.window_lo), hi(a.window_hi), out_lo(a.out_lo), out_hi(a.out_hi) {}
+  void apply(float* v, int64_t n) const {
+    if (!on) return;
+    const float span = hi - lo, out_span = out_hi - out_lo;
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = ((v[i] - lo) / span) * out_span + out_lo;
+      v[i] = std::min(std::max(u, out_lo), out_hi);  // NaN stays NaN, as torch.clamp
+    }
+  }
+  // d(windowed)/d(raw) times g: torch.clamp passes the gradient only strictly inside (out_lo, out_hi).
+  float backward(float raw, float g) const {
+    if (!on) return g;
+    const float span = hi - lo, out_span = out_hi - out_lo;
+    const float u = ((raw - lo) / span) * out_span + out_lo;
+    return (u > out_lo && u < out_hi) ? (g * out_span) / span : 0.f;
+  }
+};
+
+// 16-bit float volumes, told apart from uint16_t ones by type.
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+template <typename S>
+inline float raw_to_float(S v) { return static_cast<float>(v); }
+template <>
+inline float raw_to_float<Half>(Half v) { return fp16_to_float(v.bits); }
+template <>
+inline float raw_to_float<BFloat16>(BFloat16 v) { return bf16_to_float(v.bits); }
+
+// Walks the voxels of tokens [t0, t0 + mt) x columns [k0, k0 + kn) as runs along the last axis:
+// visit(r, j, offset, inside, run) for token r, tile column j, the run's first voxel offset (valid
+// when inside > 0), `inside` voxels in the volume and run - inside padding voxels after them.
+template <typename Visit>
+inline void for_each_run(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn, Visit visit) {
+  const int64_t p0 = a.patch[0], p1 = a.patch[1], p2 = a.patch[2];
+  const int64_t n1 = a.grid[1], n2 = a.grid[2], N = tokens_per_volume(a);
+  const int64_t S0 = a.size[0], S1 = a.size[1], S2 = a.size[2];
+  const int64_t plane = S1 * S2, channel = S0 * plane;
+  int64_t rest = k0 / p2;
+  const int64_t q2_start = k0 % p2, q1_start = rest % p1;
+  rest /= p1;
+  const int64_t q0_start = rest % p0, c_start = rest / p0;
+  for (int64_t r = 0; r < mt; ++r) {
+    const int64_t t = t0 + r, b = t / N, n = t % N;
+    const int64_t z0 = (n / (n1 * n2)) * p0, y0 = ((n / n2) % n1) * p1, x0 = (n % n2) * p2;
+    const int64_t volume_base = b * a.channels * channel;
+    int64_t q2 = q2_start, q1 = q1_start, q0 = q0_start, c = c_start;
+    for (int64_t j = 0; j < kn;) {
+      const int64_t run = std::min(p2 - q2, kn - j);
+      const int64_t z = z0 + q0, y = y0 + q1, x = x0 + q2;
+      const int64_t inside = (z < S0 && y < S1) ? std::max<int64_t>(0, std::min(run, S2 - x)) : 0;
+      visit(r, j, volume_base + c * channel + z * plane + y * S2 + x, inside, run);
+      j += run;
+      q2 = 0;
+      if (++q1 == p1) {
+        q1 = 0;
+        if (++q0 == p0) {
+          q0 = 0;
+          ++c;
+        }
+      }
+    }
+  }
+}
+
+template <typename S>
+void gather_typed(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn, float* tile,
+                  int64_t ld) {
+  const S* volume = static_cast<const S*>(a.volume);
+  const Window window(a);
+  for_each_run(a, t0, mt, k0, kn, [&](int64_t r, int64_t j, int64_t offset, int64_t inside, int64_t run) {
+    float* dst = tile + r * ld + j;
+    const S* src = volume + offset;
+    for (int64_t i = 0; i < inside; ++i) dst[i] = raw_to_float(src[i]);
+    window.apply(dst, inside);
+    std::fill(dst + inside, dst + run, 0.f);  // padding: zero after the window
+  });
+}
+
+// tile[r * ld + j] = windowed value of (token t0 + r, column k0 + j).
+void gather_patches(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn, float* tile,
+                    int64_t ld) {
+  switch (a.volume_type) {
+    case VolumeType::kFloat32: return gather_typed<float>(a, t0, mt, k0, kn, tile, ld);
+    case VolumeType::kFloat16: return gather_typed<Half>(a, t0, mt, k0, kn, tile, ld);
+    case VolumeType::kBFloat16: return gather_typed<BFloat16>(a, t0, mt, k0, kn, tile, ld);
+    case VolumeType::kInt16: return gather_typed<int16_t>(a, t0, mt, k0, kn, tile, ld);
+    case VolumeType::kUInt8: return gather_typed<uint8_t>(a, t0, mt, k0, kn, tile, ld);
+    case VolumeType::kUInt16: return gather_typed<uint16_t>(a, t0, mt, k0, kn, tile, ld);
+  }
+}
+
+template <typename S>
+void scatter_typed(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn, const float* tile,
+                   int64_t ld) {
+  const S* volume = static_cast<const S*>(a.volume);
+  float* grad = static_cast<float*>(a.grad_volume);
+  const Window window(a);
+  for_each_run(a, t0, mt, k0, kn, [&](int64_t r, int64_t j, int64_t offset, int64_t inside, int64_t) {
+    const float* src = tile + r * ld + j;
+    for (int64_t i = 0; i < inside; ++i) grad[offset + i] = window.backward(raw_to_float(volume[offset + i]), src[i]);
+  });
+}
+
+// grad_volume (fp32) at the voxels of (tokens t0.., columns k0..) = dv/dx * tile; padding is dropped.
+void scatter_patch_grads(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn,
+                         const float* tile, int64_t ld) {
+  switch (a.volume_type) {
+    case VolumeType::kFloat32: return scatter_typed<float>(a, t0, mt, k0, kn, tile, ld);
+    case VolumeType::kFloat16: return scatter_typed<Half>(a, t0, mt, k0, kn, tile, ld);
+    case VolumeType::kBFloat16: return scatter_typed<BFloat16>(a, t0, mt, k0, kn, tile, ld);
+    default: throw std::invalid_argument("medvl: patch_embed3d has no volume gradient for integer volumes");
+  }
+}
+
+}  // namespace detail
+
+namespace scalar {
+using namespace detail;
+using Vec = cpu::scalar::Vec;
+constexpr int kMR = 4;
+constexpr int kNV = 4;
+#include "patch_embed3d/patch_embed3d_cpu_kernels.h"
+}  // namespace scalar
+
+#if MEDVL_X86
+MEDVL_TARGET_AVX2_BEGIN
+namespace avx2 {
+using namespace detail;
+using Vec = cpu::avx2::Vec;
+constexpr int kMR = 6;
+constexpr int kNV = 2;
+#include "patch_embed3d/patch_embed3d_cpu_kernels.h"
+}  // namespace avx2
+MEDVL_TARGET_AVX2_END
+
+MEDVL_TARGET_AVX512_BEGIN
+namespace avx512 {
+using namespace detail;
+using Vec = cpu::avx512::Vec;
+constexpr int kMR = 12;
+constexpr int kNV = 2;
+#include "patch_embed3d/patch_embed3d_cpu_kernels.h"
+}  // namespace avx512
+MEDVL_TARGET_AVX512_END
+#endif  // MEDVL_X86
+
+namespace detail {
+
+struct IsaKernels {
+  void (*pack_weight_by_embedding)(const float*, int64_t, int64_t, int64_t, float*);
+  void (*pack_columns)(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+  void (*forward_block)(const PatchEmbed3dArgs&, const Plan&, const float*, int64_t, int64_t, float*);
+  void (*grad_weight_task)(const PatchEmbed3dArgs&, const Plan&, int64_t, int64_t, int64_t, int64_t, float*);
+  void (*grad_volume_block)(const PatchEmbed3dArgs&, const Plan&, const float*, int64_t, int64_t, float*);
+  int mr, nr;
+};
+
+#define MEDVL_ISA_KERNELS(ns)                                                                        \
+  IsaKernels {                                                                                       \
+    &ns::pack_weight_by_embedding, &ns::pack_columns, &ns::forward_block, &ns::grad_weight_task,     \
+        &ns::grad_volume_block, ns::kMR, ns::NR                                                      \
+  }
+
+IsaKernels kernels_for(Isa isa) {
+  switch (isa) {
+#if MEDVL_X86
+    case Isa::kAvx512: return MEDVL_ISA_KERNELS(avx512);
+    case Isa::kAvx2: return MEDVL_ISA_KERNELS(avx2);
+#endif
+    default: return MEDVL_ISA_KERNELS(scalar);
+  }
+}
+#undef MEDVL_ISA_KERNELS
+
+int64_t token_blocks(const Plan& p, int64_t M) { return (M + p.mb - 1) / p.mb; }
+
+Plan make_plan(const PatchEmbed3dArgs& a, PatchEmbed3dPass pass, int threads) {
+  Plan p;
+  p.isa = cpu::selected_isa();
+  const IsaKernels k = kernels_for(p.isa);
+  p.mr = k.mr;
+  p.nr = k.nr;
+  const int64_t K = std::max<int64_t>(columns(a), 1), E = std::max<int64_t>(a.embed_dim, 1);
+  const int64_t M = std::max<int64_t>(a.batch * tokens_per_volume(a), 1);
+  // Token blocks: about 96 tokens (a 96 x 256 patch tile stays in L2 while every weight panel
+  // streams past it), as many blocks as a multiple of the thread count.
+  int64_t blocks = (M + 191) / 192;
+  blocks = round_up(blocks, threads);
+  p.mb = round_up((M + blocks - 1) / blocks, p.mr);
+  p.kc = std::min<int64_t>(K, 192);
+  p.tc = std::min<int64_t>(M, 128);
+  p.kb = std::min(round_up(K, p.nr), round_up(512, p.nr));
+  size_t off = 0;
+  auto take = [&](size_t floats) {
+    const size_t at = off;
+    off += (floats + 15) / 16 * 16;
+    return at;
+  };
+  switch (pass) {
+    case PatchEmbed3dPass::kForward:
+      p.shared = round_up(E, p.nr) * K;  // W as embedding panels
+      p.off_tile = take(p.mb * p.kc);
+      p.off_panel = take(round_up(p.mb, p.mr) * p.kc);
+      break;
+    case PatchEmbed3dPass::kGradWeight:
+      p.off_tile = take(p.tc * p.kb);
+      p.off_panel = take(p.tc * round_up(p.kb, p.nr));
+      p.off_tail = take(p.tc * p.mr);
+      break;
+    case PatchEmbed3dPass::kGradVolume:
+      p.shared = round_up(K, p.nr) * E;  // W as column panels
+      p.off_panel = take(round_up(p.mb, p.mr) * E);
+      p.off_tile = take(round_up(p.mb, p.mr) * p.kb);
+      break;
+  }
+  p.per_thread = off;
+  p.shared = (p.shared + 15) / 16 * 16;
+  return p;
+}
+
+size_t workspace_floats(const Plan& p, int threads) { return p.shared + p.per_thread * threads + 16; }
+
+void check_args(const PatchEmbed3dArgs& a, PatchEmbed3dPass pass) {
+  if (a.batch < 1 || a.channels < 1 || a.embed_dim < 1) throw std::invalid_argument("medvl: empty patch_embed3d");
+  for (int i = 0; i < 3; ++i) {
+    if (a.patch[i] < 1 || a.size[i] < 1) throw std::invalid_argument("medvl: patch_embed3d sizes must be positive");
+    if (a.grid[i] != (a.size[i] + a.patch[i] - 1) / a.patch[i])
+      throw std::invalid_argument("medvl: patch_embed3d grid[i] must be ceil(size[i] / patch[i])");
+  }
+  if (a.weight_type != DType::kFloat32) throw std::invalid_argument("medvl: the CPU patch_embed3d takes fp32 weights");
+  if (pass == PatchEmbed3dPass::kForward && (a.out == nullptr || a.out_type != DType::kFloat32))
+    throw std::invalid_argument("medvl: the CPU patch_embed3d writes an fp32 output");
+  if (pass != PatchEmbed3dPass::kForward && (a.grad_out == nullptr || a.grad_out_type != DType::kFloat32))
+    throw std::invalid_argument("medvl: the CPU patch_embed3d backward takes an fp32 grad_out");
+  if (pass == PatchEmbed3dPass::kGradWeight && a.grad_weight == nullptr)
+    throw std::invalid_argument("medvl: patch_embed3d grad weight pass needs grad_weight");
+  if (pass == PatchEmbed3dPass::kGradVolume && a.grad_volume == nullptr)
+    throw std::invalid_argument("medvl: patch_embed3d grad volume pass needs grad_volume");
+}
+
+}  // namespace detail
+}  // namespace patch_embed3d_impl
+
+size_t patch_embed3d_cpu_workspace_bytes(const PatchEmbed3dArgs& args, int pass, int threads) {
+  threads = std::max(threads, 1);
+  const patch_embed3d_impl::detail::Plan p =
+      patch_embed3d_impl::detail::make_plan(args, static_cast<PatchEmbed3dPass>(pass), threads);
+  return patch_embed3d_impl::detail::workspace_floats(p, threads) * sizeof(float);
+}
+
+void patch_embed3d_cpu(const PatchEmbed3dArgs& args, int pass_code, int threads) {
+  using namespace patch_embed3d_impl::detail;
+  if (pass_code < 0 || pass_code > 2) throw std::invalid_argument("medvl: unknown patch_embed3d pass");
+  const auto pass = static_cast<PatchEmbed3dPass>(pass_code);
+  check_args(args, pass);
+  threads = std::max(threads, 1);
+  const Plan plan = make_plan(args, pass, threads);
+  if (args.workspace_bytes < workspace_floats(plan, threads) * sizeof(float))
+    throw std::invalid_argument("medvl: patch_embed3d workspace too small");
+  const IsaKernels kernels = kernels_for(plan.isa);
+  float* shared = static_cast<float*>(args.workspace);
+  float* per_thread = shared + plan.shared;
+  const float* weight = static_cast<const float*>(args.weight);
+  const int64_t K = columns(args), E = args.embed_dim, M = args.batch * tokens_per_volume(args);
+
+  switch (pass) {
+    case PatchEmbed3dPass::kForward: {
+      const int64_t blocks = token_blocks(plan, M), embedding_panels = (E + plan.nr - 1) / plan.nr;
+#pragma omp parallel num_threads(threads)
+      {
+        float* scratch = per_thread + plan.per_thread * omp_get_thread_num();
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < embedding_panels; ++q) kernels.pack_weight_by_embedding(weight, E, K, q, shared);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const int64_t t0 = blk * plan.mb;
+          if (t0 < M) kernels.forward_block(args, plan, shared, t0, std::min(plan.mb, M - t0), scratch);
+        }
+      }
+      return;
+    }
+    case PatchEmbed3dPass::kGradWeight: {
+      // Tasks own (column block x embedding range) blocks of grad_weight; split the embeddings only
+      // when there are too few column blocks to keep every thread busy.
+      const int64_t column_blocks = (K + plan.kb - 1) / plan.kb;
+      const int64_t embedding_steps = (E + plan.mr - 1) / plan.mr;
+      const int64_t splits = std::min(embedding_steps, std::max<int64_t>(1, (2 * threads + column_blocks - 1) /
+                                                                                column_blocks));
+      const int64_t step_per_split = (embedding_steps + splits - 1) / splits;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+      for (int64_t cb = 0; cb < column_blocks; ++cb) {
+        for (int64_t s = 0; s < splits; ++s) {
+          const int64_t k0 = cb * plan.kb, e0 = s * step_per_split * plan.mr;
+          const int64_t e1 = std::min(E, e0 + step_per_split * plan.mr);
+          if (e0 < e1)
+            kernels.grad_weight_task(args, plan, k0, std::min(plan.kb, K - k0), e0, e1,
+                                     per_thread + plan.per_thread * omp_get_thread_num());
+        }
+      }
+      return;
+    }
+    case PatchEmbed3dPass::kGradVolume: {
+      kernels.pack_columns(weight, K, E, K, E, shared);
+      const int64_t blocks = token_blocks(plan, M);
+#pragma omp parallel for num_threads(threads) schedule(static)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t t0 = blk * plan.mb;
+        if (t0 < M)
+          kernels.grad_volume_block(args, plan, shared, t0, std::min(plan.mb, M - t0),
+                                    per_thread + plan.per_thread * omp_get_thread_num());
+      }
+      return;
+    }
+  }
+}
+
+}  // namespace medvl
