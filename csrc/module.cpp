@@ -119,7 +119,7 @@ medvl::PatchEmbed3dArgs make_patch_embed3d_args(uintptr_t volume, int volume_typ
                                                 const std::array<int64_t, 3>& patch,
                                                 const std::array<int64_t, 3>& grid, int64_t embed_dim,
                                                 uintptr_t weight, int weight_type, uintptr_t bias, uintptr_t pos_embed,
-                                                bool has_window, const std::array<float, 4>& window, uintptr_t out,
+                                                bool has_window, const std::array<float, 6>& window, uintptr_t out,
                                                 int out_type, uintptr_t grad_out, int grad_out_type,
                                                 uintptr_t grad_weight, uintptr_t grad_volume, uintptr_t workspace,
                                                 size_t workspace_bytes) {
@@ -143,6 +143,8 @@ medvl::PatchEmbed3dArgs make_patch_embed3d_args(uintptr_t volume, int volume_typ
   a.window_hi = window[1];
   a.out_lo = window[2];
   a.out_hi = window[3];
+  a.window_span = window[4];
+  a.out_span = window[5];
   a.out = as_ptr<void>(out);
   a.out_type = medvl::dtype_from_code(out_type);
   a.grad_out = as_ptr<const void>(grad_out);
@@ -164,7 +166,7 @@ medvl::PatchEmbed3dArgs make_patch_embed3d_args(uintptr_t volume, int volume_typ
 #define MEDVL_PATCH_EMBED3D_LAMBDA_ARGS                                                                       \
   uintptr_t volume, int volume_type, std::array<int64_t, 5> shape, std::array<int64_t, 3> patch,                \
       std::array<int64_t, 3> grid, int64_t embed_dim, uintptr_t weight, int weight_type, uintptr_t bias,        \
-      uintptr_t pos_embed, bool has_window, std::array<float, 4> window, uintptr_t out, int out_type,           \
+      uintptr_t pos_embed, bool has_window, std::array<float, 6> window, uintptr_t out, int out_type,           \
       uintptr_t grad_out, int grad_out_type, uintptr_t grad_weight, uintptr_t grad_volume, uintptr_t workspace, \
       size_t workspace_bytes, int pass
 

@@ -8,7 +8,7 @@
 //   column k = (c, q0, q1, q2), row-major: the Conv3d weight layout (E, C, p0, p1, p2) flattened;
 //   voxel (b, c, g0*p0 + q0, g1*p1 + q1, g2*p2 + q2); outside the volume (padding) the windowed
 //   value is 0;
-//   window (has_window):  v = clip(((x - lo) / (hi - lo)) * (out_hi - out_lo) + out_lo, out_lo, out_hi)
+//   window (has_window):  v = clip(((x - lo) / window_span) * out_span + out_lo, out_lo, out_hi)
 //   without a window:     v = x (converted to float)
 //   out[t, e] = sum_k v[t, k] * weight[e, k] + bias[e] + pos_embed[n(t), e]     (fp32 accumulation)
 //   grad_weight[e, k] = sum_t grad_out[t, e] * v[t, k]
@@ -45,6 +45,9 @@ struct PatchEmbed3dArgs {
   const float* pos_embed = nullptr;  // [tokens per volume, embed_dim] fp32, or null
   bool has_window = false;
   float window_lo = 0.f, window_hi = 1.f, out_lo = 0.f, out_hi = 1.f;
+  // hi - lo and out_hi - out_lo rounded to fp32 from the caller's doubles, as PyTorch rounds a Python
+  // scalar expression: fp32 differences of the fp32 bounds can be 1 ulp off.
+  float window_span = 1.f, out_span = 1.f;
   void* out = nullptr;               // forward: [batch * tokens, embed_dim], out_type
   DType out_type = DType::kFloat32;
   const void* grad_out = nullptr;    // backward: [batch * tokens, embed_dim], grad_out_type

@@ -45,12 +45,12 @@ struct Plan {
 // Windowed value of every raw value in v[0, n), in place.
 struct Window {
   bool on;
-  float lo, hi, out_lo, out_hi;
+  float lo, out_lo, out_hi, span, out_span;
   explicit Window(const PatchEmbed3dArgs& a)
-      : on(a.has_window), lo(a.window_lo), hi(a.window_hi), out_lo(a.out_lo), out_hi(a.out_hi) {}
+      : on(a.has_window), lo(a.window_lo), out_lo(a.out_lo), out_hi(a.out_hi), span(a.window_span),
+        out_span(a.out_span) {}
   void apply(float* v, int64_t n) const {
     if (!on) return;
-    const float span = hi - lo, out_span = out_hi - out_lo;
     for (int64_t i = 0; i < n; ++i) {
       const float u = ((v[i] - lo) / span) * out_span + out_lo;
       v[i] = std::min(std::max(u, out_lo), out_hi);  // NaN stays NaN, as torch.clamp
@@ -59,7 +59,6 @@ struct Window {
   // d(windowed)/d(raw) times g: torch.clamp passes the gradient only strictly inside (out_lo, out_hi).
   float backward(float raw, float g) const {
     if (!on) return g;
-    const float span = hi - lo, out_span = out_hi - out_lo;
     const float u = ((raw - lo) / span) * out_span + out_lo;
     return (u > out_lo && u < out_hi) ? (g * out_span) / span : 0.f;
   }

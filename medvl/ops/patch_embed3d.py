@@ -33,7 +33,12 @@ def _grid(shape: Sequence[int], patch: Sequence[int]) -> Tuple[int, int, int]:
 
 
 def _window_args(window: Sequence[float]) -> Tuple[bool, List[float]]:
-    return (True, list(window)) if window else (False, [0.0, 1.0, 0.0, 1.0])
+    """(has_window, [lo, hi, out_lo, out_hi, hi - lo, out_hi - out_lo]): the differences in double, rounded
+    once to fp32 by the binding, as PyTorch evaluates the reference's Python-scalar expressions."""
+    if not window:
+        return False, [0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    lo, hi, out_lo, out_hi = window
+    return True, [lo, hi, out_lo, out_hi, hi - lo, out_hi - out_lo]
 
 
 # --------------------------------------------------------------------------------------------

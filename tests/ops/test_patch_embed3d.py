@@ -186,6 +186,20 @@ def test_padding_is_zero_after_the_window():
     torch.testing.assert_close(out.flatten(), torch.tensor([8 * inside, 4 * inside]))
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_window_matches_pytorch_bit_for_bit(backend, device):
+    # A 1x1x1 patch with weight 1 outputs the windowed voxels themselves; bounds that fp32 can't hold.
+    volume = torch.randint(-1100, 1500, (1, 1, 4, 8, 8), dtype=torch.int16)
+    volume.view(-1)[:3] = torch.tensor([-1000, 400, 0], dtype=torch.int16)
+    window, out_range = (-1000.3, 400.7), (-0.25, 1.75)
+    out = medvl.patch_embed3d(volume.to(device), torch.ones(1, 1, 1, 1, 1, device=device), patch_size=1,
+                              window=window, out_range=out_range, backend=backend)
+    lo, hi = window
+    expected = torch.clamp(((volume.float() - lo) / (hi - lo)) * (out_range[1] - out_range[0]) + out_range[0],
+                           *out_range)
+    assert torch.equal(out.cpu().flatten(), expected.flatten())
+
+
 def test_nan_in_the_volume_reaches_only_its_token():
     volume = torch.zeros(1, 1, 4, 4, 4)
     volume[0, 0, 3, 3, 3] = float("nan")
