@@ -251,6 +251,39 @@ def test_cpu_fallback_instruction_sets_match_reference(isa):
     assert worst < 1e-5, f"{isa} micro-kernel: worst relative error {worst:.3g}"
 
 
+_PEAK_SCRIPT = r"""
+import json, sys, torch, medvl
+from medvl.bench import peak_memory
+torch.set_num_threads(2)
+backend = sys.argv[1]
+volume = torch.randint(-1024, 2000, (2, 1, 128, 128, 128), dtype=torch.int16)
+weight = (torch.randn(96, 1, 16, 16, 16) * 0.02).requires_grad_()
+pos = torch.zeros(1, 512, 96, requires_grad=True)
+def step():
+    out = medvl.patch_embed3d(volume, weight, None, pos, patch_size=16, window=(-1000, 400), backend=backend)
+    out.backward(torch.ones_like(out))
+    weight.grad = pos.grad = None
+step()  # warm up code paths and thread pools
+with peak_memory(torch.device("cpu")) as peak:
+    step()
+print(json.dumps({"peak_growth_mib": peak["mib"]}))
+"""
+
+
+def test_cpu_backend_stores_no_windowed_copy_and_no_im2col():
+    def growth(backend):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, backend], capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "2"})
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+
+    float_copy_mib = 2 * 128**3 * 4 / 2**20  # the windowed volume in float32: 16 MiB
+    fused = growth("cpu")
+    assert fused < float_copy_mib / 2, f"cpu backend grew the peak by {fused:.1f} MiB (a float copy is 16 MiB)"
+    # The probe has teeth: the reference windows into a float copy before its conv.
+    reference_growth = growth("reference")
+    assert reference_growth > float_copy_mib, f"reference grew only {reference_growth:.1f} MiB; the probe is broken"
+
+
 def test_float64_runs_on_the_reference_and_passes_gradcheck():
     volume = torch.randn(1, 2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 2, 2, 3, 2, dtype=torch.float64, requires_grad=True)

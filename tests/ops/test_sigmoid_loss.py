@@ -184,18 +184,20 @@ def test_python_float_scale_and_bias_and_one_element_parameters():
 # Memory: nothing B x B in a fused backend.
 # ---------------------------------------------------------------------------------------------
 
+# The peak is read from /proc (VmHWM reset through clear_refs), not from ru_maxrss: a child's
+# ru_maxrss starts at its parent's, so a big pytest process would hide the child's growth.
 _PEAK_SCRIPT = r"""
-import json, resource, sys, torch, medvl
+import json, sys, torch, medvl
+from medvl.bench import peak_memory
 torch.set_num_threads(2)
 backend, n, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 x = torch.randn(n, dim, requires_grad=True); t = torch.randn(n, dim, requires_grad=True)
 s = torch.tensor(10.0, requires_grad=True); b = torch.tensor(-10.0, requires_grad=True)
 small = [v[:8].detach().requires_grad_() for v in (x, t)]
 medvl.sigmoid_loss(*small, s, b, backend=backend).backward()  # warm up code paths and thread pools
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-medvl.sigmoid_loss(x, t, s, b, backend=backend).backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_growth_mib": (after - before) / 1024}))
+with peak_memory(torch.device("cpu")) as peak:
+    medvl.sigmoid_loss(x, t, s, b, backend=backend).backward()
+print(json.dumps({"peak_growth_mib": peak["mib"]}))
 """
 
 
