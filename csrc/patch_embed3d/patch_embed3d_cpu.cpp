@@ -40,130 +40,9 @@ struct Plan {
   int64_t kb = 0;  // columns per block (grad weight tasks, grad volume): a multiple of nr
   size_t off_tile = 0, off_panel = 0, off_tail = 0, per_thread = 0;
   size_t shared = 0;  // the packed weight, before the per-thread pieces
+  int64_t lut_entries = 0;  // integer volume with a window: windowed value per raw value (after `shared`)
+  const float* lut = nullptr;
 };
-
-// Windowed value of every raw value in v[0, n), in place.
-struct Window {
-  bool on;
-  float lo, out_lo, out_hi, span, out_span;
-  explicit Window(const PatchEmbed3dArgs& a)
-      : on(a.has_window), lo(a.window_lo), out_lo(a.out_lo), out_hi(a.out_hi), span(a.window_span),
-        out_span(a.out_span) {}
-  void apply(float* v, int64_t n) const {
-    if (!on) return;
-    for (int64_t i = 0; i < n; ++i) {
-      const float u = ((v[i] - lo) / span) * out_span + out_lo;
-      v[i] = std::min(std::max(u, out_lo), out_hi);  // NaN stays NaN, as torch.clamp
-    }
-  }
-  // d(windowed)/d(raw) times g: torch.clamp passes the gradient only strictly inside (out_lo, out_hi).
-  float backward(float raw, float g) const {
-    if (!on) return g;
-    const float u = ((raw - lo) / span) * out_span + out_lo;
-    return (u > out_lo && u < out_hi) ? (g * out_span) / span : 0.f;
-  }
-};
-
-// 16-bit float volumes, told apart from uint16_t ones by type.
-struct Half {
-  uint16_t bits;
-};
-struct BFloat16 {
-  uint16_t bits;
-};
-
-template <typename S>
-inline float raw_to_float(S v) { return static_cast<float>(v); }
-template <>
-inline float raw_to_float<Half>(Half v) { return fp16_to_float(v.bits); }
-template <>
-inline float raw_to_float<BFloat16>(BFloat16 v) { return bf16_to_float(v.bits); }
-
-// Walks the voxels of tokens [t0, t0 + mt) x columns [k0, k0 + kn) as runs along the last axis:
-// visit(r, j, offset, inside, run) for token r, tile column j, the run's first voxel offset (valid
-// when inside > 0), `inside` voxels in the volume and run - inside padding voxels after them.
-template <typename Visit>
-inline void for_each_run(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn, Visit visit) {
-  const int64_t p0 = a.patch[0], p1 = a.patch[1], p2 = a.patch[2];
-  const int64_t n1 = a.grid[1], n2 = a.grid[2], N = tokens_per_volume(a);
-  const int64_t S0 = a.size[0], S1 = a.size[1], S2 = a.size[2];
-  const int64_t plane = S1 * S2, channel = S0 * plane;
-  int64_t rest = k0 / p2;
-  const int64_t q2_start = k0 % p2, q1_start = rest % p1;
-  rest /= p1;
-  const int64_t q0_start = rest % p0, c_start = rest / p0;
-  for (int64_t r = 0; r < mt; ++r) {
-    const int64_t t = t0 + r, b = t / N, n = t % N;
-    const int64_t z0 = (n / (n1 * n2)) * p0, y0 = ((n / n2) % n1) * p1, x0 = (n % n2) * p2;
-    const int64_t volume_base = b * a.channels * channel;
-    int64_t q2 = q2_start, q1 = q1_start, q0 = q0_start, c = c_start;
-    for (int64_t j = 0; j < kn;) {
-      const int64_t run = std::min(p2 - q2, kn - j);
-      const int64_t z = z0 + q0, y = y0 + q1, x = x0 + q2;
-      const int64_t inside = (z < S0 && y < S1) ? std::max<int64_t>(0, std::min(run, S2 - x)) : 0;
-      visit(r, j, volume_base + c * channel + z * plane + y * S2 + x, inside, run);
-      j += run;
-      q2 = 0;
-      if (++q1 == p1) {
-        q1 = 0;
-        if (++q0 == p0) {
-          q0 = 0;
-          ++c;
-        }
-      }
-    }
-  }
-}
-
-template <typename S>
-void gather_typed(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn, float* tile,
-                  int64_t ld) {
-  const S* volume = static_cast<const S*>(a.volume);
-  const Window window(a);
-  for_each_run(a, t0, mt, k0, kn, [&](int64_t r, int64_t j, int64_t offset, int64_t inside, int64_t run) {
-    float* dst = tile + r * ld + j;
-    const S* src = volume + offset;
-    for (int64_t i = 0; i < inside; ++i) dst[i] = raw_to_float(src[i]);
-    window.apply(dst, inside);
-    std::fill(dst + inside, dst + run, 0.f);  // padding: zero after the window
-  });
-}
-
-// tile[r * ld + j] = windowed value of (token t0 + r, column k0 + j).
-void gather_patches(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn, float* tile,
-                    int64_t ld) {
-  switch (a.volume_type) {
-    case VolumeType::kFloat32: return gather_typed<float>(a, t0, mt, k0, kn, tile, ld);
-    case VolumeType::kFloat16: return gather_typed<Half>(a, t0, mt, k0, kn, tile, ld);
-    case VolumeType::kBFloat16: return gather_typed<BFloat16>(a, t0, mt, k0, kn, tile, ld);
-    case VolumeType::kInt16: return gather_typed<int16_t>(a, t0, mt, k0, kn, tile, ld);
-    case VolumeType::kUInt8: return gather_typed<uint8_t>(a, t0, mt, k0, kn, tile, ld);
-    case VolumeType::kUInt16: return gather_typed<uint16_t>(a, t0, mt, k0, kn, tile, ld);
-  }
-}
-
-template <typename S>
-void scatter_typed(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn, const float* tile,
-                   int64_t ld) {
-  const S* volume = static_cast<const S*>(a.volume);
-  float* grad = static_cast<float*>(a.grad_volume);
-  const Window window(a);
-  for_each_run(a, t0, mt, k0, kn, [&](int64_t r, int64_t j, int64_t offset, int64_t inside, int64_t) {
-    const float* src = tile + r * ld + j;
-    for (int64_t i = 0; i < inside; ++i) grad[offset + i] = window.backward(raw_to_float(volume[offset + i]), src[i]);
-  });
-}
-
-// grad_volume (fp32) at the voxels of (tokens t0.., columns k0..) = dv/dx * tile; padding is dropped.
-void scatter_patch_grads(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int64_t k0, int64_t kn,
-                         const float* tile, int64_t ld) {
-  switch (a.volume_type) {
-    case VolumeType::kFloat32: return scatter_typed<float>(a, t0, mt, k0, kn, tile, ld);
-    case VolumeType::kFloat16: return scatter_typed<Half>(a, t0, mt, k0, kn, tile, ld);
-    case VolumeType::kBFloat16: return scatter_typed<BFloat16>(a, t0, mt, k0, kn, tile, ld);
-    default: throw std::invalid_argument("medvl: patch_embed3d has no volume gradient for integer volumes");
-  }
-}
 
 }  // namespace detail
 
@@ -205,13 +84,14 @@ struct IsaKernels {
   void (*forward_block)(const PatchEmbed3dArgs&, const Plan&, const float*, int64_t, int64_t, float*);
   void (*grad_weight_task)(const PatchEmbed3dArgs&, const Plan&, int64_t, int64_t, int64_t, int64_t, float*);
   void (*grad_volume_block)(const PatchEmbed3dArgs&, const Plan&, const float*, int64_t, int64_t, float*);
+  void (*build_window_lut)(const PatchEmbed3dArgs&, int64_t, int64_t, float*);
   int mr, nr;
 };
 
 #define MEDVL_ISA_KERNELS(ns)                                                                        \
   IsaKernels {                                                                                       \
     &ns::pack_weight_by_embedding, &ns::pack_columns, &ns::forward_block, &ns::grad_weight_task,     \
-        &ns::grad_volume_block, ns::kMR, ns::NR                                                      \
+        &ns::grad_volume_block, &ns::build_window_lut, ns::kMR, ns::NR                               \
   }
 
 IsaKernels kernels_for(Isa isa) {
@@ -268,10 +148,18 @@ Plan make_plan(const PatchEmbed3dArgs& a, PatchEmbed3dPass pass, int threads) {
   }
   p.per_thread = off;
   p.shared = (p.shared + 15) / 16 * 16;
+  // A table of 2^16 (or 256) windowed values replaces a convert, a division and a clamp per voxel
+  // read; the gradient pass re-reads raw values only for float volumes, which never use it.
+  if (a.has_window && pass != PatchEmbed3dPass::kGradVolume) {
+    if (a.volume_type == VolumeType::kInt16 || a.volume_type == VolumeType::kUInt16) p.lut_entries = 65536;
+    if (a.volume_type == VolumeType::kUInt8) p.lut_entries = 256;
+  }
   return p;
 }
 
-size_t workspace_floats(const Plan& p, int threads) { return p.shared + p.per_thread * threads + 16; }
+size_t workspace_floats(const Plan& p, int threads) {
+  return p.shared + (p.lut_entries + 15) / 16 * 16 + p.per_thread * threads + 16;
+}
 
 void check_args(const PatchEmbed3dArgs& a, PatchEmbed3dPass pass) {
   if (a.batch < 1 || a.channels < 1 || a.embed_dim < 1) throw std::invalid_argument("medvl: empty patch_embed3d");
@@ -307,12 +195,20 @@ void patch_embed3d_cpu(const PatchEmbed3dArgs& args, int pass_code, int threads)
   const auto pass = static_cast<PatchEmbed3dPass>(pass_code);
   check_args(args, pass);
   threads = std::max(threads, 1);
-  const Plan plan = make_plan(args, pass, threads);
+  Plan plan = make_plan(args, pass, threads);
   if (args.workspace_bytes < workspace_floats(plan, threads) * sizeof(float))
     throw std::invalid_argument("medvl: patch_embed3d workspace too small");
   const IsaKernels kernels = kernels_for(plan.isa);
   float* shared = static_cast<float*>(args.workspace);
-  float* per_thread = shared + plan.shared;
+  float* lut = shared + plan.shared;
+  float* per_thread = lut + (plan.lut_entries + 15) / 16 * 16;
+  if (plan.lut_entries > 0) {
+    const int64_t chunk = 4096;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t begin = 0; begin < plan.lut_entries; begin += chunk)
+      kernels.build_window_lut(args, begin, std::min(plan.lut_entries, begin + chunk), lut);
+    plan.lut = lut;
+  }
   const float* weight = static_cast<const float*>(args.weight);
   const int64_t K = columns(args), E = args.embed_dim, M = args.batch * tokens_per_volume(args);
 
