@@ -115,12 +115,13 @@ Plan make_plan(const PatchEmbed3dArgs& a, PatchEmbed3dPass pass, int threads) {
   p.nr = k.nr;
   const int64_t K = std::max<int64_t>(columns(a), 1), E = std::max<int64_t>(a.embed_dim, 1);
   const int64_t M = std::max<int64_t>(a.batch * tokens_per_volume(a), 1);
-  // Token blocks: about 96 tokens (a 96 x 256 patch tile stays in L2 while every weight panel
-  // streams past it), as many blocks as a multiple of the thread count.
+  // Token blocks: about 192 tokens (their 192 x 128 patch tile stays in L2 while the weight panels
+  // stream past it; each kMR x 128 sub-panel stays in L1 across all of them), as many blocks as a
+  // multiple of the thread count. Sizes measured on a 2-core AVX-512 Xeon (48 KiB L1, 2 MiB L2).
   int64_t blocks = (M + 191) / 192;
   blocks = round_up(blocks, threads);
   p.mb = round_up((M + blocks - 1) / blocks, p.mr);
-  p.kc = std::min<int64_t>(K, 192);
+  p.kc = std::min<int64_t>(K, 128);
   p.tc = std::min<int64_t>(M, 128);
   p.kb = std::min(round_up(K, p.nr), round_up(512, p.nr));
   size_t off = 0;
