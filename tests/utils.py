@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from typing import Dict
+
 import torch
 
 from medvl.ops import _core
@@ -57,3 +63,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         f"{name} ({dtype}, {kind}): |{actual.flatten()[worst].item():.8g} - {expected.flatten()[worst].item():.8g}|"
         f" = {error.flatten()[worst].item():.3g} exceeds atol {atol} + rtol {rtol}"
     )
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script: str, *args: str, env: Dict[str, str] = None) -> dict:
+    """Run `python -c script args` in a fresh process (2 threads, extra environment `env`) from the
+    repository root and return the JSON object it prints last: for what a process decides once
+    (the CPU instruction set) or measures about itself (peak memory)."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
+                         cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import medvl
 from medvl.reference.patch_embed3d import patch_embed3d as reference
-from tests.utils import assert_close, available_backends, backend_params
+from tests.utils import assert_close, available_backends, backend_params, run_script
 
 INT_RANGES = {torch.int16: (-1100, 1500), torch.uint8: (0, 256), torch.uint16: (0, 4096)}
 WINDOWS = {torch.int16: (-1000.0, 400.0), torch.uint8: (20.0, 230.0), torch.uint16: (100.0, 3000.0)}
@@ -244,10 +240,7 @@ print(json.dumps({"worst": worst}))
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_cpu_fallback_instruction_sets_match_reference(isa):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, check=True, cwd=root,
-                         env={**os.environ, "MEDVL_CPU_ISA": isa, "OMP_NUM_THREADS": "2"})
-    worst = json.loads(out.stdout.strip().splitlines()[-1])["worst"]
+    worst = run_script(_ISA_SCRIPT, env={"MEDVL_CPU_ISA": isa})["worst"]
     assert worst < 1e-5, f"{isa} micro-kernel: worst relative error {worst:.3g}"
 
 
@@ -272,9 +265,7 @@ print(json.dumps({"peak_growth_mib": peak["mib"]}))
 
 def test_cpu_backend_stores_no_windowed_copy_and_no_im2col():
     def growth(backend):
-        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, backend], capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "2"})
-        return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+        return run_script(_PEAK_SCRIPT, backend)["peak_growth_mib"]
 
     float_copy_mib = 2 * 128**3 * 4 / 2**20  # the windowed volume in float32: 16 MiB
     fused = growth("cpu")

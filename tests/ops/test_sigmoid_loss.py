@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +9,7 @@ import torch.nn.functional as F
 import medvl
 from medvl.ops._labels import pack_multi_hot
 from medvl.reference.sigmoid_loss import sigmoid_loss as reference_loss
-from tests.utils import assert_close, available_backends, backend_params
+from tests.utils import assert_close, available_backends, backend_params, run_script
 
 TARGETS = ("pair", "label", "jaccard")
 # (B_img, B_txt, D): B = 1, odd sizes, not multiples of any tile, and B_img != B_txt.
@@ -202,9 +197,7 @@ print(json.dumps({"peak_growth_mib": peak["mib"]}))
 
 
 def _peak_growth_mib(backend: str, n: int, dim: int) -> float:
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, backend, str(n), str(dim)],
-                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+    return run_script(_PEAK_SCRIPT, backend, str(n), str(dim))["peak_growth_mib"]
 
 
 def test_cpu_backend_allocates_nothing_batch_squared():
@@ -373,8 +366,5 @@ print(json.dumps({"worst": worst}))
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_cpu_fallback_instruction_sets_match_reference(isa):
     # The CPU backend picks its micro-kernel once per process; MEDVL_CPU_ISA lowers the choice.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, check=True, cwd=root,
-                         env={**os.environ, "MEDVL_CPU_ISA": isa, "OMP_NUM_THREADS": "2"})
-    worst = json.loads(out.stdout.strip().splitlines()[-1])["worst"]
+    worst = run_script(_ISA_SCRIPT, env={"MEDVL_CPU_ISA": isa})["worst"]
     assert worst < 1e-3, f"{isa} micro-kernel: worst relative error {worst:.3g}"
