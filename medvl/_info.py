@@ -46,6 +46,11 @@ def info() -> Dict[str, Any]:
             report["triton_backend"] = f"interpreter only (triton {triton.__version__}, TRITON_INTERPRET=1, CPU tensors)"
         else:
             report["triton_backend"] = f"no: no CUDA device for triton {triton.__version__} (TRITON_INTERPRET=1 runs it on CPU, slowly)"
+    ops = []
+    for op in ("sigmoid_loss", "triplet_mining", "patch_embed3d"):
+        compiled = [kind for kind in ("cpu", "cuda") if c is not None and hasattr(c, f"{op}_{kind}")]
+        ops.append(f"{op} (compiled: {'+'.join(compiled) or 'none'})")
+    report["ops"] = ", ".join(ops)
     report["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible to torch"
     return report
 

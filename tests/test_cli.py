@@ -1,0 +1,22 @@
+"""`medvl info` and `medvl bench` from the command line entry point."""
+
+from __future__ import annotations
+
+import medvl
+from medvl import cli
+
+
+def test_info_names_every_op_and_what_was_compiled(capsys):
+    report = medvl.info()
+    for op in ("sigmoid_loss", "triplet_mining", "patch_embed3d"):
+        assert op in report["ops"]
+    assert cli.main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert "cpu_backend" in printed and "patch_embed3d" in printed
+
+
+def test_bench_runs_one_op_on_a_small_shape(capsys):
+    assert cli.main(["bench", "--op", "triplet_mining", "--sizes", "64", "--repeats", "1",
+                     "--methods", "reference"]) == 0
+    table = capsys.readouterr().out
+    assert "batch-hard mining" in table and "reference" in table
