@@ -34,7 +34,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct Plan {
   Isa isa = Isa::kScalar;
   int mr = 1, nr = 1;
-  int64_t mb = 0;  // tokens per block (forward, grad volume): a multiple of mr
+  int64_t blocks = 1;  // token blocks (forward, grad volume), a multiple of the thread count
+  int64_t mb = 0;      // the most tokens a block can have (its buffers' size)
   int64_t kc = 0;  // K block of the forward GEMM
   int64_t tc = 0;  // tokens per chunk of the grad-weight GEMM
   int64_t kb = 0;  // columns per block (grad weight tasks, grad volume): a multiple of nr
@@ -105,7 +106,14 @@ IsaKernels kernels_for(Isa isa) {
 }
 #undef MEDVL_ISA_KERNELS
 
-int64_t token_blocks(const Plan& p, int64_t M) { return (M + p.mb - 1) / p.mb; }
+int64_t token_blocks(const Plan& p, int64_t) { return p.blocks; }
+
+// First token of block `blk` of `blocks`: boundaries spread evenly (multiples of mr), so that no
+// thread is left with a short last block while the others wait at the barrier.
+int64_t block_start(const Plan& p, int64_t blk, int64_t blocks, int64_t M) {
+  if (blk >= blocks) return M;
+  return std::min(M, (blk * M / blocks) / p.mr * p.mr);
+}
 
 Plan make_plan(const PatchEmbed3dArgs& a, PatchEmbed3dPass pass, int threads) {
   Plan p;
@@ -120,7 +128,8 @@ Plan make_plan(const PatchEmbed3dArgs& a, PatchEmbed3dPass pass, int threads) {
   // multiple of the thread count. Sizes measured on a 2-core AVX-512 Xeon (48 KiB L1, 2 MiB L2).
   int64_t blocks = (M + 191) / 192;
   blocks = round_up(blocks, threads);
-  p.mb = round_up((M + blocks - 1) / blocks, p.mr);
+  p.blocks = blocks;
+  p.mb = round_up((M + blocks - 1) / blocks, p.mr) + p.mr;  // block_start rounds each start down
   p.kc = std::min<int64_t>(K, 128);
   p.tc = std::min<int64_t>(M, 128);
   p.kb = std::min(round_up(K, p.nr), round_up(512, p.nr));
@@ -223,8 +232,8 @@ void patch_embed3d_cpu(const PatchEmbed3dArgs& args, int pass_code, int threads)
         for (int64_t q = 0; q < embedding_panels; ++q) kernels.pack_weight_by_embedding(weight, E, K, q, shared);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
-          const int64_t t0 = blk * plan.mb;
-          if (t0 < M) kernels.forward_block(args, plan, shared, t0, std::min(plan.mb, M - t0), scratch);
+          const int64_t t0 = block_start(plan, blk, blocks, M), t1 = block_start(plan, blk + 1, blocks, M);
+          if (t0 < t1) kernels.forward_block(args, plan, shared, t0, t1 - t0, scratch);
         }
       }
       return;
@@ -254,9 +263,9 @@ void patch_embed3d_cpu(const PatchEmbed3dArgs& args, int pass_code, int threads)
       const int64_t blocks = token_blocks(plan, M);
 #pragma omp parallel for num_threads(threads) schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t t0 = blk * plan.mb;
-        if (t0 < M)
-          kernels.grad_volume_block(args, plan, shared, t0, std::min(plan.mb, M - t0),
+        const int64_t t0 = block_start(plan, blk, blocks, M), t1 = block_start(plan, blk + 1, blocks, M);
+        if (t0 < t1)
+          kernels.grad_volume_block(args, plan, shared, t0, t1 - t0,
                                     per_thread + plan.per_thread * omp_get_thread_num());
       }
       return;
