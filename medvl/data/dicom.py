@@ -29,6 +29,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from medvl.data.metadata import MR_METADATA_KEYS
+
 __all__ = [
     "MR_METADATA_KEYS",
     "Series",
@@ -38,24 +40,6 @@ __all__ = [
     "read_series_metadata",
 ]
 
-# Keys of mr_metadata(), in order. The first thirteen are DICOM keywords; "Modality" and "Plane" follow.
-MR_METADATA_KEYS: tuple[str, ...] = (
-    "EchoTime",
-    "RepetitionTime",
-    "InversionTime",
-    "FlipAngle",
-    "MagneticFieldStrength",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ScanningSequence",
-    "SequenceVariant",
-    "ScanOptions",
-    "MRAcquisitionType",
-    "ContrastBolusAgent",
-    "SeriesDescription",
-    "Modality",
-    "Plane",
-)
 
 _FLOAT_KEYS = ("EchoTime", "RepetitionTime", "InversionTime", "FlipAngle", "MagneticFieldStrength")
 _MULTI_KEYS = ("ScanningSequence", "SequenceVariant", "ScanOptions")

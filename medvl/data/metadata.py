@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 __all__ = [
+    "MR_METADATA_KEYS",
     "CORRUPTION_KINDS",
     "DEFAULT_TE_EDGES",
     "DEFAULT_TI_EDGES",
@@ -46,6 +47,26 @@ __all__ = [
     "metadata_to_text",
     "quantize_value",
 ]
+
+# The acquisition metadata of an MR series, in order (mr_metadata(), the phantoms): thirteen DICOM
+# keywords, then "Modality" and "Plane".
+MR_METADATA_KEYS: tuple[str, ...] = (
+    "EchoTime",
+    "RepetitionTime",
+    "InversionTime",
+    "FlipAngle",
+    "MagneticFieldStrength",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "ContrastBolusAgent",
+    "SeriesDescription",
+    "Modality",
+    "Plane",
+)
 
 DEFAULT_TE_EDGES: tuple[float, ...] = (
     1.5, 2.0, 2.6, 3.5, 4.7, 6.2, 8.2, 11.0, 15.0, 19.0,

@@ -46,6 +46,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medvl.data.metadata import MR_METADATA_KEYS
+
 __all__ = [
     "CT_FINDINGS",
     "CT_SURFACE_FORMS",
@@ -861,24 +863,6 @@ MR_TISSUE_PARAMS: dict[str, tuple[float, dict[float, float], dict[float, float]]
 _GD_R1 = {1.5: 4.1, 3.0: 3.7}
 _GD_CONC_MM = 1.0
 
-#: The keys of ``MRPhantom.metadata`` (DICOM keywords), exactly.
-MR_METADATA_KEYS: tuple[str, ...] = (
-    "EchoTime",
-    "RepetitionTime",
-    "InversionTime",
-    "FlipAngle",
-    "MagneticFieldStrength",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ScanningSequence",
-    "SequenceVariant",
-    "ScanOptions",
-    "MRAcquisitionType",
-    "ContrastBolusAgent",
-    "SeriesDescription",
-    "Modality",
-    "Plane",
-)
 
 #: Sequence name -> acquisition parameter ranges (ms, degrees) and DICOM attributes.
 #: ``equation`` is "SE", "IR" (IR spin echo), "GR" (spoiled gradient echo) or "IRGR" (MPRAGE-like).
