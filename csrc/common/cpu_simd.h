@@ -136,6 +136,10 @@ struct Vec {
   }
   static MEDVL_INLINE float hsum(T v) { return v; }
   static MEDVL_INLINE void transpose(T*) {}
+  // dst[i] = table[index[i]] for i < n (16-bit indices).
+  static void lookup16(const uint16_t* index, int64_t n, const float* table, float* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = table[index[i]];
+  }
   static void convert(const void* src, DType dtype, int64_t offset, int64_t n, float* dst) {
     convert_scalar(src, dtype, offset, n, dst);
   }
@@ -197,6 +201,14 @@ struct Vec {
       r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
       r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
     }
+  }
+  static void lookup16(const uint16_t* index, int64_t n, const float* table, float* dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256i k = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(index + i)));
+      _mm256_storeu_ps(dst + i, _mm256_i32gather_ps(table, k, 4));
+    }
+    for (; i < n; ++i) dst[i] = table[index[i]];
   }
   static void convert(const void* src, DType dtype, int64_t offset, int64_t n, float* dst) {
     if (dtype == DType::kFloat32) return convert_scalar(src, dtype, offset, n, dst);
@@ -278,6 +290,14 @@ struct Vec {
       r[8 + c] = _mm512_shuffle_f32x4(v2, w2, 0x88);
       r[12 + c] = _mm512_shuffle_f32x4(v2, w2, 0xdd);
     }
+  }
+  static void lookup16(const uint16_t* index, int64_t n, const float* table, float* dst) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512i k = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + i)));
+      _mm512_storeu_ps(dst + i, _mm512_i32gather_ps(k, table, 4));
+    }
+    for (; i < n; ++i) dst[i] = table[index[i]];
   }
   static void convert(const void* src, DType dtype, int64_t offset, int64_t n, float* dst) {
     if (dtype == DType::kFloat32) return convert_scalar(src, dtype, offset, n, dst);

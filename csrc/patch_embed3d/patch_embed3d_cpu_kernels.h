@@ -98,7 +98,11 @@ inline void gather_typed(const PatchEmbed3dArgs& a, int64_t t0, int64_t mt, int6
     float* dst = tile + r * ld + j;
     const S* src = volume + offset;
     if (lut) {  // integer volumes: the windowed value of every possible raw value, computed once
-      for (int64_t i = 0; i < inside; ++i) dst[i] = lut[lut_index(src[i])];
+      if constexpr (sizeof(S) == 2) {  // int16 (two's complement bits) or uint16: the bits are the index
+        Vec::lookup16(reinterpret_cast<const uint16_t*>(src), inside, lut, dst);
+      } else {
+        for (int64_t i = 0; i < inside; ++i) dst[i] = lut[lut_index(src[i])];
+      }
     } else {
       for (int64_t i = 0; i < inside; ++i) dst[i] = raw_to_float(src[i]);
       window.apply(dst, inside);
