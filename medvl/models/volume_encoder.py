@@ -1,0 +1,242 @@
+"""VolumeEncoder: the 3D ViT vision tower of the CLIP model (raw int16 CT in, one projected vector out).
+
+The first layer is ``medvl.nn.PatchEmbed3d``: the HU window, the patchify, the projection, the bias and
+the position embedding run as one fused pass over the raw volume (``medvl.ops.patch_embed3d``). When a
+volume's patch grid differs from the configured one the position table is resampled (trilinear) to the
+new grid and handed to the same fused op, so the add stays inside the kernel for every input size.
+After it: an optional CLS token, pre-norm transformer blocks (``scaled_dot_product_attention``), a final
+LayerNorm, CLS or mean pooling and a bias-free projection into the shared image-text space.
+
+Volumes are (B, C, X, Y, Z), channel first, as the MONAI pipelines of ``medvl.data`` give them: the
+axial (slice) axis is the last one, Z. Tokens are in ``Conv3d(...).flatten(2).transpose(1, 2)`` order,
+token index = (ix * n_y + iy) * n_z + iz.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from medvl.nn.patch_embed3d import PatchEmbed3d
+from medvl.ops.patch_embed3d import patch_embed3d
+
+POOLS = ("cls", "mean")
+POS_EMBEDS = ("learnable", "sincos")
+
+
+class Attention(torch.nn.Module):
+    """Multi-head self-attention: one fused qkv Linear, ``scaled_dot_product_attention``, output Linear."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim, self.dropout = num_heads, dim // num_heads, float(dropout)
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.proj_drop = torch.nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        # (B, N, 3E) -> (3, B, H, N, D)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(torch.nn.Module):
+    """Linear -> GELU -> Linear (dropout after each Linear when set)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(dim, hidden)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(hidden, dim)
+        self.drop = torch.nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(torch.nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 dropout: float = 0.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dropout=dropout)
+        self.norm2 = torch.nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def interpolate_pos_embed3d(pos_embed: torch.Tensor, old_grid: Sequence[int],
+                            new_grid: Sequence[int]) -> torch.Tensor:
+    """Resample a (1, N, E) or (N, E) position table from ``old_grid`` to ``new_grid``: (N', E).
+
+    Trilinear, ``align_corners=False`` (the table is treated as values at patch centres). Returns the
+    table itself, reshaped to (N, E), when the grids are equal, so the same-size path is exact.
+    Differentiable: gradients reach the original table.
+    """
+    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
+    embed = pos_embed.shape[-1]
+    table = pos_embed.reshape(-1, embed)
+    if table.shape[0] != math.prod(old_grid):
+        raise ValueError(f"pos_embed has {table.shape[0]} rows but the grid {old_grid} has {math.prod(old_grid)}")
+    if old_grid == new_grid:
+        return table
+    grid = table.reshape(1, *old_grid, embed).permute(0, 4, 1, 2, 3)  # (1, E, gx, gy, gz)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="trilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 4, 1).reshape(math.prod(new_grid), embed).to(pos_embed.dtype)
+
+
+class VolumeEncoder(torch.nn.Module):
+    """3D ViT over raw CT volumes: fused patch embedding, pre-norm blocks, pooling, projection.
+
+    Args:
+        img_size: (X, Y, Z) the position table is built for; other sizes (multiples of the patch) work
+            through a trilinear resampling of the table.
+        patch_size: (p_x, p_y, p_z).
+        in_channels: volume channels C.
+        embed_dim, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP hidden = ratio * width.
+        output_dim: size of the shared image-text space (``self.proj``, no bias).
+        window: (lo, hi) HU window applied inside the fused patch embedding (to [0, 1]); None: raw values.
+        pos_embed: "learnable" (trunc-normal 0.02) or "sincos" (fixed 3D sin-cos buffer; embed_dim % 6 == 0).
+        pool: "cls" (a learnable token prepended after the patch embedding, with its own learnable position
+            vector ``cls_pos_embed``) or "mean" (mean of the final-norm patch tokens).
+        grad_checkpointing: recompute each block in backward (training only); see ``set_grad_checkpointing``.
+        dropout: attention-probability dropout and dropout after the attention / MLP Linears (training only).
+        qkv_bias: bias in the fused qkv Linear.
+        norm_eps: LayerNorm epsilon.
+
+    ``forward(volume, return_tokens=False, return_depth=False)`` returns a dict with
+    ``embedding`` (B, output_dim), ``pooled`` (B, embed_dim), and optionally ``tokens`` (B, N, embed_dim),
+    the final-norm patch tokens without the CLS token, and ``depth`` (B, n_z, embed_dim): the patch tokens
+    on their (n_x, n_y, n_z) grid averaged over the in-plane axes, one feature per axial patch row; row d
+    covers slices [d * p_z, (d + 1) * p_z) of the input's last axis Z.
+
+    Example:
+        >>> encoder = VolumeEncoder(img_size=(64, 64, 32), patch_size=(16, 16, 8), embed_dim=96, depth=2,
+        ...                         num_heads=3, output_dim=64)
+        >>> out = encoder(torch.randint(-1024, 2000, (2, 1, 64, 64, 32), dtype=torch.int16), return_depth=True)
+        >>> out["embedding"].shape, out["depth"].shape   # (2, 64), (2, 4, 96)
+    """
+
+    def __init__(self, *, img_size: Union[int, Sequence[int]] = (96, 96, 64),
+                 patch_size: Union[int, Sequence[int]] = (16, 16, 16), in_channels: int = 1, embed_dim: int = 192,
+                 depth: int = 4, num_heads: int = 3, mlp_ratio: float = 4.0, output_dim: int = 128,
+                 window: Optional[Tuple[float, float]] = (-1000.0, 400.0), pos_embed: str = "learnable",
+                 pool: str = "cls", grad_checkpointing: bool = False, dropout: float = 0.0, qkv_bias: bool = True,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        window = None if window is None else tuple(float(w) for w in window)
+        self.embed_dim, self.output_dim, self.pool = embed_dim, output_dim, pool
+        self.grad_checkpointing = bool(grad_checkpointing)
+        self.patch_embed = PatchEmbed3d(in_channels, embed_dim, img_size, patch_size, window=window,
+                                        pos_embed=pos_embed)
+        self.img_size, self.patch_size = self.patch_embed.img_size, self.patch_embed.patch_size
+        self.grid = self.patch_embed.grid
+        if pool == "cls":
+            self.cls_token = torch.nn.Parameter(torch.empty(1, 1, embed_dim))
+            self.cls_pos_embed = torch.nn.Parameter(torch.empty(1, 1, embed_dim))
+            torch.nn.init.trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
+            torch.nn.init.trunc_normal_(self.cls_pos_embed, std=0.02, a=-2.0, b=2.0)
+        else:
+            self.cls_token = self.cls_pos_embed = None
+        self.blocks = torch.nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, dropout=dropout, norm_eps=norm_eps)
+            for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.proj = torch.nn.Linear(embed_dim, output_dim, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: torch.nn.Module) -> None:
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.ones_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (training only), trading compute for memory."""
+        self.grad_checkpointing = bool(enable)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names (as in ``named_parameters``) that take no weight decay: norms, biases, position
+        embeddings and the CLS token."""
+        names = {name for name, param in self.named_parameters() if param.ndim <= 1}
+        embeddings = {"patch_embed.pos_embed", "cls_token", "cls_pos_embed"}  # pos_embed: a buffer when sincos
+        names |= embeddings & {name for name, _ in self.named_parameters()}
+        return names
+
+    def patch_grid(self, spatial: Sequence[int]) -> Tuple[int, int, int]:
+        """The (n_x, n_y, n_z) patch grid of a volume with spatial size ``spatial`` (multiples of the patch)."""
+        spatial = tuple(int(s) for s in spatial)
+        if len(spatial) != 3 or any(s < p or s % p for s, p in zip(spatial, self.patch_size)):
+            raise ValueError(f"volume size {spatial} must be a multiple of patch_size {self.patch_size} on each "
+                             "axis; crop or resample it")
+        return tuple(s // p for s, p in zip(spatial, self.patch_size))
+
+    def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
+        """The (N, E) patch position table for ``grid``: the configured table (the tensor itself, reshaped)
+        on the configured grid, its trilinear resampling otherwise. Computed per call (nothing cached), so
+        gradients reach ``patch_embed.pos_embed``."""
+        return interpolate_pos_embed3d(self.patch_embed.pos_embed, self.grid, grid)
+
+    # ------------------------------------------------------------------------------------------
+
+    def forward_tokens(self, volume: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+        """(B, [1 +] N, E) tokens after the final norm (CLS first when pool="cls") and the patch grid."""
+        if not isinstance(volume, torch.Tensor) or volume.dim() != 5:
+            shape = tuple(volume.shape) if isinstance(volume, torch.Tensor) else type(volume).__name__
+            raise ValueError(f"volume must be a 5-D tensor (B, C, X, Y, Z), got {shape}")
+        grid = self.patch_grid(volume.shape[2:])
+        embed = self.patch_embed
+        x = patch_embed3d(volume, embed.weight, embed.bias, self.position_embedding(grid),
+                          patch_size=embed.patch_size, window=embed.window, out_range=embed.out_range, pad=embed.pad)
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.cls_pos_embed).to(x.dtype).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+        return self.norm(x), grid
+
+    def forward(self, volume: torch.Tensor, *, return_tokens: bool = False,
+                return_depth: bool = False) -> Dict[str, torch.Tensor]:
+        x, grid = self.forward_tokens(volume)
+        if self.cls_token is not None:
+            pooled, tokens = x[:, 0], x[:, 1:]
+        else:
+            tokens = x
+            pooled = tokens.mean(dim=1)
+        out = {"embedding": self.proj(pooled), "pooled": pooled}
+        if return_tokens:
+            out["tokens"] = tokens
+        if return_depth:
+            # Token index (ix * n_y + iy) * n_z + iz: the grid is (n_x, n_y, n_z) in that order.
+            out["depth"] = tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1]).mean(dim=(1, 2))
+        return out
