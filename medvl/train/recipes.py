@@ -1,0 +1,260 @@
+"""Training recipes: a named model / data / loss combination with defaults, and the loss it trains.
+
+``create_loss(recipe)`` returns a :class:`RecipeLoss`; ``RecipeLoss(outputs, batch)`` returns
+``{"loss": weighted total, <term>: unweighted value for every term whose weight is non-zero}``.
+A RecipeLoss may own parameters (the prompt head of "siglip", the temperature of "mrclip"):
+give ``loss_fn.parameters()`` to the optimiser along with the model's.
+
+Keys read from ``outputs`` (what the model produced; B volume/report pairs, D the joint width):
+
+    image_features     (B, D) normalised volume embeddings      every contrastive / triplet term
+    text_features      (B, D) normalised report embeddings      every contrastive / triplet term
+    logit_scale        scalar multiplier, already exp'd         "siglip", "siglip-label", "siglip-jaccard",
+                                                                and the prompt logits of "siglip"
+    logit_bias         scalar                                   the SigLIP losses
+    volume_embeddings  (B, E) pooled volume features before     "prompts" (E = the head's input width,
+                       the projection                           or D when the loss has no head)
+    prompt_positive    (F, D) positive prompt embeddings        "prompts"
+    prompt_negative    (F, D) negative prompt embeddings        "prompts"
+    depth_features     (B, n_z, E) per-depth volume features    "localization" (the encoder's
+                       before the projection                    return_depth=True "depth")
+    snippet_features   (B, D) embeddings of one report          "localization"
+                       snippet per volume
+    depth_mask         (B, n_z) bool valid depth bins           "localization" (optional: all valid)
+    depth_target       (B,) long true bin, -1 none              "localization"
+
+Keys read from ``batch`` (as :func:`medvl.data.collate` returns them):
+
+    label              (B,) int64 category, -1 none             "mrclip" / "siglip-label"
+    labels             (B, F) bool findings                     "prompts" (all known) and "siglip-jaccard"
+    prompt_labels      (B, F) int in {1, 0, -1 unknown}         "prompts", preferred over "labels"
+    entities           three (B, K) bool sets                   "medtrim"
+
+``depth_mask``, ``depth_target`` and ``prompt_labels`` are looked up in ``outputs`` first, then in
+``batch``. A term whose weight is non-zero and whose input is missing raises a KeyError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from medvl.nn.sigmoid_loss import SigLIPLoss
+from medvl.nn.triplet_loss import MedTrimLoss
+from medvl.train.losses import DiseasePromptLoss, LocalizationLoss, MultiPositiveContrastiveLoss
+
+__all__ = ["Recipe", "RECIPES", "LOSS_TERMS", "get_recipe", "create_loss", "RecipeLoss"]
+
+# The terms each loss name computes, in order; a recipe's loss_weights has exactly these keys.
+LOSS_TERMS: Dict[str, Tuple[str, ...]] = {
+    "siglip": ("contrastive", "prompts", "localization"),
+    "mrclip": ("contrastive",),
+    "siglip-label": ("contrastive",),
+    "medtrim": MedTrimLoss.TERMS,
+    "siglip-jaccard": ("contrastive",),
+}
+
+DATA = ("synthetic-ct", "synthetic-mr")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named training setup. ``loss_weights`` maps every term of ``loss`` to its weight (0 turns it off);
+    ``loss_options`` are keyword arguments of the loss (e.g. ``margin`` for "medtrim")."""
+
+    name: str
+    model: str
+    data: str
+    loss: str
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    batch_size: int = 8
+    steps: int = 1000
+    loss_weights: Mapping[str, float] = field(default_factory=dict)
+    loss_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.loss not in LOSS_TERMS:
+            raise ValueError(f"recipe {self.name!r}: unknown loss {self.loss!r}; "
+                             f"choose from {', '.join(map(repr, LOSS_TERMS))}")
+        if self.data not in DATA:
+            raise ValueError(f"recipe {self.name!r}: unknown data {self.data!r}; "
+                             f"choose from {', '.join(map(repr, DATA))}")
+        terms = LOSS_TERMS[self.loss]
+        weights = dict(self.loss_weights) if self.loss_weights else {t: 1.0 for t in terms}
+        unknown = sorted(set(weights) - set(terms))
+        if unknown:
+            raise ValueError(f"recipe {self.name!r}: loss {self.loss!r} has no term(s) {unknown}; "
+                             f"its terms are {list(terms)}")
+        weights = {t: float(weights.get(t, 1.0)) for t in terms}
+        if not any(weights.values()):
+            raise ValueError(f"recipe {self.name!r}: every loss weight is 0; keep at least one term")
+        for key in ("lr", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"recipe {self.name!r}: {key} must be >= 0, got {getattr(self, key)}")
+        for key in ("warmup_steps", "batch_size", "steps"):
+            value, least = getattr(self, key), 0 if key == "warmup_steps" else 1
+            if int(value) != value or value < least:
+                raise ValueError(f"recipe {self.name!r}: {key} must be a positive integer, got {getattr(self, key)!r}")
+        object.__setattr__(self, "loss_weights", weights)
+        object.__setattr__(self, "loss_options", dict(self.loss_options))
+
+
+RECIPES: Dict[str, Recipe] = {
+    # RadFinder: SigLIP pairs + disease-prompt supervision + intra-scan localization.
+    "siglip": Recipe("siglip", model="vit3d-tiny", data="synthetic-ct", loss="siglip",
+                     loss_weights={"contrastive": 1.0, "prompts": 1.0, "localization": 1.0},
+                     loss_options={"max_pos_weight": 20.0, "temperature": 0.1, "sigma": 2.0}),
+    # MR-CLIP: every text of the same contrast category is a positive. loss="siglip-label" swaps in
+    # SigLIPLoss(target="label").
+    "mrclip": Recipe("mrclip", model="vit3d-tiny", data="synthetic-mr", loss="mrclip",
+                     loss_weights={"contrastive": 1.0},
+                     loss_options={"init_scale": 1.0 / 0.07, "max_scale": 100.0}),
+    # MedTrim: four-direction triplet loss, triplets mined from entity scores.
+    "medtrim": Recipe("medtrim", model="vit3d-tiny", data="synthetic-ct", loss="medtrim",
+                      loss_weights={t: 1.0 for t in MedTrimLoss.TERMS}, loss_options={"margin": 0.3}),
+    # Soft SigLIP: Jaccard targets between finding multi-hots.
+    "soft": Recipe("soft", model="vit3d-tiny", data="synthetic-ct", loss="siglip-jaccard",
+                   loss_weights={"contrastive": 1.0}),
+}
+
+# Options each loss accepts (anything else in loss_options is an error at create_loss).
+_OPTIONS = {
+    "siglip": {"max_pos_weight", "temperature", "sigma", "reduction"},
+    "mrclip": {"init_scale", "max_scale", "learn_scale"},
+    "siglip-label": {"reduction"},
+    "medtrim": {"margin", "distance", "entity_weights", "score_range", "reduction"},
+    "siglip-jaccard": {"reduction"},
+}
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    """The recipe ``name`` with fields replaced by ``overrides``.
+
+    ``loss_weights`` / ``loss_options`` overrides are merged into the recipe's. Changing ``loss``
+    keeps the weights of the terms the new loss shares and gives its other terms weight 1, and
+    drops options the new loss does not take.
+    """
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
+    base = RECIPES[name]
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise TypeError(f"get_recipe({name!r}): unknown field(s) {bad}; valid: {sorted(fields)}")
+    loss = overrides.get("loss", base.loss)
+    if loss not in LOSS_TERMS:
+        raise ValueError(f"get_recipe({name!r}): unknown loss {loss!r}; choose from {', '.join(map(repr, LOSS_TERMS))}")
+    weights = {t: w for t, w in base.loss_weights.items() if t in LOSS_TERMS[loss]}
+    weights.update(overrides.pop("loss_weights", {}) or {})
+    options = {k: v for k, v in base.loss_options.items() if k in _OPTIONS[loss]}
+    options.update(overrides.pop("loss_options", {}) or {})
+    return dataclasses.replace(base, loss_weights=weights, loss_options=options, **overrides)
+
+
+def _need(key: str, term: str, *sources: Mapping) -> Any:
+    for source in sources:
+        if source is not None and source.get(key) is not None:
+            return source[key]
+    raise KeyError(f"loss term {term!r} needs {key!r}, which is missing (set its weight to 0 to switch it off)")
+
+
+def _optional(key: str, *sources: Mapping) -> Any:
+    for source in sources:
+        if source is not None and source.get(key) is not None:
+            return source[key]
+    return None
+
+
+class RecipeLoss(nn.Module):
+    """The weighted loss of a recipe; see the module docstring for the keys of ``outputs`` and ``batch``."""
+
+    def __init__(self, recipe: Recipe, *, embed_dim: Optional[int] = None, proj_dim: Optional[int] = None,
+                 group=None):
+        super().__init__()
+        self.recipe, self.weights = recipe, dict(recipe.loss_weights)
+        options = dict(recipe.loss_options)
+        bad = sorted(set(options) - _OPTIONS[recipe.loss])
+        if bad:
+            raise ValueError(f"recipe {recipe.name!r}: loss {recipe.loss!r} takes no option(s) {bad}; "
+                             f"valid: {sorted(_OPTIONS[recipe.loss])}")
+        kind = recipe.loss
+        if kind == "siglip":
+            self.contrastive = SigLIPLoss(target="pair", group=group,
+                                          **({"reduction": options["reduction"]} if "reduction" in options else {}))
+            self.prompts = DiseasePromptLoss(embed_dim, proj_dim, max_pos_weight=options.get("max_pos_weight", 20.0))
+            self.localization = LocalizationLoss(temperature=options.get("temperature", 0.1),
+                                                 sigma=options.get("sigma", 2.0))
+        elif kind == "mrclip":
+            self.contrastive = MultiPositiveContrastiveLoss(group=group, **options)
+        elif kind in ("siglip-label", "siglip-jaccard"):
+            self.contrastive = SigLIPLoss(target="label" if kind == "siglip-label" else "jaccard", group=group,
+                                          **options)
+        elif kind == "medtrim":
+            if group is not None:
+                raise ValueError("recipe 'medtrim': MedTrimLoss mines within the local batch; no process group")
+            self.triplet = MedTrimLoss(weights=tuple(self.weights[t] for t in MedTrimLoss.TERMS), **options)
+
+    def extra_repr(self) -> str:
+        return f"recipe={self.recipe.name!r}, loss={self.recipe.loss!r}, weights={self.weights}"
+
+    def forward(self, outputs: Mapping[str, Any], batch: Optional[Mapping[str, Any]] = None) -> Dict[str, torch.Tensor]:
+        batch = batch or {}
+        kind, w = self.recipe.loss, self.weights
+        terms: Dict[str, torch.Tensor] = {}
+        if kind == "medtrim":
+            parts = self.triplet(_need("image_features", "medtrim", outputs),
+                                 _need("text_features", "medtrim", outputs),
+                                 tuple(_need("entities", "medtrim", batch)), output_dict=True)
+            terms = {t: parts[t] for t in MedTrimLoss.TERMS if w[t]}
+            return {"loss": parts["loss"], **terms}
+        if w.get("contrastive"):
+            image = _need("image_features", "contrastive", outputs)
+            text = _need("text_features", "contrastive", outputs)
+            if kind == "mrclip":
+                terms["contrastive"] = self.contrastive(image, text, _need("label", "contrastive", batch))
+            else:
+                scale = _need("logit_scale", "contrastive", outputs)
+                bias = _need("logit_bias", "contrastive", outputs)
+                labels = {}
+                if kind == "siglip-label":
+                    labels["image_labels"] = _need("label", "contrastive", batch)
+                elif kind == "siglip-jaccard":
+                    labels["image_labels"] = _need("labels", "contrastive", batch)
+                terms["contrastive"] = self.contrastive(image, text, scale, bias, **labels)
+        if kind == "siglip" and w.get("prompts"):
+            labels = _optional("prompt_labels", outputs, batch)
+            if labels is None:
+                labels = _need("labels", "prompts", batch).long()     # bool findings: all known
+            terms["prompts"] = self.prompts(
+                _need("volume_embeddings", "prompts", outputs), _need("prompt_positive", "prompts", outputs),
+                _need("prompt_negative", "prompts", outputs), labels, _need("logit_scale", "prompts", outputs))
+        if kind == "siglip" and w.get("localization"):
+            depth = self.prompts.project(_need("depth_features", "localization", outputs))
+            terms["localization"] = self.localization(
+                _need("snippet_features", "localization", outputs), depth,
+                _need("depth_target", "localization", outputs, batch),
+                _optional("depth_mask", outputs, batch))
+        total = sum(w[name] * value for name, value in terms.items())
+        return {"loss": total, **terms}
+
+
+def create_loss(recipe, *, embed_dim: Optional[int] = None, proj_dim: Optional[int] = None, group=None) -> RecipeLoss:
+    """The :class:`RecipeLoss` of ``recipe`` (a Recipe or a recipe name).
+
+    ``embed_dim`` / ``proj_dim``: the in / out widths of the image projection; with both, the
+    "siglip" prompt term owns a bias-free head of that shape (copy the CLIP projection into it with
+    ``loss_fn.prompts.init_from(model.visual.proj)``), applied to ``volume_embeddings`` and
+    ``depth_features``; without, those outputs must already be in the joint space. ``group``: the
+    process group of the contrastive term (SigLIP / MR-CLIP).
+    """
+    if isinstance(recipe, str):
+        recipe = get_recipe(recipe)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"create_loss expects a Recipe or a recipe name, got {type(recipe).__name__}")
+    return RecipeLoss(recipe, embed_dim=embed_dim, proj_dim=proj_dim, group=group)
