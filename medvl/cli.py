@@ -1,4 +1,4 @@
-"""Command line: `medvl info`, `medvl bench`."""
+"""Command line: `medvl info`, `medvl bench`, `medvl train`."""
 
 from __future__ import annotations
 
@@ -29,10 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=_bench)
+    # Listed for --help; main() hands `medvl train ...` to medvl.train.main, which owns its arguments.
+    commands.add_parser("train", help="train a recipe on the phantoms or a manifest (medvl train --help)",
+                        add_help=False)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from medvl.train.main import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
 

@@ -20,3 +20,12 @@ def test_bench_runs_one_op_on_a_small_shape(capsys):
                      "--methods", "reference"]) == 0
     table = capsys.readouterr().out
     assert "batch-hard mining" in table and "reference" in table
+
+
+def test_train_command_is_handed_to_the_trainer(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--recipe", "no-such-recipe"])
+    assert exit_info.value.code == 2
+    assert "recipe" in capsys.readouterr().err
