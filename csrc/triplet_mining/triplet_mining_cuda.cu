@@ -77,6 +77,8 @@ struct Config {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
 };
 
+#include "common/cuda_score_tile.cuh"
+
 constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
 // Tiled kernel: dynamic shared memory layout, in bytes from the (128-byte aligned) base.
@@ -131,15 +133,6 @@ struct MineParams {
   int64_t* negative;
 };
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 // The pinned distance arithmetic (see the file comment). `na`, `nc`: what row_norms stored.
 __device__ __forceinline__ float pair_distance(int distance, float dot, float na, float nc) {
   if (distance == static_cast<int>(MiningDistance::kCosine)) return __fsub_rn(1.f, __fdiv_rn(dot, __fmul_rn(na, nc)));
@@ -172,43 +165,6 @@ __device__ __forceinline__ float entity_score(const MineParams& p, const int32_t
 __device__ __forceinline__ unsigned ordered_bits(float v) {
   const unsigned b = __float_as_uint(__fadd_rn(v, 0.f));
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-// Same staging as sigmoid_loss_cuda.cu: rows [row0, row0 + ROWS) x columns [col0, col0 + COLS) of
-// the row-major [nrows, dim] matrix g into s (row stride LD), zeros outside the matrix.
-template <typename T, int ROWS, int COLS, int LD>
-__device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict__ g, int64_t row0, int64_t nrows,
-                                          int64_t col0, int64_t dim, bool vec) {
-  constexpr int kVec = Config<T>::kVec;
-  static_assert(COLS % kVec == 0, "tile width must be a multiple of the vector width");
-  if (vec) {
-    constexpr int kChunksPerRow = COLS / kVec;
-    constexpr int kChunks = ROWS * kChunksPerRow;
-    for (int idx = threadIdx.x; idx < kChunks; idx += kThreads) {
-      const int r = idx / kChunksPerRow;
-      const int c = (idx % kChunksPerRow) * kVec;
-      const int64_t gr = row0 + r, gc = col0 + c;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (gr < nrows && gc < dim) v = __ldg(reinterpret_cast<const uint4*>(g + gr * dim + gc));
-      T* dst = s + r * LD + c;
-      if constexpr ((LD * sizeof(T)) % 16 == 0) {
-        *reinterpret_cast<uint4*>(dst) = v;
-      } else {
-        T parts[kVec];
-        memcpy(parts, &v, sizeof(v));
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) dst[e] = parts[e];
-      }
-    }
-  } else {
-    const T zero = from_float<T>(0.f);
-    for (int idx = threadIdx.x; idx < ROWS * COLS; idx += kThreads) {
-      const int r = idx / COLS;
-      const int c = idx % COLS;
-      const int64_t gr = row0 + r, gc = col0 + c;
-      s[r * LD + c] = (gr < nrows && gc < dim) ? g[gr * dim + gc] : zero;
-    }
-  }
 }
 
 // Warp per row: out[row] = sum_d x[row, d]^2 (fp32), or max(sqrt(that), 1e-12) when `cosine`.
@@ -268,9 +224,7 @@ __device__ __forceinline__ void combine4(Extremum& m, bool largest, bool use_dis
 // Batch-hard (kEntities = false) and entities (kEntities = true): one block per 64 anchors.
 template <typename T, bool kEntities>
 __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
-  using C = Config<T>;
   using L = TiledSmem<T>;
-  constexpr int kLDK = C::kLDK;
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* a_s = reinterpret_cast<T*>(smem + L::kA);         // [kBM][kLDK]
@@ -302,61 +256,7 @@ __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
   Extremum first{0.f, 0.f, -1}, second{0.f, 0.f, -1};
 
   for (int64_t b0 = 0; b0 < n_c; b0 += kBN) {
-    // ---- 1. S = A_tile C_tile^T over the full feature dimension (fp32 accumulate). ----
-    if constexpr (C::kTensor) {
-      using namespace nvcuda;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[2];
-      wmma::fill_fragment(sacc[0], 0.f);
-      wmma::fill_fragment(sacc[1], 0.f);
-      for (int64_t k0 = 0; k0 < dim; k0 += kBK) {
-        load_tile<T, kBM, kBK, kLDK>(a_s, a, a0, n_a, k0, dim, p.vec);
-        load_tile<T, kBN, kBK, kLDK>(b_s, c, b0, n_c, k0, dim, p.vec);
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kBK; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-          wmma::load_matrix_sync(af, a_s + (wm * 16) * kLDK + kk, kLDK);
-#pragma unroll
-          for (int f = 0; f < 2; ++f) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-            wmma::load_matrix_sync(bf, b_s + (wn * 32 + f * 16) * kLDK + kk, kLDK);
-            wmma::mma_sync(sacc[f], af, bf, sacc[f]);
-          }
-        }
-        __syncthreads();
-      }
-#pragma unroll
-      for (int f = 0; f < 2; ++f)
-        wmma::store_matrix_sync(s_s + (wm * 16) * kLDS + wn * 32 + f * 16, sacc[f], kLDS, wmma::mem_row_major);
-    } else {
-      float sacc[4][4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) sacc[r][q] = 0.f;
-      for (int64_t k0 = 0; k0 < dim; k0 += kBK) {
-        load_tile<T, kBM, kBK, kLDK>(a_s, a, a0, n_a, k0, dim, p.vec);
-        load_tile<T, kBN, kBK, kLDK>(b_s, c, b0, n_c, k0, dim, p.vec);
-        __syncthreads();
-#pragma unroll 8
-        for (int k = 0; k < kBK; ++k) {
-          float av[4], bv[4];
-#pragma unroll
-          for (int r = 0; r < 4; ++r) av[r] = static_cast<float>(a_s[(ty + 16 * r) * kLDK + k]);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) bv[q] = static_cast<float>(b_s[(tx + 16 * q) * kLDK + k]);
-#pragma unroll
-          for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) sacc[r][q] = fmaf(av[r], bv[q], sacc[r][q]);
-        }
-        __syncthreads();
-      }
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) s_s[(ty + 16 * r) * kLDS + tx + 16 * q] = sacc[r][q];
-    }
+    score_tile<T>(s_s, a_s, b_s, a, a0, n_a, c, b0, n_c, dim, p.vec, wm, wn, tx, ty);
     __syncthreads();
 
     // ---- 2. Epilogue: this thread's 16 columns, in increasing candidate index. ----
