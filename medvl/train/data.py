@@ -1,23 +1,78 @@
-"""Synthetic training data for the trainer: CT / MR phantoms turned into a :class:`VolumeTextDataset`.
+"""Training data for the trainer: synthetic phantoms or real volumes turned into a :class:`VolumeTextDataset`.
 
     ds = synthetic_dataset("ct", n=64, seed=0, size=(64, 64, 32))   # raw int16 HU volumes (1, X, Y, Z)
     ds = synthetic_dataset("mr", n=64, seed=0, size=(64, 64, 32))   # z-scored float32 volumes
+    ds, info = build_dataset("data/train.csv", "ct", cache_dir="~/.cache/medvl/volumes", skip_bad=True)
 
-CT volumes stay raw int16 (``ct_transforms(window=None)``): the model applies the HU window inside its
-fused patch embedding. The phantoms are generated at the target size (``size`` is (X, Y, Z); the phantom
-generators take (z, y, x)), so resizing is a no-op crop/pad.
+Sources of :func:`build_dataset`: "synthetic-ct" / "synthetic-mr" (the phantoms), a manifest
+(``.csv`` / ``.jsonl`` / ``.ndjson``, see :mod:`medvl.data.manifest`), a CT-RATE root folder (it has a
+``radiology_text_reports`` subfolder, see :mod:`medvl.data.ct_rate`) or a folder of MR NIfTI files with
+dcm2niix JSON sidecars (see :mod:`medvl.data.nifti_sidecar`).
+
+Samples, whatever the source:
+
+- ``kind="ct"``: volume = raw int16 HU (``ct_transforms(window=None)``: the model applies the HU window
+  inside its fused patch embedding); text = the report; labels = findings multi-hot (when the source
+  has them); entities = ``extract_entities(report)``.
+- ``kind="mr"``: volume = z-scored float32 (``mr_transforms``); text = ``metadata_to_text(metadata)``;
+  label = ``contrast_category(metadata)``.
+- ``meta["snippets"]``: for synthetic CT, one ``{"finding", "text", "depth_index"}`` per drawn finding
+  (the report sentence describing it without its "(image N)" reference, and the index of its slice
+  along the last axis of the volume tensor); empty for every other source. ``meta["n_slices"]`` is that
+  axis' length.
+
+The phantoms are generated at the target size (``size`` is (X, Y, Z); the generators take (z, y, x)), so
+resizing them is a no-op crop/pad. Real volumes are reoriented to RAS, resampled to ``spacing`` (by
+default the spacing that fits a typical field of view, :data:`CT_FIELD_OF_VIEW_MM` or
+:data:`MR_FIELD_OF_VIEW_MM`, into ``size``) and padded/cropped symmetrically to ``size``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import csv
+import json
+import os
+import re
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
 
 from medvl.data import VolumeTextDataset, contrast_category, ct_transforms, extract_entities, make_phantom_set, \
     metadata_to_text, mr_transforms
 
-__all__ = ["synthetic_dataset", "parse_size", "DATA_KINDS"]
+__all__ = [
+    "BadVolumeError",
+    "CT_FIELD_OF_VIEW_MM",
+    "DATA_KINDS",
+    "FileVolumeDataset",
+    "MR_FIELD_OF_VIEW_MM",
+    "SYNTHETIC_SOURCES",
+    "build_dataset",
+    "finding_snippets",
+    "parse_size",
+    "slice_depth_indices",
+    "synthetic_dataset",
+]
 
 DATA_KINDS = ("ct", "mr")
+SYNTHETIC_SOURCES = {"synthetic-ct": "ct", "synthetic-mr": "mr"}
+# (X, Y, Z) mm that the default resampling fits into `size`: a chest CT and an adult head.
+CT_FIELD_OF_VIEW_MM = (350.0, 350.0, 350.0)
+MR_FIELD_OF_VIEW_MM = (240.0, 240.0, 240.0)
+
+_MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Bump when the loading/preprocessing code changes what a cached volume holds: old entries are then
+# never read again.
+_CACHE_FORMAT = 1
+_ACCEPTED_SOURCES = ("'synthetic-ct' or 'synthetic-mr'; a manifest file (.csv, .jsonl or .ndjson); a CT-RATE "
+                     "root folder (holding radiology_text_reports/); or a folder of MR NIfTI files (.nii / .nii.gz) "
+                     "with dcm2niix .json sidecars")
+_SKIP_HINT = "fix or remove it, or pass --skip-bad (skip_bad=True) to drop unreadable rows and report them"
+
+
+class BadVolumeError(ValueError):
+    """A row whose volume cannot be loaded or preprocessed (the message names the row and the path)."""
 
 
 def parse_size(size) -> Tuple[int, int, int]:
@@ -36,11 +91,16 @@ def parse_size(size) -> Tuple[int, int, int]:
     return tuple(parts)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic phantoms, with finding localization for CT
+# ----------------------------------------------------------------------------------------------------------
+
 def synthetic_dataset(kind: str = "ct", n: int = 256, seed: int = 0,
                       size: Optional[Sequence[int]] = (64, 64, 32), *, cache: bool = True) -> VolumeTextDataset:
     """``n`` phantom volume-text pairs of ``kind`` "ct" or "mr", deterministic by ``seed``.
 
-    CT: text = the phantom's report, labels = its findings multi-hot, entities from the report.
+    CT: text = the phantom's report, labels = its findings multi-hot, entities from the report,
+    ``meta["snippets"]`` the findings' sentences and depth indices (see the module docstring).
     MR: text = ``metadata_to_text(metadata)``, label = ``contrast_category(metadata)``.
     ``size`` (X, Y, Z) is the transformed volume size. ``cache`` keeps transformed samples in memory
     (the transforms are deterministic).
@@ -53,12 +113,480 @@ def synthetic_dataset(kind: str = "ct", n: int = 256, seed: int = 0,
     shape = (z, y, x)  # phantom generators take (slices, rows, cols)
     if kind == "ct":
         cts, _ = make_phantom_set(int(n), 0, seed=seed, ct_kwargs={"shape": shape})
-        records = [{"image": p.volume, "spacing": tuple(p.spacing), "text": p.report, "report": p.report,
-                    "labels": p.labels, "meta": {"seed": int(p.seed)}} for p in cts]
         transform = ct_transforms(spacing=None, size=(x, y, z), window=None)
+        depths: Dict[Tuple, Tuple[List[int], int]] = {}  # one probe per phantom geometry (all alike here)
+        records = []
+        for p in cts:
+            geometry = (tuple(p.volume.shape), tuple(p.spacing))
+            if geometry not in depths:
+                depths[geometry] = slice_depth_indices(p.volume.shape, p.spacing, transform)
+            depth_of_slice, n_slices = depths[geometry]
+            meta = {"seed": int(p.seed), "snippets": finding_snippets(p, depth_of_slice), "n_slices": n_slices}
+            records.append({"image": p.volume, "spacing": tuple(p.spacing), "text": p.report, "report": p.report,
+                            "labels": p.labels, "meta": meta})
         return VolumeTextDataset(records, transform, entity_fn=extract_entities, cache=cache)
     _, mrs = make_phantom_set(0, int(n), seed=seed, mr_kwargs={"shape": shape})
     records = [{"image": p.volume, "spacing": tuple(p.spacing), "metadata": p.metadata,
-                "meta": {"seed": int(p.seed), "sequence": p.sequence}} for p in mrs]
+                "meta": {"seed": int(p.seed), "sequence": p.sequence, "snippets": [], "n_slices": z}} for p in mrs]
     transform = mr_transforms(spacing=None, size=(x, y, z))
     return VolumeTextDataset(records, transform, text_fn=metadata_to_text, label_fn=contrast_category, cache=cache)
+
+
+def slice_depth_indices(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], transform: Callable,
+                        orientation=None) -> Tuple[List[int], int]:
+    """Where each axial slice of a (z, y, x) array ends up along the last axis (Z) of the transformed
+    (C, X, Y, Z) tensor: ``(depth_of_slice, Z)``, ``depth_of_slice[s]`` = -1 when slice ``s`` was cropped away.
+
+    Worked out from geometry rather than assumed: an empty volume of the same shape, spacing and
+    ``orientation`` goes through ``transform``; the input affine (``affine_from_spacing``) takes the centre
+    voxel of slice ``s`` to world millimetres and the inverse of the output affine (which MONAI updates
+    for the reorientation, resampling and pad/crop) takes it back to output voxel indices. For the phantoms
+    (orientation None, i.e. read as RAS, and generated at the target size) every step is a no-op and the
+    depth index equals the slice index; an "LPI" array (z head to feet) gives ``Z - 1 - s`` instead.
+    """
+    from medvl.data.transforms import affine_from_spacing, volume_to_metatensor
+
+    nz, ny, nx = (int(v) for v in shape_zyx)
+    probe = volume_to_metatensor(np.zeros((nz, ny, nx), np.int16), spacing_zyx, orientation)
+    out = transform({"image": probe})
+    out = out["image"] if isinstance(out, Mapping) else out
+    if not hasattr(out, "affine") or out.ndim != 4:
+        raise TypeError("slice_depth_indices needs a transform that returns a channel-first MetaTensor "
+                        "(C, X, Y, Z), as medvl.data.transforms' pipelines do")
+    n_slices = int(out.shape[-1])
+    to_output = np.linalg.inv(out.affine.detach().cpu().numpy().astype(np.float64)) @ \
+        affine_from_spacing(spacing_zyx, orientation).numpy()
+    depth_of_slice = []
+    for s in range(nz):
+        k = float((to_output @ np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, s, 1.0]))[2])
+        d = int(np.floor(k + 0.5))
+        depth_of_slice.append(d if 0 <= d < n_slices else -1)
+    return depth_of_slice, n_slices
+
+
+_IMAGE_REFERENCE = re.compile(r"\s*\((?:series\s+\d+,\s*)?image\s+\d+\)", re.IGNORECASE)
+
+
+def _strip_reference(sentence: str) -> str:
+    text = _IMAGE_REFERENCE.sub("", sentence)
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([.,;:])", r"\1", text)  # "effusion ." -> "effusion."
+    text = re.sub(r",\s*\.", ".", text)
+    return text.strip()
+
+
+def _finding_sentence(report: str, finding, seed: int) -> str:
+    # The report says nothing about which sentence is whose, and several findings may cite the same image,
+    # so rebuild every wording the generator could have used for this finding (its templates with either
+    # reference form, capitalised as ct_report does) and find the one present; wordings of different
+    # findings never coincide.
+    from medvl.data.synthetic import _positive_templates
+
+    n = finding.slice_index + 1
+    for template in _positive_templates(finding):
+        for ref in (f"(image {n})", f"(series 3, image {n})"):
+            s = template.format(ref=ref)
+            s = s[0].upper() + s[1:]
+            if report.startswith(s) or (" " + s) in report:
+                return s
+    raise RuntimeError(f"phantom seed {seed}: no sentence of its report describes the finding {finding.name!r} "
+                       f"at image {n}; medvl.data.synthetic's report templates and medvl.train.data's "
+                       "snippet matching disagree")
+
+
+def finding_snippets(phantom, depth_of_slice: Sequence[int]) -> List[Dict[str, Any]]:
+    """``[{"finding": name, "text": sentence without its "(image N)" reference, "depth_index": z}, ...]``,
+    one per finding of a :class:`~medvl.data.synthetic.CTPhantom` with a slice index, in the phantom's
+    order. ``depth_of_slice`` comes from :func:`slice_depth_indices`; findings whose slice was cropped away
+    are left out (their text describes nothing in the volume)."""
+    snippets = []
+    for f in phantom.findings:
+        if f.slice_index < 0:
+            continue
+        depth = depth_of_slice[f.slice_index]
+        if depth < 0:
+            continue
+        sentence = _finding_sentence(phantom.report, f, int(phantom.seed))
+        snippets.append({"finding": f.name, "text": _strip_reference(sentence), "depth_index": int(depth)})
+    return snippets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real volumes: a dataset that loads files with the right reader and caches the preprocessed result
+# ----------------------------------------------------------------------------------------------------------
+
+def _load_record_volume(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """A copy of ``record`` whose "image" is the (z, y, x) array (plus its spacing and geometry)."""
+    path = os.fspath(record["image"])
+    if record.get("volume_loader") == "ct_rate":
+        from medvl.data.ct_rate import load_ct_rate_volume
+
+        # load_ct_rate_volume notes which rescale it used in the record's meta: give it a copy
+        loaded = dict(record)
+        loaded["meta"] = dict(record.get("meta") or {})
+        volume, spacing = load_ct_rate_volume(loaded)
+        loaded["image"], loaded["spacing"] = volume, spacing
+        return loaded
+    if os.path.isdir(path):
+        # load_volume keeps a DICOM series in its own layout without saying which: read the series
+        # directly so that its orientation cosines and position reach the RAS reorientation.
+        from medvl.data.dicom import read_dicom_series
+
+        series = read_dicom_series(path)
+        return {**record, "image": series.volume.astype(np.float32, copy=False), "spacing": tuple(series.spacing),
+                "orientation": tuple(series.orientation), "origin": tuple(series.position)}
+    from medvl.data.manifest import load_volume
+
+    volume, spacing = load_volume(path)  # NIfTI, reoriented to RAS (z, y, x)
+    return {**record, "image": volume, "spacing": spacing}
+
+
+def _record_description(record: Mapping[str, Any], transform_description: str) -> str:
+    loader = record.get("volume_loader", "file")
+    extra: Dict[str, Any] = {"loader": loader}
+    if loader == "ct_rate":
+        # CT-RATE's HU and spacing may come from its metadata CSV rather than the file
+        meta = record.get("meta") or {}
+        extra["rescale"] = meta.get("rescale")
+        extra["spacing_csv"] = meta.get("spacing_csv")
+    return transform_description + "|" + json.dumps(extra, sort_keys=True, default=str)
+
+
+class FileVolumeDataset(VolumeTextDataset):
+    """:class:`VolumeTextDataset` over records whose "image" is a file or DICOM folder path.
+
+    Each volume is read with the reader its source needs (NIfTI reoriented to RAS, DICOM series with
+    its orientation, CT-RATE with its HU rescale), transformed, and, with ``cache_dir``, stored in and
+    later read from a :class:`~medvl.data.volume_cache.VolumeCache` (keyed by the file's path, size and
+    mtime and ``transform_description``). A volume that cannot be read raises :class:`BadVolumeError`
+    naming the record's ``meta["row"]`` and its path. Picklable (DataLoader workers share the cache
+    folder, not open files).
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], transform: Callable, transform_description: str, *,
+                 cache_dir=None, **kwargs: Any) -> None:
+        from medvl.data.volume_cache import VolumeCache
+
+        super().__init__(records, transform, **kwargs)
+        for i, record in enumerate(self.records):
+            if not isinstance(record["image"], (str, os.PathLike)):
+                raise TypeError(f"record {i}: FileVolumeDataset needs a file path as 'image', got "
+                                f"{type(record['image']).__name__}; use VolumeTextDataset for arrays")
+        self.transform_description = str(transform_description)
+        self.volume_cache = None if cache_dir is None else VolumeCache(cache_dir)
+
+    def _volume(self, record, index):
+        path = os.fspath(record["image"])
+        row = (record.get("meta") or {}).get("row", index + 1)
+        key = description = None
+        try:
+            if self.volume_cache is not None:
+                description = _record_description(record, self.transform_description)
+                key = self.volume_cache.key_for(path, description)
+                entry = self.volume_cache.get(key)
+                if entry is not None and "volume" in entry:
+                    return entry["volume"], entry.get("affine")
+            volume, affine = super()._volume(_load_record_volume(record), index)
+        except Exception as e:
+            raise BadVolumeError(f"row {row}: cannot read the volume {path}: {e}; {_SKIP_HINT}") from e
+        if key is not None:
+            tensors = {"volume": volume} if affine is None else {"volume": volume, "affine": affine}
+            self.volume_cache.put(key, tensors, description=f"{path}|{description}")
+        return volume, affine
+
+
+def _file_transform(kind: str, size: Tuple[int, int, int], spacing) -> Tuple[Callable, str]:
+    """The preprocessing of real volumes and its description (every parameter that changes the result)."""
+    import monai
+
+    if spacing is None:
+        fov = CT_FIELD_OF_VIEW_MM if kind == "ct" else MR_FIELD_OF_VIEW_MM
+        spacing = tuple(round(f / s, 6) for f, s in zip(fov, size))
+    else:
+        spacing = _parse_spacing(spacing)
+    if kind == "ct":
+        from medvl.data.transforms import AIR_HU
+
+        params = {"spacing": spacing, "size": size, "window": None, "orientation": "RAS", "pad_hu": AIR_HU,
+                  "mode": "bilinear"}
+        transform = ct_transforms(**params)
+    else:
+        params = {"spacing": spacing, "size": size, "orientation": "RAS", "normalize": "zscore", "mode": "bilinear"}
+        transform = mr_transforms(**params)
+    description = json.dumps({"format": _CACHE_FORMAT, "pipeline": f"{kind}_transforms", "monai": monai.__version__,
+                              **params}, sort_keys=True)
+    return transform, description
+
+
+def _parse_spacing(spacing) -> Tuple[float, float, float]:
+    """(X, Y, Z) mm from "1.5,1.5,3", three numbers, or one number (isotropic)."""
+    if isinstance(spacing, str):
+        try:
+            parts = [float(p) for p in spacing.replace("x", ",").split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"spacing must be three numbers 'X,Y,Z' in mm (e.g. '1.5,1.5,3'), got {spacing!r}") \
+                from None
+    elif isinstance(spacing, (int, float)):
+        parts = [float(spacing)] * 3
+    else:
+        parts = [float(p) for p in spacing]
+    if len(parts) != 3 or any(not np.isfinite(p) or p <= 0 for p in parts):
+        raise ValueError(f"spacing must be three positive numbers 'X,Y,Z' in mm, got {spacing!r}")
+    return tuple(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------------
+
+def _skipped(row, path, reason) -> Dict[str, Any]:
+    return {"row": row, "path": None if path is None else os.fspath(path), "reason": str(reason)}
+
+
+def _manifest_records(path: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
+    from medvl.data.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(path, skip_bad=skip_bad)
+    except ValueError as e:
+        if "bad row" in str(e):  # rows load_manifest checked up front (missing file, bad header, bad labels)
+            raise ValueError(f"{e}; fix or remove those rows, or pass --skip-bad (skip_bad=True) to drop them "
+                             "and report them") from None
+        raise
+    records = []
+    for record in manifest.records:
+        record = dict(record)
+        record["volume_loader"] = "file"
+        if record.get("labels") is not None:
+            # the manifest allows -1 (uncertain); a multi-hot target counts only certain positives
+            record["labels"] = [v == 1 for v in record["labels"]]
+        records.append(record)
+    return records, [_skipped(s.row, s.path, s.reason) for s in manifest.skipped]
+
+
+def _ct_rate_records(root: str, split: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
+    from medvl.data.ct_rate import ct_rate_records, ct_rate_volume_path
+
+    long_split = {"train": "train", "valid": "validation", "validation": "validation"}.get(str(split).lower())
+    if long_split is None:
+        raise ValueError(f"split must be 'train' or 'valid' for a CT-RATE source, got {split!r}")
+    reports = os.path.join(root, "radiology_text_reports", f"{long_split}_reports.csv")
+    if not os.path.isfile(reports):
+        raise FileNotFoundError(f"CT-RATE root {root} has no {long_split}_reports.csv in radiology_text_reports/ "
+                                f"(split {split!r}); pick the split whose reports are there")
+    rows: Dict[str, int] = {}
+    with open(reports, newline="", encoding="utf-8-sig") as f:
+        for n, row in enumerate(csv.DictReader(f), start=1):
+            name = (row.get("VolumeName") or "").strip()
+            if name:
+                rows.setdefault(name, n)
+    try:
+        found = ct_rate_records(root, split, skip_missing=skip_bad)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; restore those volumes, or pass --skip-bad (skip_bad=True) to drop them "
+                                "and report them") from None
+    records = []
+    for record in found:
+        record = dict(record)
+        record["meta"] = {**record["meta"], "row": rows.get(record["meta"]["volume_name"])}
+        record["volume_loader"] = "ct_rate"
+        if record.get("labels") is not None:
+            record["labels"] = [v == 1 for v in record["labels"]]
+        records.append(record)
+    present = {r["meta"]["volume_name"] for r in records}
+    skipped = []
+    for name, n in rows.items():
+        if name not in present:
+            try:
+                where = ct_rate_volume_path(root, split, name, False)
+            except ValueError:
+                where = None
+            reason = "volume not found (in neither dataset/<split>_fixed nor dataset/<split>)"
+            skipped.append(_skipped(n, where, reason))
+    return records, skipped
+
+
+def _nifti_files(folder: str) -> List[str]:
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if not name.startswith(".") and name.lower().endswith(_NIFTI_SUFFIXES)
+            and os.path.isfile(os.path.join(folder, name))]
+
+
+def _mr_folder_records(folder: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
+    from medvl.data.nifti_sidecar import mr_nifti_records, read_sidecar, sidecar_path
+
+    rows = {path: n for n, path in enumerate(_nifti_files(folder), start=1)}
+    try:
+        found = mr_nifti_records(folder, skip_bad=skip_bad)
+    except ValueError as e:
+        raise ValueError(f"{e}; add the sidecars, or pass --skip-bad (skip_bad=True) to drop those files and "
+                         "report them") from None
+    records = []
+    for record in found:
+        record = dict(record)
+        record["meta"] = {**record["meta"], "row": rows.get(record["image"])}
+        record["volume_loader"] = "file"
+        records.append(record)
+    present = {r["image"] for r in records}
+    skipped = []
+    for path, n in rows.items():
+        if path in present:
+            continue
+        json_path = sidecar_path(path)
+        try:
+            read_sidecar(json_path)
+            reason = "no usable sidecar"
+        except (OSError, ValueError) as e:
+            reason = f"no usable sidecar: {e}"
+        skipped.append(_skipped(n, path, reason))
+    return records, skipped
+
+
+def _file_source(source: str, kind: str, split: str, skip_bad: bool) -> Tuple[str, List[dict], List[dict]]:
+    """(what the source is, its records, the rows dropped while reading it)."""
+    if source.lower().endswith(_MANIFEST_SUFFIXES):
+        path = os.path.abspath(os.path.expanduser(source))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"manifest not found: {path} (source {source!r}); check the path")
+        return ("manifest",) + _manifest_records(path, skip_bad)
+    folder = os.path.abspath(os.path.expanduser(source))
+    if os.path.isdir(folder):
+        if os.path.isdir(os.path.join(folder, "radiology_text_reports")):
+            if kind != "ct":
+                raise ValueError(f"source {source!r} is a CT-RATE root (CT volumes with reports) but kind is {kind!r}; "
+                                 "use kind 'ct' (a CT recipe)")
+            return ("ct-rate",) + _ct_rate_records(folder, split, skip_bad)
+        if _nifti_files(folder):
+            if kind != "mr":
+                raise ValueError(f"source {source!r} is a folder of MR NIfTI files with sidecars (MR metadata, no "
+                                 f"reports) but kind is {kind!r}; use kind 'mr' (the mrclip recipe), or list CT "
+                                 "volumes with their reports in a manifest")
+            return ("mr-folder",) + _mr_folder_records(folder, skip_bad)
+        raise ValueError(f"source {source!r} is a folder with neither radiology_text_reports/ (CT-RATE) nor .nii / "
+                         f".nii.gz files directly inside; accepted sources: {_ACCEPTED_SOURCES}")
+    what = "not found" if not os.path.exists(folder) else "not a manifest or folder"
+    raise ValueError(f"unknown data source {source!r} ({what}); accepted sources: {_ACCEPTED_SOURCES}")
+
+
+def _check_records(records: List[dict], kind: str, skip_bad: bool, skipped: List[dict]) -> List[dict]:
+    """Drop (skip_bad) or refuse rows with no text to train on; check labels agree across rows."""
+    good = []
+    for record in records:
+        meta = record.get("meta") or {}
+        if kind == "mr" and record.get("metadata") is not None:
+            good.append(record)
+            continue
+        text = record.get("text")
+        if isinstance(text, str) and text.strip():
+            good.append(record)
+            continue
+        reason = "no report/text" + (" and no metadata" if kind == "mr" else "")
+        if not skip_bad:
+            raise ValueError(f"row {meta.get('row')}: {record['image']}: {reason}; {_SKIP_HINT}")
+        skipped.append(_skipped(meta.get("row"), record["image"], reason))
+    with_labels = [r for r in good if r.get("labels") is not None]
+    if with_labels and len(with_labels) != len(good):
+        missing = next(r for r in good if r.get("labels") is None)
+        raise ValueError(f"row {missing['meta'].get('row')} ({missing['image']}) has no labels while other rows do; "
+                         "give labels in every row or in none (a batch needs all or none)")
+    lengths = {len(r["labels"]) for r in with_labels}
+    if len(lengths) > 1:
+        first = len(with_labels[0]["labels"])
+        odd = next(r for r in with_labels if len(r["labels"]) != first)
+        raise ValueError(f"row {odd['meta'].get('row')} ({odd['image']}) has {len(odd['labels'])} labels, row "
+                         f"{with_labels[0]['meta'].get('row')} has {first}; every row needs the same findings")
+    return good
+
+
+def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
+                  size: Sequence[int] = (64, 64, 32), cache_dir=None, skip_bad: bool = False, split: str = "train",
+                  log: Optional[Callable[[str], None]] = None,
+                  spacing=None) -> Tuple[VolumeTextDataset, Dict[str, Any]]:
+    """The training dataset of ``source`` for ``kind`` "ct" or "mr", and a summary of how it was built.
+
+    Args:
+        source: "synthetic-ct" / "synthetic-mr", a manifest path (.csv / .jsonl / .ndjson), a CT-RATE root
+            folder or a folder of MR NIfTI files with dcm2niix sidecars (see the module docstring).
+        kind: "ct" (samples from reports) or "mr" (samples from acquisition metadata); the recipe decides.
+            A synthetic source, CT-RATE and an MR folder each fit only one kind.
+        n: synthetic: how many phantoms. Files: at most this many rows, the first ones (None: all);
+            a cut is logged.
+        seed: the phantoms' seed (files are read in order, unshuffled).
+        size: (X, Y, Z) of every volume tensor.
+        cache_dir: a folder for preprocessed real volumes (:class:`~medvl.data.volume_cache.VolumeCache`);
+            later builds and DataLoader workers read them from there. Not used for synthetic sources.
+        skip_bad: False: a row that cannot be read raises an error naming the row and its path (rows checked
+            up front by the readers at once, a corrupt volume payload when it is first loaded). True: every
+            volume is loaded and preprocessed now (into the cache when there is one), bad rows are dropped,
+            logged and listed in ``info["skipped"]``.
+        split: CT-RATE split, "train" or "valid".
+        log: called with one line of text per skipped row and a summary; None for quiet.
+        spacing: (X, Y, Z) mm that real volumes are resampled to; None fits :data:`CT_FIELD_OF_VIEW_MM` /
+            :data:`MR_FIELD_OF_VIEW_MM` into ``size``.
+
+    Returns ``(dataset, info)`` with info ``{"source", "kind", "n", "skipped": [{"row", "path", "reason"}],
+    "cache_dir"}``.
+    """
+    if kind not in DATA_KINDS:
+        raise ValueError(f"kind must be 'ct' or 'mr', got {kind!r}")
+    if log is not None and not callable(log):
+        raise TypeError(f"log must be a callable taking one str, or None; got {type(log).__name__}")
+    if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
+        raise ValueError(f"n must be a positive integer (or None for every row), got {n!r}")
+    emit = log if log is not None else (lambda _line: None)
+    size = parse_size(size)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source:
+        raise TypeError(f"source must be a name or a path; accepted sources: {_ACCEPTED_SOURCES}; got {source!r}")
+
+    if source in SYNTHETIC_SOURCES:
+        if SYNTHETIC_SOURCES[source] != kind:
+            raise ValueError(f"source {source!r} holds {SYNTHETIC_SOURCES[source].upper()} data but kind is "
+                             f"{kind!r}; use 'synthetic-{kind}' or kind {SYNTHETIC_SOURCES[source]!r}")
+        if cache_dir is not None:
+            emit(f"{source}: cache_dir is not used (phantoms are generated in memory)")
+        dataset = synthetic_dataset(kind, 256 if n is None else int(n), seed, size)
+        emit(f"{source}: {len(dataset)} phantoms of size {size}")
+        return dataset, {"source": source, "kind": kind, "n": len(dataset), "skipped": [], "cache_dir": None}
+
+    what, records, skipped = _file_source(source, kind, split, skip_bad)
+    records = _check_records(records, kind, skip_bad, skipped)
+    if n is not None and len(records) > n:
+        emit(f"{source}: using the first {int(n)} of {len(records)} rows (n={int(n)})")
+        records = records[: int(n)]
+    for record in records:
+        record["meta"] = {**(record.get("meta") or {}), "snippets": [], "n_slices": size[2]}
+
+    transform, description = _file_transform(kind, size, spacing)
+    cache_root = None if cache_dir is None else os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+    fns = ({"entity_fn": extract_entities} if kind == "ct"
+           else {"text_fn": metadata_to_text, "label_fn": contrast_category})
+
+    def make(recs):
+        return FileVolumeDataset(recs, transform, description, cache_dir=cache_root, **fns)
+
+    if skip_bad:
+        # A corrupt payload behind a valid header shows only when the volume is read: read every one now
+        # (filling the cache when there is one) so the dataset holds only rows that load.
+        probe, good = make(records), []
+        for i, record in enumerate(records):
+            try:
+                probe[i]
+            except Exception as e:  # noqa: BLE001 - any failure makes the row bad; each is reported below
+                reason = e.__cause__ if isinstance(e, BadVolumeError) and e.__cause__ is not None else e
+                skipped.append(_skipped(record["meta"].get("row"), record["image"], reason))
+            else:
+                good.append(record)
+        records = good
+    skipped.sort(key=lambda s: (s["row"] is None, s["row"] if s["row"] is not None else 0))
+    for s in skipped:
+        emit(f"{source}: skipped row {s['row']} ({s['path'] or '-'}): {s['reason']}")
+    if not records:
+        reasons = "; ".join(f"row {s['row']}: {s['reason']}" for s in skipped[:5])
+        raise ValueError(f"{source}: no usable rows ({len(skipped)} skipped: {reasons}"
+                         + ("; ..." if len(skipped) > 5 else "") + ")")
+    dataset = make(records)
+    emit(f"{source}: {len(dataset)} {kind.upper()} volumes from a {what}"
+         + (f", {len(skipped)} row(s) skipped" if skipped else "") + (f", cache {cache_root}" if cache_root else ""))
+    return dataset, {"source": source, "kind": kind, "n": len(dataset), "skipped": skipped, "cache_dir": cache_root}
