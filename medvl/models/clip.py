@@ -8,7 +8,7 @@ Called as open_clip's models are: ``model(volume, text)`` returns a dict with ``
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +51,28 @@ class CLIPModel(torch.nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, volume: Optional[torch.Tensor] = None,
-                text: Union[Sequence[str], Dict[str, torch.Tensor], None] = None) -> Dict[str, torch.Tensor]:
+                text: Union[Sequence[str], Dict[str, torch.Tensor], None] = None, *,
+                extra_texts: Optional[Mapping[str, Sequence[str]]] = None,
+                return_depth: bool = False) -> Dict[str, torch.Tensor]:
+        """``image_features`` / ``text_features`` (normalised), ``logit_scale`` (exp'd), ``logit_bias``.
+
+        ``extra_texts``: name -> strings encoded by the text tower in the same call (so that
+        DistributedDataParallel sees one forward), returned normalised as ``<name>_features``; the
+        trainer passes disease prompts and report snippets this way. ``return_depth`` adds the volume
+        tower's ``volume_embeddings`` (pooled, before the projection) and ``depth_features``
+        (B, n_z, width): what RadFinder's prompt and localization terms read.
+        """
         out = {"logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
         if volume is not None:
-            out["image_features"] = self.encode_volume(volume)
+            visual = self.visual(volume, return_depth=return_depth)
+            out["image_features"] = F.normalize(visual["embedding"], dim=-1)
+            if return_depth:
+                out["volume_embeddings"], out["depth_features"] = visual["pooled"], visual["depth"]
         if text is not None:
             out["text_features"] = self.encode_text(text)
+        for name, texts in (extra_texts or {}).items():
+            if texts:
+                out[f"{name}_features"] = self.encode_text(list(texts))
         return out
 
     def no_weight_decay(self) -> set:

