@@ -1,4 +1,4 @@
-"""Command line: `medvl info`, `medvl bench`, `medvl train`."""
+"""Command line: `medvl info`, `medvl bench`, `medvl train`, `medvl eval`, `medvl qc`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help; main() hands `medvl train ...` to medvl.train.main, which owns its arguments.
     commands.add_parser("train", help="train a recipe on the phantoms or a manifest (medvl train --help)",
                         add_help=False)
+    # Likewise handed to medvl.eval.main, which owns their arguments.
+    commands.add_parser("eval", help="evaluate a checkpoint on held-out data (medvl eval --help)", add_help=False)
+    commands.add_parser("qc", help="rank DICOM series by how suspect their metadata is (medvl qc --help)",
+                        add_help=False)
     return parser
 
 
@@ -41,6 +45,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from medvl.train.main import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] in ("eval", "qc"):
+        from medvl.eval.main import main as eval_main
+
+        return eval_main(argv)
     args = build_parser().parse_args(argv)
     return args.run(args)
 
