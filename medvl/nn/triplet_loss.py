@@ -85,6 +85,10 @@ class MedTrimLoss(torch.nn.Module):
     the weighted sum of the four hinge losses. Image i and text i share report i's entities.
     ``weights`` default to 1 each (the four terms summed).
 
+    ``mining="batch_hard"`` is the baseline MedTrim compares against: the same four terms, triplets
+    mined batch-hard with positives = samples whose disease entity sets are identical (the hardest
+    positive and hardest negative per anchor), i.e. class labels without the graded entity score.
+
     Example:
         >>> sets = [torch.rand(8, k) < 0.3 for k in (14, 6, 9)]
         >>> loss = MedTrimLoss()(torch.randn(8, 16), torch.randn(8, 16), sets)
@@ -95,8 +99,11 @@ class MedTrimLoss(torch.nn.Module):
     def __init__(self, margin: float = 0.3, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
                  distance: str = "euclidean", entity_weights: Sequence[float] = (0.85, 0.10, 0.05),
                  score_range: Tuple[float, float] = (0.25, 0.6), reduction: str = "mean",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, mining: str = "entities"):
         super().__init__()
+        if mining not in ("entities", "batch_hard"):
+            raise ValueError(f"mining must be 'entities' or 'batch_hard', got {mining!r}")
+        self.mining = mining
         if len(weights) != 4:
             raise ValueError(f"weights must hold four numbers ({', '.join(self.TERMS)}), got {tuple(weights)}")
         self.margin, self.weights, self.distance = margin, tuple(float(w) for w in weights), distance
@@ -112,10 +119,17 @@ class MedTrimLoss(torch.nn.Module):
             "text_image": (text_features, image_features),
         }
         terms = {}
+        if self.mining == "batch_hard":
+            # one class id per distinct disease set: identical sets are positives of each other
+            labels = torch.unique(entities[0].to(torch.uint8), dim=0, return_inverse=True)[1]
         for name, (anchors, candidates) in directions.items():
-            triplets = triplet_mining(anchors, candidates, entities=entities, strategy="entities",
-                                      distance=self.distance, entity_weights=self.entity_weights,
-                                      score_range=self.score_range, backend=self.backend)
+            if self.mining == "batch_hard":
+                triplets = triplet_mining(anchors, candidates, labels=labels, strategy="batch_hard",
+                                          distance=self.distance, backend=self.backend)
+            else:
+                triplets = triplet_mining(anchors, candidates, entities=entities, strategy="entities",
+                                          distance=self.distance, entity_weights=self.entity_weights,
+                                          score_range=self.score_range, backend=self.backend)
             terms[name] = triplet_margin_loss(anchors, anchors if candidates is None else candidates, triplets,
                                               self.margin, self.distance, self.reduction)
         total = sum(w * terms[name] for w, name in zip(self.weights, self.TERMS))

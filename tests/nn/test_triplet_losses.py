@@ -61,6 +61,29 @@ def test_medtrim_loss_is_the_weighted_sum_of_four_directional_terms():
     assert images.grad.abs().sum() > 0 and texts.grad.abs().sum() > 0
 
 
+def test_medtrim_batch_hard_mining_uses_identical_disease_sets_as_classes():
+    """mining="batch_hard": the four terms with batch-hard triplets, positives = same disease set
+    (checked against pytorch-metric-learning's BatchHardMiner on the same class ids)."""
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import distances, miners
+
+    torch.manual_seed(2)
+    images, texts = torch.randn(30, 8), torch.randn(30, 8)
+    disease = torch.zeros(30, 4, dtype=torch.bool)
+    disease[torch.arange(30), torch.arange(30) % 3] = True      # three classes of 10
+    disease[::7, 3] = True                                       # a few with a second finding: classes of their own
+    entities = [disease, torch.rand(30, 6) < 0.3, torch.rand(30, 9) < 0.3]
+    out = medvl.nn.MedTrimLoss(margin=0.3, mining="batch_hard", backend="cpu")(images, texts, entities,
+                                                                                 output_dict=True)
+    classes = torch.unique(disease.to(torch.uint8), dim=0, return_inverse=True)[1]
+    a, p, n = miners.BatchHardMiner(distance=distances.LpDistance(normalize_embeddings=False))(images, classes)
+    expected = torch.relu(row_distance(images[a], images[p], "euclidean")
+                          - row_distance(images[a], images[n], "euclidean") + 0.3).mean()
+    torch.testing.assert_close(out["image_image"], expected)
+    with pytest.raises(ValueError, match="mining"):
+        medvl.nn.MedTrimLoss(mining="hardest")
+
+
 @pytest.mark.parametrize("chunk_size", [7, 64, 1024])
 def test_supcon_equals_pytorch_metric_learning(chunk_size):
     losses = pytest.importorskip("pytorch_metric_learning.losses")
