@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable volumes and report them")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--model", default="vit3d-tiny")
-    p.add_argument("--steps", type=_positive, default=60)
+    p.add_argument("--steps", type=_positive, default=200)
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--accum-steps", type=_positive, default=1, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=_nonneg_float, default=None, help="default: the recipe's")

@@ -70,7 +70,7 @@ class TrainConfig:
     data: "synthetic-ct" | "synthetic-mr" (n_train phantoms), a manifest (.csv / .jsonl), a CT-RATE
     folder or a folder of MR NIfTI files with sidecars (see :func:`medvl.train.data.build_dataset`).
     size (X, Y, Z): the transformed volume size, which also sets the model's ``vision.img_size``.
-    vision: extra overrides of the model's vision tower (e.g. patch_size).
+    vision / text: extra overrides of the model's towers (e.g. vision patch_size, text pool).
     batch_size: per rank. precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16".
     checkpoint_every: also save every that many steps (0: only at the end).
     progress: a tqdm bar on the main rank. profile: trace steps 3-5 (see :mod:`medvl.train.profiling`).
@@ -79,7 +79,7 @@ class TrainConfig:
     recipe: str = "siglip"
     model: Optional[str] = None
     data: Optional[str] = None
-    steps: int = 60
+    steps: int = 200
     batch_size: int = 8
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
@@ -96,7 +96,9 @@ class TrainConfig:
     n_train: int = 256
     size: Any = (64, 64, 32)
     vision: Dict[str, Any] = field(default_factory=dict)
+    text: Dict[str, Any] = field(default_factory=dict)
     loss_weights: Optional[Dict[str, float]] = None
+    loss_options: Optional[Dict[str, Any]] = None
     checkpoint_every: int = 0
     split: str = "train"
     cache_dir: Optional[str] = None
@@ -431,7 +433,8 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     from medvl.models.factory import create_model, model_config
     from medvl.train.data import build_dataset
 
-    recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}))
+    recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}),
+                        loss_options=dict(config.loss_options or {}))
     data = config.data or recipe.data
     lr = recipe.lr if config.lr is None else float(config.lr)
     weight_decay = recipe.weight_decay if config.weight_decay is None else float(config.weight_decay)
@@ -460,7 +463,7 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     if kind == "mr" and "window" not in (config.vision or {}):
         vision["window"] = None  # MR volumes are already normalised; the HU window is for CT
     model_name = config.model or recipe.model
-    model = create_model(model_name, vision=vision)
+    model = create_model(model_name, vision=vision, text=dict(config.text or {}))
     if config.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)
     if recipe.loss in ("mrclip", "medtrim"):
@@ -506,8 +509,9 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run_config = {"model": model_name, "model_config": model_config(model_name, vision=vision),
-                  "recipe": recipe.name, "loss": recipe.loss, "loss_weights": dict(weights), "data": str(data),
+    run_config = {"model": model_name, "model_config": model_config(model_name, vision=vision, text=dict(config.text or {})),
+                  "recipe": recipe.name, "loss": recipe.loss, "loss_weights": dict(weights),
+                  "loss_options": dict(recipe.loss_options), "data": str(data),
                   "data_kind": kind, "size": list(size), "seed": config.seed, "batch_size": config.batch_size,
                   "world_size": ctx.world_size, "accum_steps": config.accum_steps, "steps": config.steps,
                   "lr": lr, "precision": "bf16" if autocast_dtype is not None else "fp32"}
