@@ -1,4 +1,5 @@
-"""Command line: `medvl info`, `medvl bench`, `medvl train`, `medvl eval`, `medvl qc`."""
+"""Command line: `medvl info`, `medvl bench`, `medvl train`, `medvl eval`, `medvl qc`, `medvl reproduce`,
+`medvl demo`."""
 
 from __future__ import annotations
 
@@ -36,7 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("eval", help="evaluate a checkpoint on held-out data (medvl eval --help)", add_help=False)
     commands.add_parser("qc", help="rank DICOM series by how suspect their metadata is (medvl qc --help)",
                         add_help=False)
+    commands.add_parser("reproduce", help="train and evaluate a seed's method on the phantoms "
+                        "(medvl reproduce mrclip|medtrim|radfinder)", add_help=False)
+    commands.add_parser("demo", help="the embedded default: `medvl train` then `medvl eval` of what it trained "
+                        "(medvl demo [--out DIR])", add_help=False)
     return parser
+
+
+def _demo(argv: List[str]) -> int:
+    """`medvl train` on its defaults, then `medvl eval` of the checkpoint it wrote."""
+    parser = argparse.ArgumentParser(prog="medvl demo", description=_demo.__doc__)
+    parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    args, train_args = parser.parse_known_args(argv)
+    from medvl.eval.main import main as eval_main
+    from medvl.train.main import main as train_main
+
+    code = train_main(["--out", args.out, *train_args])
+    if code:
+        return code
+    return eval_main(["eval", args.out, "--out", f"{args.out}/eval"])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -49,6 +68,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from medvl.eval.main import main as eval_main
 
         return eval_main(argv)
+    if argv and argv[0] == "reproduce":
+        from medvl.eval.reproduce import main as reproduce_main
+
+        return reproduce_main(argv[1:])
+    if argv and argv[0] == "demo":
+        return _demo(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
 

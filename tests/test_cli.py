@@ -29,3 +29,14 @@ def test_train_command_is_handed_to_the_trainer(tmp_path, capsys):
         cli.main(["train", "--recipe", "no-such-recipe"])
     assert exit_info.value.code == 2
     assert "recipe" in capsys.readouterr().err
+
+
+def test_demo_trains_then_evaluates(tmp_path):
+    from medvl.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--batch-size", "4", "--n-train", "8", "--size", "32,32,16",
+                 "--no-progress"]) == 0
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    results = __import__("json").loads((out / "eval" / "results.json").read_text())
+    assert {"zeroshot", "retrieval", "localization"} <= set(results["results"])

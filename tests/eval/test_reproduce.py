@@ -1,0 +1,49 @@
+"""`medvl reproduce` end to end at toy scale: every seed trains, evaluates and writes the keys the issue names."""
+
+import json
+
+import pytest
+
+from medvl.eval.reproduce import reproduce
+
+TOY = dict(steps=2, eval_n=24, n_train=16, batch_size=8, size=(32, 32, 16), cnn_epochs=2)
+
+
+def _is_share(x):
+    return x is None or 0.0 <= x <= 1.0
+
+
+def test_radfinder_keys(tmp_path):
+    r = reproduce("radfinder", tmp_path, log=None, **TOY)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("localization_mae_mm", "centre_mae_mm", "random_mae_mm", "mean_depth_mae_mm"):
+        assert saved[key] is not None and saved[key] >= 0, key
+    for variant in ("with_localization", "without_localization"):
+        assert _is_share(r[variant]["zeroshot_macro_auc"]) and _is_share(r[variant]["retrieval_volume_to_text_R@1"])
+    assert r["localization_mae_mm"] == r["with_localization"]["localization_mae_mm"]
+
+
+def test_medtrim_keys(tmp_path):
+    r = reproduce("medtrim", tmp_path, log=None, **TOY)
+    assert set(r["precision_at_r"]) == {"entities", "batch_hard", "siglip"}
+    for values in r["precision_at_r"].values():
+        assert {"P@1", "P@10", "P@20"} <= set(values) and all(_is_share(values[k]) for k in ("P@1", "P@10"))
+    configs = [json.loads((tmp_path / "medtrim" / v / "checkpoint-2" / "config.json").read_text())
+               for v in ("entities", "batch_hard", "siglip")]
+    assert [c["loss_options"].get("mining") for c in configs[:2]] == [None, "batch_hard"]
+    assert configs[2]["recipe"] == "siglip"
+
+
+def test_mrclip_keys_and_same_shots(tmp_path):
+    r = reproduce("mrclip", tmp_path, log=None, **TOY)
+    assert _is_share(r["qc_auc"]["missing_tag"]) and _is_share(r["qc_auc"]["numeric_error"])
+    assert 0.0 <= r["probe_accuracy"] <= 1.0
+    clip, cnn = r["fewshot"]["clip_linear_probe"], r["fewshot"]["supervised_cnn"]
+    assert set(clip) == set(cnn) and all(len(cnn[k]["values"]) == len(clip[k]["values"]) for k in clip)
+
+
+def test_unknown_seed_and_setting(tmp_path):
+    with pytest.raises(ValueError, match="unknown seed"):
+        reproduce("clip", tmp_path)
+    with pytest.raises(TypeError, match="unknown setting"):
+        reproduce("mrclip", tmp_path, epochs=3)
