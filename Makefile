@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine (see README): `make bench` and `make test`.
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # Build inputs: the editable install rebuilds medvl._C when one of these changes.
 CORE := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup bench test bench-full clean
+.PHONY: setup demo bench test bench-full clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,12 @@ $(VENV)/.installed: $(CORE) constraints.txt
 	$(PY) -m medvl info
 	touch $@
 
-# The main job on its embedded default: every fused op against its baselines, as a table.
+# The main job on its embedded default: train the tiny CLIP model on the CT phantoms, then evaluate it
+# (runs/demo: checkpoint, metrics.jsonl, loss.png, eval/results.json, eval/report.md, PNGs).
+demo: setup
+	$(PY) -m medvl demo --out runs/demo
+
+# Every fused op against its baselines, as a table.
 bench: setup
 	$(PY) -m medvl bench
 
