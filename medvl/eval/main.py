@@ -18,26 +18,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from medvl.train.main import positive_int, size_argument
+
 __all__ = ["build_eval_parser", "build_qc_parser", "eval_main", "main", "qc_main"]
-
-
-def _size(text: str):
-    from medvl.train.data import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -61,14 +44,14 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, metavar=",".join(TASKS),
                    help="comma-separated; default every task that applies to the data")
     p.add_argument("--out", default=None, help="output folder (default: the run folder's eval/)")
-    p.add_argument("--n", type=_positive, default=None,
+    p.add_argument("--n", type=positive_int, default=None,
                    help="phantoms to generate (default 256), or at most this many rows of a file source")
     p.add_argument("--seed", type=_seed, default=DEFAULT_EVAL_SEED,
                    help=f"phantom seed and seed of every draw (default {DEFAULT_EVAL_SEED}, far from training seeds)")
-    p.add_argument("--size", type=_size, default=None, help="volume size X,Y,Z (default: the training size)")
+    p.add_argument("--size", type=size_argument, default=None, help="volume size X,Y,Z (default: the training size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--cache-dir", default=None, help="embedding cache folder (default OUT/cache)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="volumes per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="volumes per forward pass")
     p.add_argument("--split", default="valid", help="CT-RATE split (default valid)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -134,7 +117,7 @@ def build_qc_parser() -> argparse.ArgumentParser:
                    help="issues: series with rule-based issues first, then by score (default); score: score only")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--cache-dir", default=None, help="embedding cache folder (default: none, memory only)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="volumes per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="volumes per forward pass")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 

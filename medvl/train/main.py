@@ -19,7 +19,8 @@ from medvl.train.recipes import LOSS_TERMS, RECIPES
 __all__ = ["main", "build_parser"]
 
 
-def _size(text: str):
+def size_argument(text: str):
+    """argparse type: (X, Y, Z) from "64,64,32"."""
     from medvl.train.data import parse_size
 
     try:
@@ -28,7 +29,8 @@ def _size(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -77,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable volumes and report them")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--model", default="vit3d-tiny")
-    p.add_argument("--steps", type=_positive, default=200)
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--accum-steps", type=_positive, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--accum-steps", type=positive_int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=_nonneg_float, default=None, help="default: the recipe's")
     p.add_argument("--weight-decay", type=_nonneg_float, default=None, help="default: the recipe's")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: min(recipe's, steps // 10)")
@@ -96,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="torch.profiler trace of steps 3-5 (OUT/profile) and a "
                    "table of each stage's and fused op's time share")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    p.add_argument("--n-train", type=_positive, default=256, help="number of phantoms")
-    p.add_argument("--size", type=_size, default=(64, 64, 32), help="volume size X,Y,Z (e.g. 64,64,32)")
-    p.add_argument("--patch-size", type=_size, default=None, help="vision patch size X,Y,Z (default: the model's)")
-    p.add_argument("--log-every", type=_positive, default=10)
+    p.add_argument("--n-train", type=positive_int, default=256, help="number of phantoms")
+    p.add_argument("--size", type=size_argument, default=(64, 64, 32), help="volume size X,Y,Z (e.g. 64,64,32)")
+    p.add_argument("--patch-size", type=size_argument, default=None, help="vision patch size X,Y,Z (default: the model's)")
+    p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: end only)")
     return p
 
