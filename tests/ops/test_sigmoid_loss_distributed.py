@@ -8,8 +8,9 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from tests.utils import spawn_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -127,4 +128,4 @@ def _worker(rank, world, port):
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_matches_open_clip_and_reference(world):
     pytest.importorskip("open_clip")
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    spawn_ranks(_worker, world, world, _free_port())

@@ -132,15 +132,13 @@ def test_two_gloo_ranks_equal_one_process(recipe, tmp_path):
     """2 ranks x 4 volumes = 1 process x 8 volumes: the same loss and the same parameters after a step."""
     import socket
 
-    import torch.multiprocessing as mp
-
     from medvl.train.trainer import TrainConfig, train
+    from tests.utils import spawn_ranks
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(_ddp_rank, args=(2, port, str(tmp_path / "ddp"), recipe), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_ranks(_ddp_rank, 2, 2, port, str(tmp_path / "ddp"), recipe)
     train(TrainConfig(recipe=recipe, steps=1, batch_size=8, n_train=16, size=(32, 32, 16), lr=1e-3,
                       out=str(tmp_path / "one")))
     rows = [json.loads((tmp_path / d / "metrics.jsonl").read_text()) for d in ("ddp", "one")]
