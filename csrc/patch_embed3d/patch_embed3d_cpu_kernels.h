@@ -190,11 +190,11 @@ inline void forward_block(const PatchEmbed3dArgs& a, const Plan& p, const float*
     const int64_t kn = std::min(p.kc, K - k0);
     gather_patches(a, t0, mt, k0, kn, tile, kn, p.lut);
     pack_transposed(tile, kn, mt, kn, kMR, panels, panel);
-    for (int64_t s = 0; s < panels; ++s) {
-      const int rows = static_cast<int>(std::min<int64_t>(kMR, mt - s * kMR));
-      for (int64_t e0 = 0; e0 < E; e0 += NR) {
-        const int vectors = panel_vectors(E - e0);
-        const float* b = packed_w + e0 * K + k0 * vectors * W;
+    for (int64_t e0 = 0; e0 < E; e0 += NR) {
+      const int vectors = panel_vectors(E - e0);
+      const float* b = packed_w + e0 * K + k0 * vectors * W;
+      for (int64_t s = 0; s < panels; ++s) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMR, mt - s * kMR));
         ukernel_width<kMR>(vectors, kn, panel + s * kMR * kn, kMR, b, out + (t0 + s * kMR) * E + e0, E, rows,
                            last_lanes(E - e0, vectors), true);
       }
