@@ -315,6 +315,8 @@ def patch_embed3d(
             ``ScaleIntensityRange(a_min=lo, a_max=hi, b_min, b_max, clip=True)``. None: raw values as floats.
         out_range: (b_min, b_max) of the window.
         out_dtype: float32, bfloat16 or float16; default the weight's dtype. Accumulation is fp32.
+            Under ``torch.autocast`` an fp32 weight is used in the autocast dtype (so is the default
+            ``out_dtype``), as Conv3d would be; the volume is never cast.
         pad: spatial sizes that are not multiples of the patch raise unless ``pad=True``, which pads the
             high end of each axis with zeros *after* the window (value 0, what a pad-after-window MONAI
             pipeline gives the conv, not the window's image of 0 HU).
@@ -370,6 +372,11 @@ def patch_embed3d(
         lo, hi = _check_range("window", window, " (window=(lo, hi) in the volume's units, e.g. HU)")
         out_lo, out_hi = _check_range("out_range", out_range, "")
         window4 = [lo, hi, out_lo, out_hi]
+    device_type = volume.device.type
+    if torch.is_autocast_enabled(device_type) and weight.dtype == torch.float32:
+        # The projection runs in the autocast dtype, as Conv3d or Linear would under autocast; the raw
+        # volume is left as it is (bf16 would round HU values before the window).
+        weight = weight.to(torch.get_autocast_dtype(device_type))
     out_dtype = weight.dtype if out_dtype is None else out_dtype
     if out_dtype not in OUT_DTYPES + (torch.float64,):
         raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
@@ -385,4 +392,9 @@ def patch_embed3d(
     if chosen != "reference":
         bias = None if bias is None else bias.float().contiguous() if bias.dtype != torch.float32 else bias.contiguous()
         pos = None if pos is None else pos.float().contiguous() if pos.dtype != torch.float32 else pos.contiguous()
+    if torch.is_autocast_enabled(device_type):
+        # Every backend computes as it does outside autocast (fp32 accumulation; the reference's own
+        # torch ops not recast).
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.medvl.patch_embed3d(volume, weight, bias, pos, list(patch), window4, out_dtype, chosen)
     return torch.ops.medvl.patch_embed3d(volume, weight, bias, pos, list(patch), window4, out_dtype, chosen)

@@ -360,6 +360,28 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", [b for b, device in available_backends() if device == "cpu" and b != "triton"])
+def test_autocast_projects_in_its_dtype_and_never_casts_the_volume(backend):
+    """Under autocast the fp32 weight is used in bf16 (as Conv3d's would be), the output is bf16, and the
+    gradient reaches the fp32 weight; a float HU volume is windowed from its exact values."""
+    volume = 100 + make_volume(torch.float32, (2, 1, 8, 8, 8)) + 1
+    volume[0, 0, :4, :4, :4] = 100.7  # 100.5 in bf16: windowed 0.5 instead of 0.7 if the volume were cast
+    weight = (torch.randn(12, 1, 4, 4, 4) * 0.1).requires_grad_()
+    bias = torch.randn(12, requires_grad=True)
+    kwargs = dict(patch_size=4, window=(100, 101), backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = medvl.patch_embed3d(volume, weight, bias, **kwargs)
+    assert out.dtype == torch.bfloat16
+    expected = medvl.patch_embed3d(volume, weight.detach().bfloat16(), bias.detach(), **kwargs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    rounded_volume = medvl.patch_embed3d(volume.bfloat16(), weight.detach().bfloat16(), bias.detach(), **kwargs)
+    assert not torch.equal(out[0, 0], rounded_volume[0, 0])
+    out.float().square().sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
+    # Outside autocast nothing changes.
+    assert medvl.patch_embed3d(volume, weight, bias, **kwargs).dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------------------------
