@@ -79,9 +79,12 @@ def run_script(script: str, *args: str, env: Dict[str, str] = None) -> dict:
 
 def _rank_then_exit(rank: int, fn, args) -> None:
     fn(rank, *args)  # an exception here reaches torch.multiprocessing with its traceback, as usual
-    # After a rank's checks have all passed, gloo's teardown at interpreter exit sometimes aborts
-    # ("terminate called without an active exception", no Python frame: C++ static destructors);
-    # seen in about 1 of 20 runs of 4 ranks on 2 busy cores. Leaving without that teardown keeps a
+    # After a rank's checks have all passed, the interpreter's exit can race torch's gloo worker
+    # thread: it drops its last reference to a finished collective's tensors, which takes the GIL,
+    # and a thread taking the GIL during finalization is ended by pthread_exit, whose unwinding
+    # through a noexcept destructor calls std::terminate (SIGABRT; core dump read with gdb: the
+    # stack is ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> decref -> take_gil -> pthread_exit).
+    # Seen in about 1 of 20 runs of 4 ranks on 2 busy cores. Leaving without finalization keeps a
     # passed rank from being reported as crashed; a failed check still fails the test.
     sys.stdout.flush()
     sys.stderr.flush()
