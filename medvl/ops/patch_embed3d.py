@@ -11,6 +11,8 @@ again instead of keeping an im2col matrix or a windowed copy. The arithmetic is 
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -392,9 +394,9 @@ def patch_embed3d(
     if chosen != "reference":
         bias = None if bias is None else bias.float().contiguous() if bias.dtype != torch.float32 else bias.contiguous()
         pos = None if pos is None else pos.float().contiguous() if pos.dtype != torch.float32 else pos.contiguous()
-    if torch.is_autocast_enabled(device_type):
-        # Every backend computes as it does outside autocast (fp32 accumulation; the reference's own
-        # torch ops not recast).
-        with torch.autocast(device_type, enabled=False):
-            return torch.ops.medvl.patch_embed3d(volume, weight, bias, pos, list(patch), window4, out_dtype, chosen)
-    return torch.ops.medvl.patch_embed3d(volume, weight, bias, pos, list(patch), window4, out_dtype, chosen)
+    # Every backend computes as it does outside autocast (fp32 accumulation; the reference's own torch
+    # ops not recast).
+    autocast_off = (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
+                    else contextlib.nullcontext())
+    with autocast_off:
+        return torch.ops.medvl.patch_embed3d(volume, weight, bias, pos, list(patch), window4, out_dtype, chosen)
