@@ -12,7 +12,6 @@ again instead of keeping an im2col matrix or a windowed copy. The arithmetic is 
 from __future__ import annotations
 
 import contextlib
-
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
