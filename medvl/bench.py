@@ -430,8 +430,12 @@ def environment(device: torch.device) -> Dict[str, str]:
 
 
 def save(results: List[Measurement], rate: float, device: torch.device, path: str) -> None:
-    record = {"environment": environment(device), "gemm_rate_gflops": rate / 1e9,
-              "results": [asdict(m) for m in results]}
+    append_record({"environment": environment(device), "gemm_rate_gflops": rate / 1e9,
+                   "results": [asdict(m) for m in results]}, path)
+
+
+def append_record(record: Dict[str, object], path: str) -> None:
+    """Append one run's record to the JSON list in ``path`` (created with its folder if missing)."""
     existing = []
     if os.path.exists(path):
         with open(path) as handle:

@@ -217,13 +217,17 @@ class VolumeEncoder(torch.nn.Module):
         embed = self.patch_embed
         x = patch_embed3d(volume, embed.weight, embed.bias, self.position_embedding(grid),
                           patch_size=embed.patch_size, window=embed.window, out_range=embed.out_range, pad=embed.pad)
+        return self.transform_patch_tokens(x), grid
+
+    def transform_patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, E) patch tokens -> normalised output tokens: CLS prepended, the blocks, the final norm."""
         if self.cls_token is not None:
             cls = (self.cls_token + self.cls_pos_embed).to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
-        return self.norm(x), grid
+        return self.norm(x)
 
     def forward(self, volume: torch.Tensor, *, return_tokens: bool = False,
                 return_depth: bool = False) -> Dict[str, torch.Tensor]:

@@ -45,8 +45,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from medvl.bench import append_record
 from medvl.models.volume_encoder import VolumeEncoder
 
 __all__ = ["PATHS", "PRECISIONS", "MonaiPatchEmbedding", "PlainVolumeEncoder", "plain_volume_path", "plain_loss",
@@ -128,14 +128,7 @@ class PlainVolumeEncoder(VolumeEncoder):
         if grid != tuple(self.grid):
             raise ValueError(f"the plain path needs volumes of the configured size {self.img_size} "
                              f"(grid {self.grid}), got {tuple(volume.shape[2:])}")
-        x = self.patch_embed(volume)
-        if self.cls_token is not None:
-            cls = (self.cls_token + self.cls_pos_embed).to(x.dtype).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
-        return self.norm(x), grid
+        return self.transform_patch_tokens(self.patch_embed(volume)), grid
 
     def no_weight_decay(self):
         names = {name for name, param in self.named_parameters() if param.ndim <= 1}
@@ -697,17 +690,6 @@ def format_table(record: Dict[str, Any]) -> str:
     return "\n".join([title, *lines])
 
 
-def _save(record: Dict[str, Any], path: str) -> None:
-    existing = []
-    if os.path.exists(path):
-        with open(path) as handle:
-            existing = json.load(handle)
-    existing.append(record)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(existing, handle, indent=1)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m medvl.train.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit3d-tiny")
@@ -750,7 +732,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                                           flush=True))
     print(format_table(record), flush=True)
     if args.json:
-        _save(record, args.json)
+        append_record(record, args.json)
         print(f"saved to {args.json}")
     return 0
 
