@@ -72,8 +72,8 @@ medvl::TripletMiningArgs make_mining_args(uintptr_t anchors, uintptr_t candidate
                                           bool within, uintptr_t labels, uintptr_t candidate_labels,
                                           uintptr_t anchor_bits, uintptr_t candidate_bits,
                                           const std::array<int64_t, 3>& entity_words,
-                                          const std::array<float, 3>& entity_weights, float score_low,
-                                          float score_high, uintptr_t pair_offsets, uintptr_t pair_positive,
+                                          const std::array<double, 3>& entity_weights, double score_low,
+                                          double score_high, uintptr_t pair_offsets, uintptr_t pair_positive,
                                           uintptr_t positive, uintptr_t negative, uintptr_t workspace,
                                           size_t workspace_bytes) {
   if (strategy < 0 || strategy > 2) throw std::invalid_argument("medvl: unknown mining strategy code");
@@ -228,7 +228,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t anchors, uintptr_t candidates, int64_t n_anchor, int64_t n_candidate, int64_t dim, int dtype,
          int strategy, int distance, bool within, uintptr_t labels, uintptr_t candidate_labels,
          uintptr_t anchor_bits, uintptr_t candidate_bits, std::array<int64_t, 3> entity_words,
-         std::array<float, 3> entity_weights, float score_low, float score_high, uintptr_t pair_offsets,
+         std::array<double, 3> entity_weights, double score_low, double score_high, uintptr_t pair_offsets,
          uintptr_t pair_positive, uintptr_t positive, uintptr_t negative, uintptr_t workspace,
          size_t workspace_bytes, int threads) {
         const auto args = make_mining_args(anchors, candidates, n_anchor, n_candidate, dim, dtype, strategy, distance,
@@ -295,7 +295,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t anchors, uintptr_t candidates, int64_t n_anchor, int64_t n_candidate, int64_t dim, int dtype,
          int strategy, int distance, bool within, uintptr_t labels, uintptr_t candidate_labels,
          uintptr_t anchor_bits, uintptr_t candidate_bits, std::array<int64_t, 3> entity_words,
-         std::array<float, 3> entity_weights, float score_low, float score_high, uintptr_t pair_offsets,
+         std::array<double, 3> entity_weights, double score_low, double score_high, uintptr_t pair_offsets,
          uintptr_t pair_positive, uintptr_t positive, uintptr_t negative, uintptr_t workspace,
          size_t workspace_bytes, uintptr_t stream) {
         const auto args = make_mining_args(anchors, candidates, n_anchor, n_candidate, dim, dtype, strategy, distance,

@@ -5,10 +5,12 @@ medvl.reference.triplet_mining:
 
     squared(i, j) = max(|a_i|^2 + |c_j|^2 - 2 <a_i, c_j>, 0)     (euclidean mines the same: sqrt is monotone)
     cosine(i, j)  = 1 - <a_i, c_j> / (max(|a_i|, 1e-12) * max(|c_j|, 1e-12))
-    score(i, j)   = ((w0 * iou0) + (w1 * iou1)) + (w2 * iou2) in float32, iou = both / either (1 if either == 0)
+    key(i, j)     = N / D in float64, the exact entity score times its denominator: integer weights w_k,
+                    b_k = |a & c|, e_k = |a | c| (both 1 for two empty sets), N = sum_k w_k b_k prod_{m!=k} e_m,
+                    D = e0 e1 e2 (integers, exact in float64), one IEEE division
 
     batch_hard: positive = argmax distance over same-label candidates, negative = argmin over the others.
-    entities:   positive = argmax (score, distance); negative = argmin (score, distance) over lo <= s < hi,
+    entities:   positive = argmax (key, distance); negative = argmin (key, distance) over lo <= key < hi,
                 dropped (-1) unless its score is below the positive's.
     semi_hard:  per positive pair (i, p): argmin distance over negatives with d(i, j) > d(i, p); else the
                 farthest negative; -1 when anchor i has no negative.
@@ -31,11 +33,13 @@ the nearest negative beyond it with [BLOCK_M, BLOCK_S, BLOCK_N] comparisons. The
 recomputed 2 * ceil(longest run of pairs in the block / BLOCK_S) times: cheap for the usual few
 positives per anchor, linear in the positives per anchor otherwise.
 
-Floating-point arithmetic: the kernels are compiled with enable_fp_fusion=False, so that the
-score's products and sums are not contracted into fused multiply-adds (the reference pins down the
-unfused float32 arithmetic: scores tie often and must tie in every backend); divisions use
-tl.math.div_rn (IEEE, correctly rounded) rather than the approximate default. The tile GEMMs run on
-the tensor cores either way (fusion only concerns element-wise code).
+Floating-point arithmetic: float32 divisions use tl.math.div_rn (IEEE, correctly rounded) rather
+than the approximate default; the entity keys divide in float64, which Triton always rounds as IEEE
+says (their numerators and denominators are integers, so no contraction or order can change them). The kernels are compiled
+with enable_fp_fusion=False so that the distance epilogue rounds as the reference does. The tile
+GEMMs run on the tensor cores either way (fusion only concerns element-wise code). The anchors' and
+candidates' norms arrive from the caller (medvl.reference.triplet_mining.row_norms: correctly
+rounded square roots on every device).
 """
 
 from __future__ import annotations
@@ -105,10 +109,10 @@ def _distance_tile(
 
 
 @triton.jit
-def _iou_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, start, count, a_count,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] fp32 IoU of one entity kind: words [start, start + count) of each row;
-    a_count: the anchors' set sizes for that kind. Two empty sets: 1."""
+def _overlap_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, start, count, a_count,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float64 (|a & c|, |a | c|) of one entity kind: words [start, start + count)
+    of each row; a_count: the anchors' set sizes for that kind. Two empty sets: (1, 1), IoU 1."""
     both = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     c_count = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for w in range(start, start + count):
@@ -117,8 +121,8 @@ def _iou_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, s
         both += popcount32(word_a[:, None] & word_c[None, :])
         c_count += popcount32(word_c)
     either = a_count[:, None] + c_count[None, :] - both  # |a | c| = |a| + |c| - |a & c|
-    iou = tl.math.div_rn(both.to(tl.float32), tl.maximum(either, 1).to(tl.float32))
-    return tl.where(either > 0, iou, 1.0)
+    empty = either == 0
+    return tl.where(empty, 1, both).to(tl.float64), tl.where(empty, 1, either).to(tl.float64)
 
 
 @triton.jit
@@ -187,19 +191,19 @@ def _mine_per_anchor(
     if STRATEGY == 0:
         a_lab = tl.load(a_lab_ptr + rows64, mask=row_ok, other=0)
     else:
-        pos_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        neg_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        pos_s = tl.zeros((BLOCK_M,), dtype=tl.float64)
+        neg_s = tl.zeros((BLOCK_M,), dtype=tl.float64)
         n_words = words0 + words1 + words2
         a_count0 = _set_sizes(a_bits_ptr, rows64, row_ok, n_words, 0, words0, BLOCK_M)
         a_count1 = _set_sizes(a_bits_ptr, rows64, row_ok, n_words, words0, words1, BLOCK_M)
         a_count2 = _set_sizes(a_bits_ptr, rows64, row_ok, n_words, words0 + words1, words2, BLOCK_M)
-        # Float arguments are fp32 scalars (as the reference's torch.tensor(w, dtype=float32) and
-        # torch's float32 comparison with a Python float).
-        w0 = weight0
-        w1 = weight1
-        w2 = weight2
-        lo = score_low
-        hi = score_high
+        # Integer arguments (weights and range times the denominator), exact in float64; tl.cast also
+        # takes the constexpr that Triton makes of an argument equal to 1.
+        w0 = tl.cast(weight0, tl.float64)
+        w1 = tl.cast(weight1, tl.float64)
+        w2 = tl.cast(weight2, tl.float64)
+        lo = tl.cast(score_low, tl.float64)
+        hi = tl.cast(score_high, tl.float64)
 
     for start_n in range(0, n_candidate, BLOCK_N):
         cols = start_n + offs_n
@@ -229,14 +233,22 @@ def _mine_per_anchor(
             neg_idx = tl.where(take, t_idx, neg_idx)
             neg_d = tl.where(take, t_d, neg_d)
         else:
-            # ((w0 iou0) + (w1 iou1)) + (w2 iou2), left to right and without FMA (enable_fp_fusion=False
-            # at launch): the reference's arithmetic. One IoU tile live at a time (register pressure).
-            score = w0 * _iou_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, 0, words0,
-                                   a_count0, BLOCK_M, BLOCK_N)
-            score = score + w1 * _iou_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, words0,
-                                           words1, a_count1, BLOCK_M, BLOCK_N)
-            score = score + w2 * _iou_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words,
-                                           words0 + words1, words2, a_count2, BLOCK_M, BLOCK_N)
+            # The exact score key N / D, folding the kinds in as the reference does (the integers are
+            # exact, so the fold order cannot matter; the one division rounds as IEEE says).
+            both, either = _overlap_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, 0,
+                                         words0, a_count0, BLOCK_M, BLOCK_N)
+            numerator = w0 * both
+            denominator = either
+            both, either = _overlap_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words, words0,
+                                         words1, a_count1, BLOCK_M, BLOCK_N)
+            numerator = numerator * either + w1 * both * denominator
+            denominator = denominator * either
+            both, either = _overlap_tile(a_bits_ptr, c_bits_ptr, rows64, row_ok, cols64, col_ok, n_words,
+                                         words0 + words1, words2, a_count2, BLOCK_M, BLOCK_N)
+            numerator = numerator * either + w2 * both * denominator
+            denominator = denominator * either
+            # float64 `/` is IEEE division (div.rn.f64; only float32 `/` is approximate in Triton).
+            score = numerator / denominator
             dist = _distance_tile(a_ptr, c_ptr, a_tile, rows64, row_ok, cols64, col_ok, dim, a_norm, c_norm_ptr,
                                   DISTANCE, SINGLE_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             # Positive: the highest score, then the largest distance, then the lowest index.
@@ -402,20 +414,16 @@ def block_sizes(n_anchor: int, n_candidate: int, dim: int, dtype: torch.dtype, s
                 num_stages=num_stages)
 
 
-def _row_norms(x: torch.Tensor, cosine: bool) -> torch.Tensor:
-    """The reference's own expressions: |x|^2 in fp32, or max(|x|, 1e-12) for cosine."""
-    squared = x.float().pow(2).sum(1)
-    return squared.sqrt().clamp_min(1e-12).contiguous() if cosine else squared.contiguous()
-
-
-def triplet_mining_forward(inputs, pair_offsets: Optional[torch.Tensor] = None,
-                           pair_positive: Optional[torch.Tensor] = None, *, block_overrides: Optional[dict] = None):
+def triplet_mining_forward(inputs, anchor_norms: torch.Tensor, candidate_norms: torch.Tensor,
+                           pair_offsets: Optional[torch.Tensor] = None, pair_positive: Optional[torch.Tensor] = None,
+                           *, block_overrides: Optional[dict] = None):
     """(positive, negative) int64 on the inputs' device, -1 for none.
 
     batch_hard / entities: positive[n_anchor], negative[n_anchor]. semi_hard: positive is empty and
     negative[P] follows pair_positive (with pair_offsets [n_anchor + 1] in CSR form).
-    `inputs` is medvl.ops.triplet_mining._Inputs (validated there). `block_overrides` replaces entries
-    of block_sizes() (tests use it to force several tiles on small inputs).
+    `inputs` is medvl.ops.triplet_mining._Inputs (validated there); anchor_norms / candidate_norms are
+    float32 [n]: squared norms, or max(|x|, 1e-12) for the cosine distance. `block_overrides`
+    replaces entries of block_sizes() (tests use it to force several tiles on small inputs).
     """
     strategy, distance = int(inputs.strategy), int(inputs.distance)
     if strategy not in SUPPORTED_STRATEGIES:
@@ -431,9 +439,8 @@ def triplet_mining_forward(inputs, pair_offsets: Optional[torch.Tensor] = None,
     n_candidate = candidates.shape[0]
     device = anchors.device
     interpreted = device.type == "cpu"
-    cosine = distance == DISTANCE_COSINE
-    a_norm = _row_norms(anchors, cosine)
-    c_norm = a_norm if within else _row_norms(candidates, cosine)
+    a_norm = anchor_norms.to(device=device, dtype=torch.float32).contiguous()
+    c_norm = a_norm if within else candidate_norms.to(device=device, dtype=torch.float32).contiguous()
     precision = fp32_dot_precision(device) if anchors.dtype == torch.float32 else "tf32"  # 16-bit: ignored
 
     longest = None
@@ -471,7 +478,7 @@ def triplet_mining_forward(inputs, pair_offsets: Optional[torch.Tensor] = None,
     positive = torch.empty(n_anchor, dtype=torch.int64, device=device)
     negative = torch.empty(n_anchor, dtype=torch.int64, device=device)
     words = [0, 0, 0]
-    weights = [0.0, 0.0, 0.0]
+    weights = [0, 0, 0]
     if strategy == STRATEGY_BATCH_HARD:
         labels = inputs.labels.to(torch.int64).contiguous()
         candidate_labels = labels if within else inputs.candidate_labels.to(torch.int64).contiguous()
@@ -480,7 +487,7 @@ def triplet_mining_forward(inputs, pair_offsets: Optional[torch.Tensor] = None,
         bits = inputs.anchor_bits.to(torch.int32).contiguous()
         candidate_bits = bits if within else inputs.candidate_bits.to(torch.int32).contiguous()
         words = [int(w) for w in inputs.entity_words] + [0] * (3 - len(inputs.entity_words))
-        weights = [float(w) for w in inputs.weights] + [0.0] * (3 - len(inputs.weights))
+        weights = [int(w) for w in inputs.weights] + [0] * (3 - len(inputs.weights))
         if bits.shape[1] != sum(words) or candidate_bits.shape[1] != sum(words):
             raise ValueError(f"entity bits have {bits.shape[1]} / {candidate_bits.shape[1]} words, "
                              f"entity_words say {sum(words)}")
@@ -489,7 +496,7 @@ def triplet_mining_forward(inputs, pair_offsets: Optional[torch.Tensor] = None,
         _mine_per_anchor[grid](
             anchors, candidates, a_norm, c_norm, labels, candidate_labels, bits, candidate_bits, positive, negative,
             n_anchor, n_candidate, dim, words[0], words[1], words[2], weights[0], weights[1], weights[2],
-            float(inputs.lo), float(inputs.hi),
+            int(inputs.lo), int(inputs.hi),
             STRATEGY=strategy, DISTANCE=distance, WITHIN=within, SINGLE_K=single_k, DOT_PRECISION=precision,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             **launch,

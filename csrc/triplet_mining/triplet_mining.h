@@ -15,7 +15,12 @@
 // kEntities: score s_ij = sum_k w_k IoU_k(bits of kind k), IoU of two empty sets = 1; candidates
 //   j != i when within. positive[i] = argmax score (ties: argmax distance); negative[i] = argmin
 //   score over candidates with lo <= s < hi (ties: argmin distance); negative[i] = -1 when there
-//   is none or when its score is not below the positive's score.
+//   is none or when its score is not below the positive's score. Scores are exact: the weights and
+//   the range arrive as integers (times one denominator), and each score is the key N / D in
+//   double, N and D integers (b_k = |a & c|, e_k = |a | c|, both 1 for two empty sets; folding
+//   kinds k in order: N <- N e_k + w_k b_k D, D <- D e_k from N = 0, D = 1), divided once with IEEE
+//   rounding. Python checks that (sum |w| + 1) D^2 <= 2^52, so equal scores give equal keys and the
+//   keys order as the scores do (medvl.reference.triplet_mining.entity_score_keys).
 // Every argmin/argmax breaks remaining ties towards the lowest candidate index.
 #include <cstddef>
 #include <cstdint>
@@ -42,9 +47,9 @@ struct TripletMiningArgs {
   const int32_t* anchor_bits = nullptr;     // entities: [n_anchor, words[0] + words[1] + words[2]]
   const int32_t* candidate_bits = nullptr;  // [n_candidate, same]
   int64_t entity_words[3] = {0, 0, 0};      // int32 words of each entity kind, in order
-  float entity_weights[3] = {0.f, 0.f, 0.f};
-  float score_low = 0.f;   // negatives need score_low <= s < score_high
-  float score_high = 0.f;
+  double entity_weights[3] = {0.0, 0.0, 0.0};  // integers: w_k x denominator
+  double score_low = 0.0;   // integers, x denominator: negatives need score_low <= key < score_high
+  double score_high = 0.0;
   const int64_t* pair_offsets = nullptr;   // semi-hard: [n_anchor + 1]
   const int64_t* pair_positive = nullptr;  // semi-hard: [pair_offsets[n_anchor]]
   int64_t* positive = nullptr;             // batch-hard, entities: [n_anchor]

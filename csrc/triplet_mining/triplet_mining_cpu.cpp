@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_simd.h"
 #include "triplet_mining/triplet_mining.h"
 
 namespace medvl {
@@ -40,11 +41,12 @@ struct Best {
   }
 };
 
-float iou_score(const TripletMiningArgs& a, int64_t i, int64_t j) {
+// Entity score key N / D (see triplet_mining.h): integers held exactly in double, one IEEE division.
+double entity_key(const TripletMiningArgs& a, int64_t i, int64_t j) {
   const int64_t words = a.entity_words[0] + a.entity_words[1] + a.entity_words[2];
   const int32_t* x = a.anchor_bits + i * words;
   const int32_t* y = a.candidate_bits + j * words;
-  float score = 0.f;
+  double numerator = 0.0, denominator = 1.0;
   int64_t start = 0;
   for (int k = 0; k < 3; ++k) {
     int both = 0, either = 0;
@@ -54,9 +56,11 @@ float iou_score(const TripletMiningArgs& a, int64_t i, int64_t j) {
       either += __builtin_popcount(u | v);
     }
     start += a.entity_words[k];
-    score += a.entity_weights[k] * (either == 0 ? 1.f : static_cast<float>(both) / static_cast<float>(either));
+    if (either == 0) both = either = 1;  // two empty sets: IoU 1
+    numerator = numerator * either + a.entity_weights[k] * both * denominator;
+    denominator *= either;
   }
-  return score;
+  return numerator / denominator;
 }
 
 }  // namespace
@@ -82,16 +86,18 @@ size_t per_thread_bytes(int64_t n_candidate, int64_t dim, bool semi_hard, int64_
 }
 
 // dots[r][j] = sum_k rows[r][k] * candidate_j[k] for a block of kAnchorBlock rows and every
-// candidate, k ascending for every (r, j) alike: equal candidates get bit-equal dot products.
-void block_dots_generic(const float* rows, const float* panels, int64_t n_panels, int64_t dim, float* dots,
-                        int64_t ldd) {
+// candidate, as one chain of fused multiply-adds per (r, j), k ascending from 0. Every instruction
+// set computes exactly this chain, so the dot products, and with them every mining decision, carry
+// the same bits on every x86 machine (the AVX-512 Xeon, the AVX2-only EPYC, the scalar fallback).
+void block_dots_scalar(const float* rows, const float* panels, int64_t n_panels, int64_t dim, float* dots,
+                       int64_t ldd) {
   for (int64_t q = 0; q < n_panels; ++q) {
     const float* panel = panels + q * dim * kPanel;
     for (int64_t r = 0; r < kAnchorBlock; ++r) {
       float acc[kPanel] = {};
       for (int64_t k = 0; k < dim; ++k) {
         const float a = rows[r * dim + k];
-        for (int64_t c = 0; c < kPanel; ++c) acc[c] += a * panel[k * kPanel + c];
+        for (int64_t c = 0; c < kPanel; ++c) acc[c] = std::fma(a, panel[k * kPanel + c], acc[c]);
       }
       std::copy(acc, acc + kPanel, dots + r * ldd + q * kPanel);
     }
@@ -99,6 +105,34 @@ void block_dots_generic(const float* rows, const float* panels, int64_t n_panels
 }
 
 #if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) void block_dots_avx2(const float* rows, const float* panels, int64_t n_panels,
+                                                         int64_t dim, float* dots, int64_t ldd) {
+  constexpr int kRows = 4;  // 4 rows x 2 vectors of 8 (half a panel): 8 accumulators in registers
+  for (int64_t q = 0; q < n_panels; ++q) {
+    const float* panel = panels + q * dim * kPanel;
+    for (int64_t half = 0; half < kPanel; half += 16) {
+      for (int64_t r0 = 0; r0 < kAnchorBlock; r0 += kRows) {
+        __m256 acc[kRows][2];
+        for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        const float* a = rows + r0 * dim;
+        for (int64_t k = 0; k < dim; ++k) {
+          const __m256 b0 = _mm256_loadu_ps(panel + k * kPanel + half);
+          const __m256 b1 = _mm256_loadu_ps(panel + k * kPanel + half + 8);
+          for (int r = 0; r < kRows; ++r) {
+            const __m256 x = _mm256_set1_ps(a[r * dim + k]);
+            acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+          }
+        }
+        for (int r = 0; r < kRows; ++r) {
+          _mm256_storeu_ps(dots + (r0 + r) * ldd + q * kPanel + half, acc[r][0]);
+          _mm256_storeu_ps(dots + (r0 + r) * ldd + q * kPanel + half + 8, acc[r][1]);
+        }
+      }
+    }
+  }
+}
+
 __attribute__((target("avx512f"))) void block_dots_avx512(const float* rows, const float* panels, int64_t n_panels,
                                                           int64_t dim, float* dots, int64_t ldd) {
   constexpr int kRows = 8;  // 8 rows x 2 vectors of 16: 16 accumulators in registers
@@ -128,11 +162,16 @@ __attribute__((target("avx512f"))) void block_dots_avx512(const float* rows, con
 
 using BlockDots = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t);
 
+// The instruction set changes the speed, never the bits (MEDVL_CPU_ISA lowers it for the tests).
 BlockDots pick_block_dots() {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512f")) return block_dots_avx512;
+  switch (cpu::selected_isa()) {
+    case cpu::Isa::kAvx512: return block_dots_avx512;
+    case cpu::Isa::kAvx2: return block_dots_avx2;
+    default: break;
+  }
 #endif
-  return block_dots_generic;
+  return block_dots_scalar;
 }
 }  // namespace
 
@@ -223,21 +262,22 @@ void triplet_mining_cpu(const TripletMiningArgs& a, int threads) {
           a.positive[i] = pos.index;
           a.negative[i] = neg.index;
         } else if (a.strategy == MiningStrategy::kEntities) {
-          Best top(0.f), low(0.f);
+          double top_key = 0.0, low_key = 0.0;
+          int64_t top_index = -1, low_index = -1;
           float top_dist = 0.f, low_dist = 0.f;
           for (int64_t j = 0; j < a.n_candidate; ++j) {
             if (a.within && j == i) continue;
-            const float s = iou_score(a, i, j);
-            if (top.index < 0 || s > top.value || (s == top.value && dist[j] > top_dist)) {
-              top.value = s, top.index = j, top_dist = dist[j];
+            const double s = entity_key(a, i, j);
+            if (top_index < 0 || s > top_key || (s == top_key && dist[j] > top_dist)) {
+              top_key = s, top_index = j, top_dist = dist[j];
             }
             if (s >= a.score_low && s < a.score_high &&
-                (low.index < 0 || s < low.value || (s == low.value && dist[j] < low_dist))) {
-              low.value = s, low.index = j, low_dist = dist[j];
+                (low_index < 0 || s < low_key || (s == low_key && dist[j] < low_dist))) {
+              low_key = s, low_index = j, low_dist = dist[j];
             }
           }
-          a.positive[i] = top.index;
-          a.negative[i] = (low.index >= 0 && top.index >= 0 && low.value < top.value) ? low.index : -1;
+          a.positive[i] = top_index;
+          a.negative[i] = (low_index >= 0 && top_index >= 0 && low_key < top_key) ? low_index : -1;
         } else {
           const int64_t first = a.pair_offsets[i], count = a.pair_offsets[i + 1] - first;
           std::iota(order, order + count, int64_t{0});

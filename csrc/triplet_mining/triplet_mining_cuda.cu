@@ -33,10 +33,10 @@
 //
 // Distances (fp32, as the CPU kernel and the reference): squared = max(|a|^2 + |c|^2 - 2 <a,c>, 0)
 // (euclidean mines identically: sqrt changes no order); cosine = 1 - <a,c> / (max(|a|, 1e-12) *
-// max(|c|, 1e-12)). Entity scores: iou = float(both) / float(either) (1 when either == 0), score =
-// ((w0 iou0) + (w1 iou1)) + (w2 iou2). Both use explicit round-to-nearest intrinsics (__fmul_rn,
-// __fadd_rn, __fdiv_rn, __fsqrt_rn), so no FMA contraction or fast-math flag can change a bit: on
-// inputs whose dot products are exact, results match the reference bit for bit, ties included.
+// max(|c|, 1e-12)), with explicit round-to-nearest intrinsics (__fmul_rn, __fadd_rn, __fdiv_rn,
+// __fsqrt_rn), so no FMA contraction or fast-math flag can change a bit: on inputs whose dot
+// products are exact, results match the reference bit for bit, ties included. Entity scores are
+// exact: the key N / D of triplet_mining.h, integers in double and one __ddiv_rn.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -124,9 +124,9 @@ struct MineParams {
   const int32_t* c_bits;
   int64_t words[3];
   int64_t total_words;
-  float weights[3];
-  float lo;
-  float hi;
+  double weights[3];  // integers: w_k x denominator
+  double lo;          // integers, x denominator
+  double hi;
   const int64_t* pair_offsets;
   const int64_t* pair_positive;
   int64_t* positive;
@@ -140,10 +140,11 @@ __device__ __forceinline__ float pair_distance(int distance, float dot, float na
   return sq < 0.f ? 0.f : sq;  // the CPU's std::max(sq, 0.f), NaN included
 }
 
-// ((w0 iou0) + (w1 iou1)) + (w2 iou2), iou = both / either (1 when either == 0), no contraction.
-__device__ __forceinline__ float entity_score(const MineParams& p, const int32_t* __restrict__ x,
-                                              const int32_t* __restrict__ y) {
-  float term[3];
+// The exact entity score key N / D (triplet_mining.h): the integers are exact in double whatever
+// the order or contraction, and the one division rounds to nearest.
+__device__ __forceinline__ double entity_key(const MineParams& p, const int32_t* __restrict__ x,
+                                             const int32_t* __restrict__ y) {
+  double numerator = 0.0, denominator = 1.0;
   int64_t start = 0;
 #pragma unroll
   for (int k = 0; k < 3; ++k) {
@@ -155,10 +156,11 @@ __device__ __forceinline__ float entity_score(const MineParams& p, const int32_t
       either += __popc(u | v);
     }
     start += p.words[k];
-    const float iou = either == 0 ? 1.f : __fdiv_rn(static_cast<float>(both), static_cast<float>(either));
-    term[k] = __fmul_rn(p.weights[k], iou);
+    if (either == 0) both = either = 1;  // two empty sets: IoU 1
+    numerator = numerator * either + p.weights[k] * both * denominator;
+    denominator *= either;
   }
-  return __fadd_rn(__fadd_rn(term[0], term[1]), term[2]);
+  return __ddiv_rn(numerator, denominator);
 }
 
 // Monotone map of floats to unsigned keys (-0 folded onto +0 first, so equal floats give equal keys).
@@ -192,16 +194,19 @@ __global__ void __launch_bounds__(kThreads) row_norms(const T* __restrict__ x, i
   }
 }
 
-// Running extremum of one thread; `index` < 0: none yet.
+// Running extremum of one thread; `index` < 0: none yet. V: float distances (batch-hard) or the
+// double entity keys.
+template <typename V>
 struct Extremum {
-  float value;
+  V value;
   float dist;  // entities: the distance tie-break
   long long index;
 };
 
 // Lane-group combine: does `o` beat `m`? Max (`largest`) or min of value, then (entities) of dist
 // in the same sense (`dist_largest`), then the lower index.
-__device__ __forceinline__ bool beats(const Extremum& o, const Extremum& m, bool largest, bool use_dist,
+template <typename V>
+__device__ __forceinline__ bool beats(const Extremum<V>& o, const Extremum<V>& m, bool largest, bool use_dist,
                                       bool dist_largest) {
   if (o.index < 0) return false;
   if (m.index < 0) return true;
@@ -210,10 +215,11 @@ __device__ __forceinline__ bool beats(const Extremum& o, const Extremum& m, bool
   return o.index < m.index;
 }
 
-__device__ __forceinline__ void combine4(Extremum& m, bool largest, bool use_dist, bool dist_largest) {
+template <typename V>
+__device__ __forceinline__ void combine4(Extremum<V>& m, bool largest, bool use_dist, bool dist_largest) {
 #pragma unroll
   for (int off = 1; off <= 2; off <<= 1) {
-    Extremum o;
+    Extremum<V> o;
     o.value = __shfl_xor_sync(0xffffffffu, m.value, off);
     o.dist = __shfl_xor_sync(0xffffffffu, m.dist, off);
     o.index = __shfl_xor_sync(0xffffffffu, m.index, off);
@@ -253,7 +259,8 @@ __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
 
   // Batch-hard: first = farthest positive, second = nearest negative.
   // Entities:   first = highest score (ties: farthest), second = lowest in-range score (ties: nearest).
-  Extremum first{0.f, 0.f, -1}, second{0.f, 0.f, -1};
+  using Value = typename std::conditional<kEntities, double, float>::type;
+  Extremum<Value> first{0, 0.f, -1}, second{0, 0.f, -1};
 
   for (int64_t b0 = 0; b0 < n_c; b0 += kBN) {
     score_tile<T>(s_s, a_s, b_s, a, a0, n_a, c, b0, n_c, dim, p.vec, wm, wn, tx, ty);
@@ -268,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
         if (j >= n_c || (p.within && j == i)) continue;
         const float d = pair_distance(p.distance, s_s[er * kLDS + col], na, p.c_norm[j]);
         if constexpr (kEntities) {
-          const float s = entity_score(p, a_bits, p.c_bits + j * p.total_words);
+          const double s = entity_key(p, a_bits, p.c_bits + j * p.total_words);
           if (first.index < 0 || s > first.value || (s == first.value && d > first.dist)) first = {s, d, j};
           if (s >= p.lo && s < p.hi &&
               (second.index < 0 || s < second.value || (s == second.value && d < second.dist)))

@@ -79,10 +79,14 @@ def _compiled_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None)
     return positive, negative
 
 
-def _triton_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None):
+def _triton_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None, block_overrides=None):
     from medvl.kernels import triplet_mining as triton_kernels
 
-    return triton_kernels.triplet_mining_forward(inputs, pair_offsets, pair_positive)
+    cosine = inputs.distance == DISTANCE_CODES["cosine"]
+    anchor_norms = reference.row_norms(inputs.anchors, cosine)
+    candidate_norms = anchor_norms if inputs.within else reference.row_norms(inputs.candidates, cosine)
+    return triton_kernels.triplet_mining_forward(inputs, anchor_norms, candidate_norms, pair_offsets, pair_positive,
+                                                 block_overrides=block_overrides)
 
 
 def _run_fused(kernel, inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,6 +96,8 @@ def _run_fused(kernel, inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, tor
         keep = (positive >= 0) & (negative >= 0)
         return arange[keep], positive[keep], negative[keep]
     offsets, pair_anchor, pair_positive = same_label_pairs(inputs.labels, inputs.candidate_labels, inputs.within)
+    if pair_positive.numel() == 0:  # no positive pair: nothing to mine (and an empty output has no pointer)
+        return pair_anchor, pair_positive, pair_positive.clone()
     _, negative = kernel(inputs, offsets, pair_positive)
     keep = negative >= 0
     return pair_anchor[keep], pair_positive[keep], negative[keep]
@@ -278,6 +284,14 @@ def triplet_mining(
         entity_weights: weights of the disease, adjective and direction IoUs in the score.
         score_range: [lo, hi) of scores a negative may have.
 
+    Exactness: entity scores are compared exactly, as fractions (the weights and the range are read
+    as the nearest fractions with denominators up to 10^6: 0.85 is 17/20), so scores equal in exact
+    arithmetic tie on every backend, device and machine; a ValueError says when the weights' common
+    denominator and the set sizes are too large for that. Distances are float32: the cpu backend
+    gives the same bits on every x86 machine, and all backends agree bit for bit when the dot
+    products are exact; otherwise near-equal distances may order differently across backends (see
+    ``medvl.reference.triplet_mining``).
+
     Example:
         >>> emb, labels = torch.randn(16, 8), torch.randint(0, 4, (16,))
         >>> anchor, positive, negative = triplet_mining(emb, labels=labels)
@@ -319,6 +333,17 @@ def triplet_mining(
             if a.shape[1] != c.shape[1]:
                 raise ValueError(f"entities and candidate_entities {kind} sets differ in width: "
                                  f"{a.shape[1]} and {c.shape[1]}")
+        scoring = reference.entity_scoring(weights, (low, high))
+        problem = reference.check_entity_scoring(scoring, reference.union_bounds(sets, candidate_sets, tight=False))
+        if problem:  # the widths are too loose a bound: measure the sets (one device sync)
+            problem = reference.check_entity_scoring(
+                scoring, reference.union_bounds([s.to(torch.int32) for s in sets],
+                                                [s.to(torch.int32) for s in candidate_sets], tight=True))
+        if problem:
+            raise ValueError(f"{problem} (entity_weights={tuple(entity_weights)}, score_range={tuple(score_range)})")
+        # The kernels take the integer form: weights x denominator and the range x denominator.
+        weights = [float(w) for w in scoring.weights]
+        low, high = float(scoring.low), float(scoring.high)
         packed = [pack_multi_hot(s) for s in sets]
         words = [p.shape[1] for p in packed]
         bits = torch.cat(packed, 1).contiguous()

@@ -7,8 +7,9 @@ import torch
 
 import medvl
 from medvl.ops.triplet_mining import BACKENDS as MINING_BACKENDS, STRATEGY_CODES
-from medvl.reference.triplet_mining import triplet_mining as reference_mining
-from tests.utils import available_backends
+from medvl.reference.triplet_mining import (entity_score_keys, entity_scoring, pairwise_distance, sqrt_rn,
+                                            triplet_mining as reference_mining)
+from tests.utils import available_backends, run_script
 
 STRATEGIES = ("batch_hard", "semi_hard", "entities")
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
@@ -224,8 +225,7 @@ def test_triton_small_tiles_cross_tile_ties(strategy):
     # Several candidate tiles, D chunks and semi-hard pair slices: the cross-tile tie rule at work.
     if not any(p.values[0] == "triton" for p in mining_backends(strategy)):
         pytest.skip("no triton backend here")
-    from medvl.kernels import triplet_mining as triton_mining
-    from medvl.ops.triplet_mining import _Inputs, _run_fused
+    from medvl.ops.triplet_mining import _Inputs, _run_fused, _triton_per_anchor
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = make(40, 20, seed=6, device=device, classes=4)
@@ -237,10 +237,176 @@ def test_triton_small_tiles_cross_tile_ties(strategy):
 
     bits = torch.cat([pack_multi_hot(e) for e in entities], 1) if strategy == "entities" else None
     words = [pack_multi_hot(e).shape[1] for e in entities] if strategy == "entities" else []
+    scoring = entity_scoring((0.85, 0.10, 0.05), (0.25, 0.6))  # the kernels take the integer form
     inputs = _Inputs(x, x, None if strategy == "entities" else labels, None if strategy == "entities" else labels,
-                     bits, bits, code, 0, words, [0.85, 0.10, 0.05], 0.25, 0.6, True)
+                     bits, bits, code, 0, words, [float(w) for w in scoring.weights], float(scoring.low),
+                     float(scoring.high), True)
     small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_S=2)
-    ours = _run_fused(lambda *a: triton_mining.triplet_mining_forward(*a, block_overrides=small), inputs)
+    ours = _run_fused(lambda *a: _triton_per_anchor(*a, block_overrides=small), inputs)
     kw = {"entities": [e.cpu() for e in entities]} if strategy == "entities" else {"labels": labels.cpu()}
     expected = reference_mining(x.cpu(), strategy=strategy, **kw)
     assert_same(ours, expected, f"triton small tiles {strategy}")
+
+
+# --------------------------------------------------------------------------------------------
+# Exact entity scores: ties in exact arithmetic are ties on every backend.
+# --------------------------------------------------------------------------------------------
+
+
+def exact_entity_triplets(entities, dist, weights, score_range):
+    """MedTrim's rule on Python Fractions, independent of the keys the backends use."""
+    from fractions import Fraction
+
+    w = [Fraction(x).limit_denominator(10**6) for x in weights]
+    lo, hi = (Fraction(x).limit_denominator(10**6) for x in score_range)
+    sets = [[frozenset(row.nonzero().flatten().tolist()) for row in kind] for kind in entities]
+    n = len(sets[0])
+
+    def score(i, j):
+        total = Fraction(0)
+        for kind, weight in zip(sets, w):
+            either = len(kind[i] | kind[j])
+            total += weight * (Fraction(len(kind[i] & kind[j]), either) if either else 1)
+        return total
+
+    triplets = []
+    for i in range(n):
+        rows = [(score(i, j), dist[i, j].item(), j) for j in range(n) if j != i]
+        top = max(s for s, _, _ in rows)
+        positive = min((-d, j) for s, d, j in rows if s == top)[1]  # farthest, then lowest index
+        in_range = [(s, d, j) for s, d, j in rows if lo <= s < hi]
+        if not in_range:
+            continue
+        low = min(s for s, _, _ in in_range)
+        if low >= top:
+            continue
+        negative = min((d, j) for s, d, j in in_range if s == low)[1]  # nearest, then lowest index
+        triplets.append((i, positive, negative))
+    return [torch.tensor(column, dtype=torch.int64) for column in zip(*triplets)] if triplets else [
+        torch.empty(0, dtype=torch.int64)] * 3
+
+
+@pytest.mark.parametrize("backend,device", [p.values for p in mining_backends("entities")])
+@pytest.mark.parametrize("n", [64, 200])
+def test_entity_scores_tie_in_exact_arithmetic(backend, device, n):
+    # The case that float32 scores got wrong: widths 6/8/4 at p = 0.3 give many pairs whose scores are
+    # equal as fractions but summed from different terms (0.85 + 0.10 * 1/2 + 0 = 0.85 + 0 + 0.05 * 1).
+    if backend == "triton" and device == "cpu" and n > 64:
+        pytest.skip("the interpreter is slow; 64 rows cover the ties")
+    g = torch.Generator().manual_seed(0)
+    entities = [torch.rand(n, k, generator=g) < 0.3 for k in (6, 8, 4)]
+    x = torch.randint(-2, 3, (n, 5), generator=g).float()  # exact distances, many distance ties too
+    for weights, score_range in [((0.85, 0.10, 0.05), (0.0, 0.6)), ((1 / 3, 1 / 3, 1 / 3), (0.2, 0.9))]:
+        mined = medvl.triplet_mining(x.to(device), entities=[e.to(device) for e in entities], strategy="entities",
+                                     entity_weights=weights, score_range=score_range, backend=backend)
+        expected = exact_entity_triplets(entities, pairwise_distance(x, x, "squared_euclidean"), weights,
+                                         score_range)
+        assert_same(mined, expected, f"{backend} entities {weights} n={n}")
+
+
+@pytest.mark.parametrize("backend,device", [p.values for p in mining_backends("entities")])
+def test_entity_tie_built_from_different_terms(backend, device):
+    # Anchor 0: disease {0}, adjective {0}, direction {0}. Candidate 2 scores 0.05 from the direction
+    # alone (IoUs 0, 0, 1); candidate 3 scores 0.05 from a third of each of the other two (0, 1/3,
+    # 1/3), which float32 rounds to 0.050000004. Exactly, they tie: the nearer one, 3, is the negative.
+    # Candidate 1 is the anchor's twin (score 1), the positive.
+    disease = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.bool)
+    adjective = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    direction = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    x = torch.tensor([[0.0], [5.0], [3.0], [1.0]], device=device)
+    entities = [e.to(device) for e in (disease, adjective, direction)]
+    mined = medvl.triplet_mining(x, entities=entities, strategy="entities", score_range=(0.0, 0.6), backend=backend)
+    row = (mined.anchor == 0).nonzero().item()
+    assert (mined.positive[row].item(), mined.negative[row].item()) == (1, 3)
+    # And as the positive: among candidates 2 and 3 alone, the tie goes to the farther one, 2.
+    pair = medvl.triplet_mining(x[[0, 2, 3]], entities=[e[[0, 2, 3]] for e in entities], strategy="entities",
+                                score_range=(0.0, 0.01), backend=backend)
+    assert pair.anchor.numel() == 0  # no candidate scores below 0.01: no negative, no triplet
+    keys = entity_score_keys([e.cpu() for e in entities], [e.cpu() for e in entities], (17, 2, 1))
+    assert keys[0, 2] == keys[0, 3] == 1.0  # 0.05 x 20
+
+
+def test_entity_scoring_reads_weights_as_fractions():
+    scoring = entity_scoring((0.85, 0.10, 0.05), (0.25, 0.6))
+    assert scoring == (((17, 2, 1)), 5, 12, 20)
+    third = entity_scoring((1 / 3, 1 / 3, 1 / 3), (0.0, float("inf")))
+    assert third.weights == (1, 1, 1) and third.denominator == 3 and third.low == 0 and third.high == 4
+    assert entity_scoring((0.85, 0.10, 0.05), (-5.0, 0.5)).low == -21  # below every score: no lower bound
+
+
+def test_entity_weights_too_fine_for_exact_scores_are_refused():
+    entities = [torch.rand(8, 200) < 0.5 for _ in range(3)]
+    with pytest.raises(ValueError, match="cannot be compared exactly.*entity_weights"):
+        medvl.triplet_mining(torch.randn(8, 4), entities=entities, strategy="entities",
+                             entity_weights=(0.123457, 0.234567, 0.345679))
+
+
+# --------------------------------------------------------------------------------------------
+# The same result on every x86 machine.
+# --------------------------------------------------------------------------------------------
+
+
+def test_sqrt_rn_is_correctly_rounded():
+    # torch.sqrt on a CPU is MKL's, off by one unit in the last place for some inputs on some code paths.
+    numpy = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.arange(0, 200_000).float(), torch.rand(200_000, generator=g) * 1e4,
+                   torch.rand(1000, generator=g) * 1e-30, torch.tensor([0.0, 1e-45, 3.4e38, float("inf")])])
+    expected = torch.from_numpy(numpy.sqrt(x.numpy()))
+    assert torch.equal(sqrt_rn(x), expected)
+
+
+_MINING_ISA_SCRIPT = r"""
+import hashlib, json, torch, medvl
+from medvl.reference.triplet_mining import triplet_mining as reference_mining
+from tests.ops.test_triplet_mining import DISTANCES, STRATEGIES
+digest, mismatches = hashlib.sha256(), []
+for strategy in STRATEGIES:
+    for distance in DISTANCES:
+        # General float inputs: the cpu backend's exact bits, hashed.
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(260, 37, generator=g)
+        kw = {"labels": torch.randint(0, 6, (260,), generator=g)}
+        if strategy == "entities":
+            kw = {"entities": [torch.rand(260, k, generator=g) < 0.3 for k in (6, 8, 4)]}
+        for t in medvl.triplet_mining(x, strategy=strategy, distance=distance, backend="cpu", **kw):
+            digest.update(t.numpy().tobytes())
+        # Exact inputs: the cpu backend equals the reference under this process's MKL code path.
+        # (Seeds 280 and 289 once split them on cosine semi-hard under MKL's SSE4.2 square root.)
+        for seed in (3, 280, 289):
+            g = torch.Generator().manual_seed(seed)
+            dim = int(torch.randint(3, 40, (1,), generator=g))
+            x = torch.randint(-3, 4, (120, dim), generator=g).float()
+            kw = {"labels": torch.randint(0, 5, (120,), generator=g)}
+            if strategy == "entities":
+                kw = {"entities": [torch.rand(120, k, generator=g) < 0.3 for k in (6, 8, 4)]}
+            ours = medvl.triplet_mining(x, strategy=strategy, distance=distance, backend="cpu", **kw)
+            expected = reference_mining(x, strategy=strategy, distance=distance, **kw)
+            if not all(torch.equal(a, e) for a, e in zip(ours, expected)):
+                mismatches.append(f"{strategy}/{distance}/seed {seed}")
+print(json.dumps({"digest": digest.hexdigest(), "mismatches": mismatches}))
+"""
+
+
+def test_mining_is_the_same_on_every_instruction_set():
+    # The cpu backend picks its micro-kernel once per process (MEDVL_CPU_ISA lowers the choice), and
+    # MKL picks a code path for torch's CPU math (MKL_ENABLE_INSTRUCTIONS lowers it: SSE4.2 is what
+    # MKL runs on many non-Intel processors, and its square root rounds differently). Every pairing
+    # must give the same triplets: the bits of the result may not depend on the machine.
+    runs = {isa: run_script(_MINING_ISA_SCRIPT, env={"MEDVL_CPU_ISA": isa, "MKL_ENABLE_INSTRUCTIONS": mkl})
+            for isa, mkl in (("avx512", "AVX512"), ("avx2", "AVX2"), ("scalar", "SSE4_2"))}
+    for isa, run in runs.items():
+        assert not run["mismatches"], f"MEDVL_CPU_ISA={isa}: cpu backend differs from the reference in {run['mismatches']}"
+    assert len({run["digest"] for run in runs.values()}) == 1, {isa: run["digest"][:12] for isa, run in runs.items()}
+
+
+@pytest.mark.parametrize("backend,device", [p.values for p in mining_backends("semi_hard")])
+def test_semi_hard_without_positive_pairs(backend, device):
+    # No two rows share a label: no pair to mine, and no kernel should see an empty output (on CUDA an
+    # empty tensor has no pointer; the kernel refused it as "null negative pointer").
+    x = torch.randn(5, 3, device=device)
+    mined = medvl.triplet_mining(x, labels=torch.arange(5, device=device), strategy="semi_hard", backend=backend)
+    assert all(t.numel() == 0 and t.dtype == torch.int64 for t in mined)
+    single = medvl.triplet_mining(x[:1], labels=torch.zeros(1, dtype=torch.long, device=device),
+                                  strategy="semi_hard", backend=backend)
+    assert single.anchor.numel() == 0
