@@ -6,14 +6,23 @@ PIP := $(PY) -m pip
 # Build inputs: the editable install rebuilds medvl._C when one of these changes.
 CORE := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo bench test bench-full clean
+# Every version the two commands install, written by `make lock`.
+LOCK := requirements-lock.txt
+# torch and torchvision are pinned on purpose (an unpinned torch pulls the newest CUDA build).
+TORCH := torch==2.14.1 torchvision==0.29.1
+# The editable build runs without pip's build isolation, with these tools from the lock:
+# pyproject.toml's [build-system] requires, and the CMake and Ninja that scikit-build-core adds.
+BUILD_TOOLS := scikit-build-core pybind11 cmake ninja
+
+.PHONY: setup demo bench test bench-full lock test-latest clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: $(CORE) constraints.txt
+$(VENV)/.installed: $(CORE) $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	$(PIP) install --quiet -c $(LOCK) $(TORCH) $(BUILD_TOOLS)
+	$(PIP) install --quiet -c $(LOCK) --no-build-isolation -e ".[test]"
+	$(PY) .ci/lock.py check $(LOCK)
 	$(PY) -m medvl info
 	touch $@
 
@@ -34,5 +43,22 @@ test: setup
 bench-full: setup
 	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/pytest-benchmark-$$(hostname).json
 
+# Re-resolve the lock to the newest versions pyproject.toml's ranges allow. Run it on purpose, then
+# `make clean test` and commit the lock with what it changed.
+lock:
+	$(PYTHON) .ci/lock.py write $(LOCK) $(TORCH) -- $(BUILD_TOOLS)
+
+# The suite against the newest allowed versions of everything but torch, in a venv of its own (not
+# in CI): the next dependency release that breaks us shows up here before it reaches the lock.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade $(TORCH) $(BUILD_TOOLS)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation \
+	  --config-settings=build-dir=build/latest -e ".[test]"
+	$(LATEST)/bin/python .ci/lock.py diff $(LOCK)
+	$(LATEST)/bin/python -m pytest tests -q --timeout=900
+
 clean:
-	rm -rf build $(VENV) .pytest_cache
+	rm -rf build $(VENV) $(LATEST) .pytest_cache
