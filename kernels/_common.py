@@ -20,9 +20,11 @@ def popcount32(x):
 
 
 def fp32_dot_precision(device: torch.device) -> str:
-    """fp32 inputs: "tf32x3" (three TF32 MMAs, close to fp32) unless torch's own matmul precision
-    allows TF32 ("high"/"medium"), matching what a plain torch matmul would do. "ieee" would be exact
-    but runs on the CUDA cores at a fraction of the rate; the interpreter computes in fp32 anyway."""
+    """tl.dot's input_precision for fp32 operands, as torch's own float32 matmul precision allows:
+    "highest" (torch's default) keeps IEEE fp32 products, as a plain torch matmul does, so results
+    such as a 1x1x1 patch embedding of the windowed voxels stay bit-exact; "high" (TF32 or two
+    bf16 terms allowed) takes "tf32x3" (three TF32 MMAs, about 21 bits); "medium" takes "tf32".
+    The interpreter computes in fp32 anyway."""
     if device.type != "cuda":
         return "ieee"
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")

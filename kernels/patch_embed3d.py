@@ -52,7 +52,7 @@ Operand precision of tl.dot, always with fp32 accumulation:
   * fp16/bf16 weight: V (forward) and grad_out (grad_volume) are rounded to the weight's dtype, the
     tensor-core path. grad_weight has no weight: its operand dtype is grad_out's, V rounded to it.
   * fp32 weight (fp32 grad_out for grad_weight): fp32 operands, input_precision from
-    fp32_dot_precision(device) ("ieee" under the interpreter, TF32x3 or TF32 on a GPU).
+    fp32_dot_precision(device) (IEEE unless torch's float32 matmul precision allows TF32).
   * One exception: a uint16 volume without a window holds values up to 65535 > 65504, fp16's
     largest finite value, so with fp16 operands V would overflow to inf. V and the other operand
     stay fp32 in that case (the weight or grad_out is widened in registers).

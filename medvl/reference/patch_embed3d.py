@@ -33,7 +33,12 @@ def window_volume(volume: torch.Tensor, window: Optional[Tuple[float, float]], o
     lo, hi = (float(v) for v in window)
     out_lo, out_hi = (float(v) for v in out_range)
     x = ((x - lo) / (hi - lo)) * (out_hi - out_lo) + out_lo
-    return torch.clamp(x, out_lo, out_hi)
+    # The gradient passes strictly between the bounds, as the kernels' and patch_embed3d_backward's:
+    # pinned here rather than left to torch.clamp, whose gradient on a bound was 1 until torch's
+    # minimum-norm subgradient change (pytorch/pytorch#191142) and is 0 in 2.14. The GPU check ran
+    # torch 2.11, whose reference then disagreed with the kernels on every voxel at a window edge.
+    inside = (x > out_lo) & (x < out_hi)
+    return torch.where(inside, x, torch.clamp(x, out_lo, out_hi).detach())
 
 
 def patch_embed3d(

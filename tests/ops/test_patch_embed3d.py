@@ -410,3 +410,28 @@ def test_from_monai_rejects_a_block_without_a_conv():
     block.position_embeddings = torch.nn.Parameter(torch.zeros(1, 8, 8))
     with pytest.raises(TypeError, match="proj_type='conv'"):
         medvl.nn.PatchEmbed3d.from_monai(block)
+
+
+def test_reference_window_gradient_does_not_follow_torch_clamp(monkeypatch):
+    # torch.clamp's gradient on a bound changed from 1 to 0 (pytorch/pytorch#191142); the GPU check
+    # ran a torch that passed it, and the reference then disagreed with every kernel at the window's
+    # edges. The reference pins the rule (strictly inside only); an inclusive clamp must not move it.
+    class InclusiveClamp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, lo, hi):
+            ctx.save_for_backward(x)
+            ctx.bounds = (lo, hi)
+            return x.clamp(lo, hi)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            lo, hi = ctx.bounds
+            return grad * ((x >= lo) & (x <= hi)), None, None
+
+    volume = torch.tensor([-1.0, -0.5, 0.0, 1.0, 1.5], dtype=torch.float64).reshape(1, 1, 1, 1, 5)
+    weight = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+    monkeypatch.setattr(torch, "clamp", lambda x, lo, hi: InclusiveClamp.apply(x, lo, hi))
+    leaf = volume.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(reference(leaf, weight, patch_size=(1, 1, 1), window=(-1.0, 1.0)).sum(), leaf)
+    assert grad.flatten().tolist() == [0.0, 0.5, 0.5, 0.0, 0.0]
