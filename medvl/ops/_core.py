@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -70,6 +71,67 @@ def cuda_arch_supported(device: torch.device) -> Optional[str]:
     return f"compiled for sm_{{{','.join(archs)}}}, device is sm_{major}{minor}; rebuild with MEDVL_CUDA_ARCHS"
 
 
+# ---------------------------------------------------------------------------------------------
+# What the backend choice may know: found once per device (or kernel module), then constant.
+# torch.compile calls these eagerly and bakes their results into the graph
+# (torch.compiler.assume_constant_result), so Dynamo never traces into medvl._C or an import.
+# ---------------------------------------------------------------------------------------------
+
+
+class DeviceFacts(NamedTuple):
+    device_class: str  # "cpu", or "sm_90" for a CUDA device of compute capability 9.0
+    cuda_problem: Optional[str]  # why the compiled CUDA kernels can't run there; None when they can
+    triton_problem: Optional[str]  # why the Triton kernels can't
+
+
+_DEVICE_FACTS: Dict[Tuple[str, int], DeviceFacts] = {}
+_KERNEL_MODULE_PROBLEMS: Dict[str, Optional[str]] = {}
+# The compiled entry points, fixed at import: `name in C_ENTRIES` is plain Python under tracing.
+C_ENTRIES = frozenset(dir(_C)) if _C is not None else frozenset()
+
+
+def _find_device_facts(device_type: str, index: int) -> DeviceFacts:
+    triton_problem = triton_import_error()
+    if device_type == "cuda":
+        device = torch.device("cuda", index if index >= 0 else torch.cuda.current_device())
+        major, minor = torch.cuda.get_device_capability(device)
+        usable, why_not = cuda_core_state()
+        cuda_problem = (why_not or None) if not usable else cuda_arch_supported(device)
+        return DeviceFacts(f"sm_{major}{minor}", cuda_problem, triton_problem)
+    if triton_problem is None:
+        if device_type == "cpu" and not triton_interpreter():
+            triton_problem = "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+        elif device_type != "cpu":
+            triton_problem = f"tensors are on {device_type}"
+    return DeviceFacts(device_type, f"tensors are on {device_type}, not a CUDA device", triton_problem)
+
+
+@torch.compiler.assume_constant_result
+def _device_facts(device_type: str, index: int) -> DeviceFacts:
+    key = (device_type, index)
+    if key not in _DEVICE_FACTS:
+        _DEVICE_FACTS[key] = _find_device_facts(device_type, index)
+    return _DEVICE_FACTS[key]
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    return _device_facts(device.type, -1 if device.index is None else device.index)
+
+
+@torch.compiler.assume_constant_result
+def kernel_module_problem(op: str) -> Optional[str]:
+    """Why medvl.kernels.<op> can't be imported (None when it can)."""
+    if op not in _KERNEL_MODULE_PROBLEMS:
+        problem = triton_import_error()
+        if problem is None:
+            try:
+                importlib.import_module(f"medvl.kernels.{op}")
+            except ImportError as error:
+                problem = f"medvl.kernels.{op} failed to import ({error})"
+        _KERNEL_MODULE_PROBLEMS[op] = problem
+    return _KERNEL_MODULE_PROBLEMS[op]
+
+
 def cpu_threads() -> int:
     return max(1, torch.get_num_threads())
 
@@ -90,31 +152,23 @@ def cpu_backend_reasons(tensor: torch.Tensor, entry: str) -> List[str]:
     """The compiled CPU kernel `entry` of medvl._C."""
     if _C is None:
         return [C_IMPORT_ERROR]
-    why = [] if hasattr(_C, entry) else [f"medvl._C was built without {entry}"]
+    why = [] if entry in C_ENTRIES else [f"medvl._C was built without {entry}"]
     if tensor.device.type != "cpu":
         why.append(f"tensors are on {tensor.device}, not the CPU")
     return why + dtype_reasons(tensor)
 
 
-def cuda_backend_reasons(tensor: torch.Tensor) -> List[str]:
-    """The compiled CUDA kernels."""
-    if tensor.device.type != "cuda":
-        return [f"tensors are on {tensor.device}, not a CUDA device"]
-    usable, why_not = cuda_core_state()
-    if not usable:
-        return [why_not]
-    arch = cuda_arch_supported(tensor.device)
-    return ([arch] if arch else []) + dtype_reasons(tensor)
-
-
-def triton_backend_reasons(tensor: torch.Tensor) -> List[str]:
-    """The Triton kernels: a CUDA device, or CPU tensors under the interpreter."""
-    problem = triton_import_error()
+def cuda_backend_reasons(tensor: torch.Tensor, entry: str) -> List[str]:
+    """The compiled CUDA kernel `entry` of medvl._C."""
+    problem = device_facts(tensor.device).cuda_problem
     if problem:
         return [problem]
-    why = []
-    if tensor.device.type == "cpu" and not triton_interpreter():
-        why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set")
-    elif tensor.device.type not in ("cpu", "cuda"):
-        why.append(f"tensors are on {tensor.device}")
-    return why + dtype_reasons(tensor)
+    if entry not in C_ENTRIES:
+        return [f"medvl._C was built without {entry}"]
+    return dtype_reasons(tensor)
+
+
+def triton_backend_reasons(tensor: torch.Tensor, op: str) -> List[str]:
+    """The Triton kernels of `op`: a CUDA device, or CPU tensors under the interpreter."""
+    problem = device_facts(tensor.device).triton_problem or kernel_module_problem(op)
+    return ([problem] if problem else []) + dtype_reasons(tensor)

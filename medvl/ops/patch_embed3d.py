@@ -120,20 +120,11 @@ def _cpu_reasons(volume, weight) -> List[str]:
 
 
 def _cuda_reasons(volume, weight) -> List[str]:
-    why = _core.cuda_backend_reasons(weight)
-    if not why and not hasattr(_C, "patch_embed3d_cuda"):
-        why.append("medvl._C was built without patch_embed3d_cuda")
-    return why + _volume_dtype_reasons(volume)
+    return _core.cuda_backend_reasons(weight, "patch_embed3d_cuda") + _volume_dtype_reasons(volume)
 
 
 def _triton_reasons(volume, weight) -> List[str]:
-    why = _core.triton_backend_reasons(weight)
-    if not _core.triton_import_error():
-        try:
-            from medvl.kernels import patch_embed3d  # noqa: F401
-        except ImportError as error:
-            why.append(f"medvl.kernels.patch_embed3d failed to import ({error})")
-    return why + _volume_dtype_reasons(volume)
+    return _core.triton_backend_reasons(weight, OP) + _volume_dtype_reasons(volume)
 
 
 BACKENDS = {

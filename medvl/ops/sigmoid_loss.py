@@ -101,11 +101,11 @@ def _cpu_reasons(image, text) -> List[str]:
 
 
 def _cuda_reasons(image, text) -> List[str]:
-    return _core.cuda_backend_reasons(image)
+    return _core.cuda_backend_reasons(image, "sigmoid_loss_cuda")
 
 
 def _triton_reasons(image, text) -> List[str]:
-    return _core.triton_backend_reasons(image)
+    return _core.triton_backend_reasons(image, OP)
 
 
 BACKENDS = {
@@ -150,8 +150,19 @@ def sigmoid_loss_forward(
     if not compute_grad:
         # Separate empties: a custom op's outputs may not alias each other.
         return (loss_sum, *(row_loss.new_empty(0) for _ in range(4)))
-    scale_grad = (image.float() * grad_image).sum()
-    return loss_sum, row_gsum.sum(), scale_grad, grad_image, grad_text
+    return loss_sum, row_gsum.sum(), _rowwise_dot_sum(image, grad_image), grad_image, grad_text
+
+
+def _rowwise_dot_sum(image: torch.Tensor, grad_image: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """sum_i <x_i, grad_image_i> in float32 (d loss_sum / d logit_scale) without a B x D temporary:
+    one dot product for float32 features, row chunks of bounded size for 16-bit ones."""
+    if image.dtype == torch.float32:
+        return torch.dot(image.reshape(-1), grad_image.reshape(-1))
+    total = grad_image.new_zeros(())
+    for start in range(0, image.shape[0], rows_per_chunk):
+        chunk = slice(start, start + rows_per_chunk)
+        total += torch.dot(image[chunk].reshape(-1).float(), grad_image[chunk].reshape(-1))
+    return total
 
 
 @sigmoid_loss_forward.register_fake

@@ -138,20 +138,11 @@ def _cpu_reasons(anchors, strategy) -> List[str]:
 
 
 def _triton_reasons(anchors, strategy) -> List[str]:
-    why = _core.triton_backend_reasons(anchors)
-    if _core.triton_import_error():
-        return why
-    try:
-        from medvl.kernels import triplet_mining as triton_kernels
-    except ImportError as error:
-        return why + [f"medvl.kernels.triplet_mining failed to import ({error})"]
-    if strategy not in triton_kernels.SUPPORTED_STRATEGIES:
-        why.append(f"strategy {STRATEGIES[strategy]!r} has no Triton kernel yet")
-    return why
+    return _core.triton_backend_reasons(anchors, OP)
 
 
 def _cuda_reasons(anchors, strategy) -> List[str]:
-    return _core.cuda_backend_reasons(anchors)
+    return _core.cuda_backend_reasons(anchors, "triplet_mining_cuda")
 
 
 BACKENDS = {
