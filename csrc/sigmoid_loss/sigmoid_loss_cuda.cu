@@ -76,6 +76,11 @@ struct Config {
   static constexpr int kDC = kTensor ? 256 : 128;  // D columns of the gradient owned by a block
   static constexpr int kLDC = kTensor ? kDC + 8 : kDC;
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+  // fp16 G: SigLIP's negatives have g ~ sigmoid(-10) ~ 4.5e-5, below fp16's smallest normal; cast
+  // as is they would keep a few bits, rounded the same way for every negative. G goes into the
+  // tile times 2^14 (|G| 2^14 <= 16384 < 65504) and the accumulator comes out times 2^-14, both
+  // exact (the Triton kernel's _FP16_G_SCALE). bf16 has fp32's exponent range; fp32 needs nothing.
+  static constexpr float kGScale = std::is_same<T, __half>::value ? 16384.f : 1.f;
 };
 
 #include "common/cuda_score_tile.cuh"
@@ -223,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_pass(const PassParams p) {
           g = (1.f - y) * sig_pos - y * sig_neg;
           tile_g += g;
         }
-        if constexpr (kGrad) g_s[er * kLDG + c] = from_float<T>(g);
+        if constexpr (kGrad) g_s[er * kLDG + c] = from_float<T>(g * C::kGScale);
       }
       loss_acc += tile_loss;
       gsum_acc += tile_g;
@@ -297,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_pass(const PassParams p) {
           const int e = lane + 32 * m;
           const int64_t row = a0 + wm * 16 + e / 16;
           const int64_t col = d0 + wn * 128 + f * 16 + e % 16;
-          if (row < n_a && col < dim) out[row * dim + col] = scratch[e];
+          if (row < n_a && col < dim) out[row * dim + col] = scratch[e] * (1.f / C::kGScale);
         }
         __syncwarp();
       }

@@ -23,11 +23,34 @@ def world_size(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+_HOST_GROUPS: dict = {}
+
+
+def host_group(group):
+    """A group over `group`'s ranks that exchanges CPU tensors: `group` itself when its backend
+    takes them (gloo, or "cpu:gloo,cuda:nccl"), else one gloo group over the world, made once, at
+    the first call (every rank makes it there: the losses run on every rank). None for an NCCL
+    subgroup, whose ranks alone could not make a new group."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend:
+        return group
+    if group is not None and group is not dist.group.WORLD:
+        return None
+    if "world" not in _HOST_GROUPS:
+        _HOST_GROUPS["world"] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS["world"]
+
+
 def all_gather_sizes(values: Sequence[int], group, device: torch.device) -> torch.Tensor:
-    """(world, len(values)) int64 of every rank's `values`."""
-    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    """(world, len(values)) int64 of every rank's `values`, on the CPU.
+
+    The sizes are host facts (they shape the receive buffers), so they travel through a host group:
+    gathering them on the GPU and reading them back would make the CPU wait for every kernel queued
+    before the loss, each step. Only an NCCL subgroup takes that path."""
+    host = host_group(group)
+    mine = torch.tensor(list(values), dtype=torch.int64, device="cpu" if host is not None else device)
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, mine, group=group)
+    dist.all_gather(out, mine, group=group if host is None else host)
     return torch.stack(out).cpu()
 
 

@@ -87,12 +87,11 @@ class _DistributedSigmoidLoss(torch.autograd.Function):
             raise RuntimeError("medvl.sigmoid_loss ran without grad enabled, so it kept no gradients")
         # The text gradient already sums every rank's contribution, which is right only if every
         # rank's loss receives the same grad_output (loss.backward() on each rank does).
+        # Checked on the device (an asynchronous assert on CUDA): no host sync at the start of backward.
         outputs = _exchange.all_gather_scalar(grad_loss, ctx.group)
-        if not torch.equal(outputs, outputs[:1].expand_as(outputs)):
-            raise RuntimeError(
-                "medvl.sigmoid_loss with a process group needs the same grad_output on every rank, got "
-                f"{outputs.tolist()}; scale the loss identically on every rank"
-            )
+        torch._assert_async((outputs == outputs[0]).all(),
+                            "medvl.sigmoid_loss with a process group needs the same grad_output on every rank; "
+                            "scale the loss identically on every rank")
         scale, gsum, scale_grad, grad_image, grad_text = ctx.saved_tensors
         image_dtype, text_dtype = ctx.dtypes
         grad_loss = grad_loss.float()

@@ -179,6 +179,15 @@ def build_path(path: str, model_name: str = "vit3d-tiny", volume_size: Optional[
 # ---------------------------------------------------------------------------------------------
 
 
+def indexed(device) -> torch.device:
+    """"cuda" as "cuda:<current device>": torch's property and memory-cap calls want the index
+    (torch 2.11's get_device_properties refused a bare "cuda" on the H200)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -270,7 +279,7 @@ def measure_step(model, loss_fn, batch_size: int, volume_shape: Sequence[int], s
 
     if int(steps) < 1 or int(warmup) < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps}, {warmup}")
-    device = torch.device(device)
+    device = indexed(device)
     model.to(device)  # the model state is counted exactly, not in the measured growth
     if precision == "bf16-params":
         model.to(torch.bfloat16)
@@ -544,7 +553,7 @@ def largest_batch(path: str, budget_bytes: float, *, model_name: str = "vit3d-ti
     heap), 0 on CUDA. Returns batch (0: not even 1 fits), budget_mib, cap, capped (the answer is the cap:
     more may fit), resolution and the probes (batch, peak_mib, fits) in order.
     """
-    device = torch.device(device)
+    device = indexed(device)
     if resolution is None:
         resolution = 0.0 if device.type == "cuda" else 0.02
     probes: List[Dict[str, Any]] = []
@@ -592,7 +601,7 @@ def largest_batch(path: str, budget_bytes: float, *, model_name: str = "vit3d-ti
 def _budget_bytes(spec: str, device: torch.device) -> float:
     if spec == "full":
         if device.type == "cuda":
-            return float(torch.cuda.get_device_properties(device).total_memory)
+            return float(torch.cuda.get_device_properties(indexed(device)).total_memory)
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return float(spec) * 2**20
 

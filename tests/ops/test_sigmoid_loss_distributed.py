@@ -119,6 +119,22 @@ def _worker(rank, world, port):
             assert "same grad_output on every rank" in str(error), str(error)
         else:
             raise AssertionError("unequal grad_outputs across ranks were accepted")
+        # 4. Under NCCL the batch sizes travel through a gloo group of their own (no GPU sync each
+        # step). Pretend the group is NCCL: the sizes take that path, and the results stay the same.
+        from medvl.ops import _exchange
+
+        real_backend = dist.get_backend
+        dist.get_backend = lambda group=None: "nccl"
+        try:
+            ranks = _data(world, sizes, 12, "label", seed=2)
+            x, t, labels = ranks[rank]
+            expected = _expected(ranks, rank, "label", 7.5, -3.0)
+            ours = _run(rank, world, x, t, labels, "label", "ring", scale=7.5, bias=-3.0)
+            for name, a, e in zip(("loss", "d_image", "d_text", "d_scale", "d_bias"), ours, expected):
+                _close(a, e, f"rank {rank} sizes through the host group: {name}")
+            assert "world" in _exchange._HOST_GROUPS
+        finally:
+            dist.get_backend = real_backend
         # Every rank done before any tears its connections down (gloo aborts a peer still talking).
         dist.barrier()
     finally:

@@ -122,3 +122,19 @@ def test_isolated_errors_come_back():
     with pytest.raises(RuntimeError, match="path must be one of"):
         throughput.run_isolated(throughput._measure_path, path="nope", model_name="vit3d-tiny", volume_size=SIZE,
                                 batch_size=1, steps=1, warmup=0, device="cpu", precision="fp32")
+
+
+def test_cuda_memory_calls_get_a_device_index(monkeypatch):
+    # torch 2.11 refused get_device_properties("cuda") (no index): the GPU's largest-batch benchmark
+    # died on it. Strict stand-ins for the calls make the same mistake fail here.
+    def strict(device=None, *rest):
+        if not isinstance(device, int) and (device is None or torch.device(device).index is None):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got: {device}")
+        return type("Properties", (), {"total_memory": 80 * 2**30})()
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", strict)
+    assert throughput.indexed("cuda") == torch.device("cuda", 3)
+    assert throughput.indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert throughput.indexed("cpu") == torch.device("cpu")
+    assert throughput._budget_bytes("full", torch.device("cuda")) == 80 * 2**30
