@@ -6,7 +6,7 @@
 // Three kernels, one tile machinery (block = 256 threads = 8 warps, C tile BM x BN = 64 x 64, reduction
 // in steps of BK = 32):
 //
-//   forward      C[t, e] = V[t, :] . W[e, :]     block (x: 64 tokens, y: 64 embed columns), loop over K;
+//   forward      C[t, e] = V[t, :] . W[e, :]     block (64 tokens, 64 embed columns), loop over K;
 //                A = V gathered [token][k], B = W rows [e][k]. Epilogue: + bias, + pos_embed (fp32),
 //                one rounding to out_type.
 //   grad_weight  C[e, k] = sum_t G[t, e] V[t, k] block (x: 64 columns k, y: 64 embed rows, z: token split),
@@ -14,10 +14,14 @@
 //                output tiles the tokens are split (grad_weight_splits, shapes only): each split
 //                writes an fp32 partial into the workspace, and reduce_splits sums them in split order,
 //                so the result is bitwise deterministic and uses no atomics.
-//   grad_volume  C[t, k] = sum_e G[t, e] W[e, k] block (x: 64 tokens, y: 64 columns k), loop over E;
+//   grad_volume  C[t, k] = sum_e G[t, e] W[e, k] block (64 tokens, 64 columns k), loop over E;
 //                A = G staged [t][e], B = W staged [e][k]. Epilogue: the window derivative (the raw
 //                voxel is re-read) and a plain store at the voxel of (t, k): (t, k) -> voxel is a
 //                bijection onto the volume when grid = ceil(size / patch), so nothing is zeroed first.
+//
+// Block order (forward and grad_volume): a 1-D grid in which the output's column tiles vary fastest,
+// so the blocks that gather the same 64 tokens run together and their voxels come from L2: a volume
+// larger than L2 is read from DRAM about once, not once per column tile (E / 64 or K / 64 times).
 //
 // Gathers: a token is split once into (base offset, room per axis) and a column into (offset,
 // q0, q1, q2) (TokenSlot / ColumnSlot, kept in shared memory for the tile's rows and the current
@@ -39,8 +43,8 @@
 //
 // Shared memory (dynamic, < 48 KiB in every instantiation): A and B tiles (padded strides), the fp32
 // C tile the accumulators are staged through for the epilogue, and 64 token + 64 column slots.
-// The device helpers that do index arithmetic, staging and epilogues are __host__ __device__ with the
-// thread index as a parameter, so they can be exercised by a host emulation of the block (no GPU).
+// The device helpers that do index arithmetic, staging and epilogues take the thread index as a
+// parameter (they are __host__ __device__, but no host emulation of the block exists yet).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -146,8 +150,8 @@ __host__ __device__ __forceinline__ void store_grad_voxel(void* dst, VolumeType 
     static_cast<float*>(dst)[i] = v;
 }
 
-// Round-to-nearest arithmetic that no -fmad or fast-math setting can fuse or approximate. The host
-// versions exist for the host emulation (x86-64 SSE arithmetic is IEEE single, round to nearest).
+// Round-to-nearest arithmetic that no -fmad or fast-math setting can fuse or approximate (the host
+// versions keep the helpers compilable as __host__ __device__; x86-64 SSE is IEEE single).
 __host__ __device__ __forceinline__ float sub_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fsub_rn(a, b);
@@ -433,7 +437,7 @@ __host__ __device__ __forceinline__ void load_grad_out_tile(T* __restrict__ s, c
 
 // Thread (tx, ty) = (tid % 16, tid / 16) owns rows ty + 16 i, columns tx + 16 j (i, j < 4): in a warp
 // the A reads are two broadcasts and the B reads 16 consecutive (or odd-strided) words. Used for fp32
-// operands on the GPU; the host emulation uses it for every operand type.
+// operands on the GPU.
 template <typename T, bool kAMajorM, bool kBMajorN>
 struct FmaTile {
   using L = Layout<T, kAMajorM, kBMajorN>;
@@ -573,8 +577,9 @@ __global__ void __launch_bounds__(kThreads) patch_embed3d_forward_kernel(const P
   ColumnSlot* col = reinterpret_cast<ColumnSlot*>(smem + L::kCol);
 
   const int tid = threadIdx.x;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int64_t column_tiles = (p.embed + kBN - 1) / kBN;  // vary fastest: see "Block order"
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) / column_tiles * kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) % column_tiles * kBN;
   const WT* w = static_cast<const WT*>(p.weight);
 
   fill_tokens(tok, p.g, m0, kBM, p.g.rows, tid);
@@ -636,8 +641,9 @@ __global__ void __launch_bounds__(kThreads) patch_embed3d_grad_volume_kernel(con
   ColumnSlot* col = reinterpret_cast<ColumnSlot*>(smem + L::kCol);
 
   const int tid = threadIdx.x;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;  // tokens
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;  // columns k
+  const int64_t column_tiles = (p.g.cols + kBN - 1) / kBN;  // vary fastest: see "Block order"
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) / column_tiles * kBM;  // tokens
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) % column_tiles * kBN;  // columns k
   const T* w = static_cast<const T*>(p.weight);
 
   // Read only by the epilogue, after the loop's barriers.
@@ -763,9 +769,9 @@ void require_grid(int64_t x, int64_t y, int64_t z) {
 }
 
 void run_forward(const Params& p, DType weight_type, cudaStream_t stream) {
-  const int64_t bx = ceil_div(p.g.rows, kBM), by = ceil_div(p.embed, kBN);
-  require_grid(bx, by, 1);
-  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+  const int64_t blocks = ceil_div(p.g.rows, kBM) * ceil_div(p.embed, kBN);
+  require_grid(blocks, 1, 1);
+  const dim3 grid(static_cast<unsigned>(blocks));
   const char* what = "launching patch_embed3d_forward_kernel";
   switch (weight_type) {
     case DType::kFloat32:
@@ -812,9 +818,9 @@ void run_grad_weight(const PatchEmbed3dArgs& args, Params p, DType weight_type, 
 }
 
 void run_grad_volume(const Params& p, DType weight_type, cudaStream_t stream) {
-  const int64_t bx = ceil_div(p.g.rows, kBM), by = ceil_div(p.g.cols, kBN);
-  require_grid(bx, by, 1);
-  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+  const int64_t blocks = ceil_div(p.g.rows, kBM) * ceil_div(p.g.cols, kBN);
+  require_grid(blocks, 1, 1);
+  const dim3 grid(static_cast<unsigned>(blocks));
   const char* what = "launching patch_embed3d_grad_volume_kernel";
   switch (weight_type) {
     case DType::kFloat32:

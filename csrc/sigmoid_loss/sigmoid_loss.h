@@ -58,6 +58,8 @@ size_t sigmoid_loss_cpu_workspace_bytes(int64_t n_image, int64_t n_text, int64_t
 void sigmoid_loss_cpu(const SigmoidLossArgs& args, int threads);
 
 #ifdef MEDVL_WITH_CUDA
+// 0 for every size today (the D-chunked grid keeps its partial sums in registers); kept so that both
+// compiled backends share one calling convention, and a future split-K design can ask for scratch.
 size_t sigmoid_loss_cuda_workspace_bytes(int64_t n_image, int64_t n_text, int64_t dim, bool compute_grad);
 void sigmoid_loss_cuda(const SigmoidLossArgs& args, void* stream);
 #endif

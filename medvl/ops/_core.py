@@ -141,8 +141,9 @@ def pointer(tensor: Optional[torch.Tensor]) -> int:
 
 
 def workspace(nbytes: int, device: torch.device) -> torch.Tensor:
-    """Scratch memory from torch's allocator (the caching allocator on CUDA)."""
-    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+    """Scratch memory from torch's allocator (the caching allocator on CUDA); empty, with a null
+    pointer, when a kernel needs none."""
+    return torch.empty(max(int(nbytes), 0), dtype=torch.uint8, device=device)
 
 
 # Why each kind of fused backend can't take a tensor; the ops add their own limits on top.

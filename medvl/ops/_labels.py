@@ -28,20 +28,24 @@ def unpack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def same_label_pairs(labels: torch.Tensor, candidate_labels: torch.Tensor, exclude_self: bool
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every (anchor, candidate) pair with equal labels, in row-major order, in O(B + pairs) memory.
+    """Every (anchor, candidate) pair with equal labels, in row-major order.
 
     Returns (offsets[B_a + 1], anchor[P], candidate[P]): the pairs of anchor i are
-    offsets[i]:offsets[i + 1], candidates ascending.
+    offsets[i]:offsets[i + 1], candidates ascending. Memory is O(B + P): the P pairs are semi-hard
+    mining's output (one triplet per positive pair), about B^2 / C for C equally frequent labels;
+    besides them one P-long index is made, and nothing B x B.
     """
     order = torch.argsort(candidate_labels, stable=True)
     sorted_labels = candidate_labels[order]
     start = torch.searchsorted(sorted_labels, labels, side="left")
     counts = torch.searchsorted(sorted_labels, labels, side="right") - start
-    anchors = torch.arange(labels.shape[0], device=labels.device)
-    anchor = torch.repeat_interleave(anchors, counts)
+    anchor = torch.repeat_interleave(torch.arange(labels.shape[0], device=labels.device), counts)
+    # Pair p of anchor i sits at sorted position start[i] + (p - first[i]): one P-long index.
     first = torch.cumsum(counts, 0) - counts
-    position = torch.arange(anchor.shape[0], device=labels.device) - torch.repeat_interleave(first, counts)
-    candidate = order[torch.repeat_interleave(start, counts) + position]
+    index = torch.repeat_interleave(start - first, counts)
+    index += torch.arange(index.shape[0], device=labels.device)
+    candidate = order[index]
+    del index
     if exclude_self:
         keep = candidate != anchor
         anchor, candidate = anchor[keep], candidate[keep]
