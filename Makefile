@@ -14,7 +14,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # pyproject.toml's [build-system] requires, and the CMake and Ninja that scikit-build-core adds.
 BUILD_TOOLS := scikit-build-core pybind11 cmake ninja
 
-.PHONY: setup demo bench test bench-full lock test-latest clean
+.PHONY: setup demo bench test bench-full lock test-latest gpu-wheels gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,26 @@ test-latest:
 	  --config-settings=build-dir=build/latest -e ".[test]"
 	$(LATEST)/bin/python .ci/lock.py diff $(LOCK)
 	$(LATEST)/bin/python -m pytest tests -q --timeout=900
+
+# A GPU check for contributors. On a development machine, `make gpu-wheels` downloads (as locked)
+# what a bare GPU machine lacks, for its Python, into .whl/ (git ignores it); carry the working tree
+# with .whl/ there and run `make gpu-check`: build for that GPU, every op test on it, the benchmarks,
+# the refreshed backend order, all in under six minutes (bench/gpu_check.sh, logs in $$OUT or
+# bench/results/gpu-check/).
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := monai pydicom nibabel open_clip_torch pytorch-metric-learning ftfy wcwidth
+# Peers measured on the GPU only (not dependencies, so not in the lock).
+GPU_PEERS := siglip-kernel==0.1.2
+gpu-wheels:
+	rm -rf .whl && mkdir .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -d .whl \
+	  $$($(PYTHON) .ci/lock.py pins $(LOCK) $(GPU_WHEELS)) $(GPU_PEERS)
+	du -sh .whl
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) $(LATEST) .pytest_cache

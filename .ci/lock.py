@@ -5,6 +5,7 @@
         without installing or building anything, and write every distribution as name==version.
     python .ci/lock.py check LOCK                      does this interpreter hold exactly the locked versions?
     python .ci/lock.py diff LOCK                       print where this interpreter differs from the lock.
+    python .ci/lock.py pins LOCK NAME...               print NAME==version for each NAME, from the lock.
 
 The lock holds one platform: the CPython minor version and the machine it was written on (its header
 says which). `check` fails there on a distribution that is missing from the lock or at another
@@ -103,6 +104,14 @@ def main(argv) -> int:
         return 0
     if len(argv) == 2 and argv[0] == "check":
         return check(argv[1])
+    if len(argv) >= 2 and argv[0] == "pins":
+        pins = read_lock(argv[1])[0]
+        missing = [name for name in argv[2:] if canonical(name) not in pins]
+        if missing:
+            print(f"not in {argv[1]}: {' '.join(missing)}", file=sys.stderr)
+            return 1
+        print(" ".join(f"{name}=={pins[canonical(name)]}" for name in argv[2:]))
+        return 0
     if len(argv) == 2 and argv[0] == "diff":
         print("\n".join(differences(argv[1])[0]) or f"as {argv[1]}")
         return 0

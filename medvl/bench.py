@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 
+# What each op's rows are called in the tables and the saved results (bench/backend_order.py reads them).
+BENCH_LABELS = {"sigmoid_loss": "sigmoid_loss fwd+bwd", "triplet_mining": "batch-hard mining",
+                "patch_embed3d": "patch_embed3d fwd+bwd"}
+
+
 @dataclass
 class Measurement:
     op: str
@@ -155,6 +160,12 @@ def sigmoid_loss_methods(device: torch.device) -> Dict[str, Callable]:
         pass
     if device.type == "cuda":
         methods["reference-compiled"] = torch.compile(reference_loss)
+        try:  # siglip-kernel (PyPI): a fused Triton SigLIP loss, pair targets only; its scale is exp(log_t)
+            from siglip_kernel import fused_siglip_loss
+
+            methods["siglip-kernel"] = lambda x, t, s, b: fused_siglip_loss(x, t, torch.log(s), b)
+        except ImportError:
+            pass
     return methods
 
 
@@ -176,7 +187,7 @@ def bench_sigmoid_loss(n: int, dim: int, dtype: torch.dtype, device: torch.devic
                 v.grad = None
             loss_fn(x, t, s, b).backward()
 
-        results.append(measure("sigmoid_loss fwd+bwd", f"B={n} D={dim} {str(dtype)[6:]}", name, step, device,
+        results.append(measure(BENCH_LABELS["sigmoid_loss"], f"B={n} D={dim} {str(dtype)[6:]}", name, step, device,
                                repeats, flops))
     return results
 
@@ -217,7 +228,7 @@ def bench_triplet_mining(n: int, dim: int, dtype: torch.dtype, device: torch.dev
     for name, miner in triplet_mining_methods(device).items():
         if methods and name not in methods:
             continue
-        results.append(measure("batch-hard mining", f"B={n} D={dim} {str(dtype)[6:]}", name,
+        results.append(measure(BENCH_LABELS["triplet_mining"], f"B={n} D={dim} {str(dtype)[6:]}", name,
                                lambda miner=miner: miner(x, labels), device, repeats, 2.0 * n * n * dim))
     return results
 
@@ -349,7 +360,7 @@ def bench_patch_embed3d(case, device: torch.device, repeats: int, methods: Optio
     for name, make in patch_embed3d_methods(device).items():
         if methods and name not in methods:
             continue
-        m = measure("patch_embed3d fwd+bwd", inputs["shape"], name, patch_embed3d_step(make, inputs), device, repeats,
+        m = measure(BENCH_LABELS["patch_embed3d"], inputs["shape"], name, patch_embed3d_step(make, inputs), device, repeats,
                     inputs["flops"])
         m.extra["limit_s"] = limit
         m.extra["volume_gbps"] = volume.numel() * volume.element_size() / m.median_s / 1e9
@@ -425,8 +436,12 @@ def environment(device: torch.device) -> Dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    return {"git_sha": sha or "unknown", "torch": torch.__version__, "triton": triton_version,
-            "device": machine_name(device), "threads": str(torch.get_num_threads())}
+    facts = {"git_sha": sha or "unknown", "torch": torch.__version__, "triton": triton_version,
+             "device": machine_name(device), "threads": str(torch.get_num_threads())}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        facts["device_class"] = f"sm_{major}{minor}"  # the key of medvl/ops/backend_order.json
+    return facts
 
 
 def save(results: List[Measurement], rate: float, device: torch.device, path: str) -> None:
