@@ -330,16 +330,14 @@ def test_forced_backend_that_cannot_run_lists_its_reasons():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_opcheck(backend):
-    if backend == "cpu" and ("cpu", "cpu") not in available_backends():
-        pytest.skip("medvl._C is not built")
-    volume = make_volume(torch.float32, (2, 1, 4, 6, 5)).requires_grad_()
-    weight, bias, pos = make_params(1, (2, 3, 2), 5, tokens_of((4, 6, 5), (2, 3, 2)))
+@pytest.mark.parametrize("backend,device", [p for p in available_backends() if not (p[0] == "triton" and p[1] == "cpu")])
+def test_opcheck(backend, device):
+    volume = make_volume(torch.float32, (2, 1, 4, 6, 5)).to(device).requires_grad_()
+    weight, bias, pos = (t.to(device) for t in make_params(1, (2, 3, 2), 5, tokens_of((4, 6, 5), (2, 3, 2))))
     args = (volume, weight.requires_grad_(), bias.requires_grad_(), pos[0].requires_grad_(), [2, 3, 2],
             [-1.0, 1.0, 0.0, 1.0], torch.float32, backend)
     torch.library.opcheck(torch.ops.medvl.patch_embed3d.default, args)
-    grad_out = torch.randn(2, tokens_of((4, 6, 5), (2, 3, 2)), 5)
+    grad_out = torch.randn(2, tokens_of((4, 6, 5), (2, 3, 2)), 5, device=device)
     backward_args = (grad_out, volume.detach(), weight.detach(), [2, 3, 2], [-1.0, 1.0, 0.0, 1.0], True, True, backend)
     torch.library.opcheck(torch.ops.medvl.patch_embed3d_backward.default, backward_args)
 
@@ -354,6 +352,25 @@ def test_torch_compile_fullgraph_forward_and_backward():
     eager = step(volume)
     eager_grads = torch.autograd.grad(eager, list(embed.parameters()))
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(volume)
+    compiled_grads = torch.autograd.grad(compiled, list(embed.parameters()))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [p[0] for p in available_backends() if p[1] == "cuda"])
+def test_torch_compile_inductor_on_gpu(backend):
+    embed = medvl.nn.PatchEmbed3d(1, 64, img_size=(32, 32, 32), patch_size=8, window=(-1000, 400)).cuda()
+    volume = make_volume(torch.int16, (2, 1, 32, 32, 32)).cuda()
+
+    def step(v):
+        return embed(v, backend=backend).square().mean()
+
+    eager = step(volume)
+    eager_grads = torch.autograd.grad(eager, list(embed.parameters()))
+    compiled = torch.compile(step, fullgraph=True)(volume)
     compiled_grads = torch.autograd.grad(compiled, list(embed.parameters()))
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):

@@ -179,6 +179,18 @@ def test_torch_compile_with_triplet_loss():
     torch.testing.assert_close(compiled, eager)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [p.values[0] for p in mining_backends("batch_hard") if p.values[1] == "cuda"])
+def test_torch_compile_inductor_on_gpu(backend):
+    x = torch.randn(300, 64, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 10, (300,), device="cuda")
+    loss_fn = medvl.nn.TripletLoss(backend=backend)
+    eager = loss_fn(x, labels)
+    compiled = torch.compile(loss_fn)(x, labels)
+    torch.testing.assert_close(compiled, eager)
+
+
 def test_memory_is_not_batch_squared():
     # At B = 4096 a B x B float32 matrix is 64 MiB; the cpu backend's workspace stays O(B * D).
     from medvl.ops._core import _C
