@@ -139,6 +139,22 @@ def gemm_rate(n: int, dim: int, dtype: torch.dtype, device: torch.device, repeat
 # ---------------------------------------------------------------------------------------------
 
 
+def _with_environment(variables: Dict[str, str], fn: Callable) -> Callable:
+    """fn run with `variables` set in the environment (and restored after)."""
+    def run(*args):
+        saved = {key: os.environ.get(key) for key in variables}
+        os.environ.update(variables)
+        try:
+            return fn(*args)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return run
+
+
 def sigmoid_loss_methods(device: torch.device) -> Dict[str, Callable]:
     """name -> loss function(image, text, scale, bias) for every method runnable here."""
     import medvl
@@ -151,6 +167,9 @@ def sigmoid_loss_methods(device: torch.device) -> Dict[str, Callable]:
             if name == "triton" and device.type == "cpu":
                 continue  # the interpreter is a test tool, not a benchmark
             methods[f"medvl-{name}"] = lambda x, t, s, b, name=name: medvl.sigmoid_loss(x, t, s, b, backend=name)
+            if name == "triton":  # the other strategy of the Triton backend (the default is chunked)
+                methods["medvl-triton-fused"] = _with_environment(
+                    {"MEDVL_SIGMOID_STRATEGY": "fused"}, lambda x, t, s, b: medvl.sigmoid_loss(x, t, s, b, backend="triton"))
     methods["reference"] = reference_loss
     try:
         from open_clip.loss import SigLipLoss

@@ -6,9 +6,10 @@ from class labels (MR-CLIP's contrast categories: several positives a row), or s
 targets of multi-hot labels (PRIMA-style).
 
 Every fused backend computes the loss and, when an input requires grad, the gradients in the
-same tiled pass: sum_j g_ij t_j and sum_i g_ij x_i with g = sigmoid(z) - y. Nothing of size
-B_img x B_txt is allocated; the gradients of the features are kept (O(B * D)) and backward
-only scales them by the incoming gradient.
+same pass: sum_j g_ij t_j and sum_i g_ij x_i with g = sigmoid(z) - y. Nothing of size
+B_img x B_txt is allocated (the Triton backend's chunked strategy on a GPU holds one chunk of
+image rows x B_txt, 512 MiB at most); the gradients of the features are kept (O(B * D)) and
+backward only scales them by the incoming gradient.
 """
 
 from __future__ import annotations

@@ -368,3 +368,67 @@ def test_cpu_fallback_instruction_sets_match_reference(isa):
     # The CPU backend picks its micro-kernel once per process; MEDVL_CPU_ISA lowers the choice.
     worst = run_script(_ISA_SCRIPT, env={"MEDVL_CPU_ISA": isa})["worst"]
     assert worst < 1e-3, f"{isa} micro-kernel: worst relative error {worst:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton backend's two strategies (chunked: vendor GEMMs + a fused epilogue; fused: one tile
+# kernel), each against float64, with small chunks and tiles so that every edge is crossed.
+# --------------------------------------------------------------------------------------------
+
+
+def float64_parts(x, t, s, b, target, labels, diagonal_is_pair):
+    from medvl.reference.sigmoid_loss import sigmoid_loss_targets
+
+    x, t = x.detach().double().cpu(), t.detach().double().cpu()
+    logits = s.detach().double().cpu() * (x @ t.T) + b.detach().double().cpu()
+    y = sigmoid_loss_targets(x.shape[0], t.shape[0], target, labels.get("image_labels"),
+                             labels.get("text_labels"), diagonal_is_pair).double()
+    g = torch.sigmoid(logits) - y
+    return F.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1), g.sum(1), g @ t, g.T @ x
+
+
+@pytest.mark.skipif(not any(p[0] == "triton" for p in available_backends()), reason="no triton backend here")
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_strategies_match_float64(strategy, target, dtype):
+    from medvl.kernels import sigmoid_loss as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    code = {"pair": 0, "label": 1, "jaccard": 2}[target]
+    for n_image, n_text, dim, diagonal in [(1, 1, 3, True), (70, 45, 40, False), (37, 37, 100, True)]:
+        x, t, s, b, labels = make_inputs(n_image, n_text, dim, target, dtype=dtype, device=device, seed=dim)
+        packed = {k: pack_multi_hot(v) if target == "jaccard" else v for k, v in labels.items()}
+        small = dict(CHUNK_ROWS=16, BLOCK_M=16, BLOCK_N=16) if strategy == "chunked" else dict(
+            BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16)
+        ours = kernels.sigmoid_loss_forward(x.detach(), t.detach(), s.detach(), b.detach(), code, diagonal,
+                                            packed.get("image_labels"), packed.get("text_labels"), True,
+                                            strategy=strategy, block_overrides=small)
+        expected = float64_parts(x, t, s, b, target, {k: v.cpu() for k, v in labels.items()}, diagonal)
+        tolerance = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2)}[dtype]
+        for name, a, e in zip(("row_loss", "row_gsum", "grad_image", "grad_text"), ours, expected):
+            assert a.dtype == torch.float32, name
+            torch.testing.assert_close(a.cpu().double(), e, rtol=tolerance[0], atol=tolerance[1],
+                                       msg=f"{strategy} {target} {dtype} {n_image}x{n_text}x{dim} {name}")
+
+
+def test_chunk_rows_fit_the_budget():
+    from medvl.kernels.sigmoid_loss import chunk_rows
+
+    assert chunk_rows(65536, 65536, 2, 512 * 2**20) == 4096  # bf16 S at B = 65536: 512 MiB
+    assert chunk_rows(100, 65536, 4, 512 * 2**20) == 100  # never more rows than there are
+    assert chunk_rows(10**6, 10**7, 4, 2**20) == 64  # at least one GEMM tile of rows
+    assert chunk_rows(1000, 3000, 4, 2**20) % 64 == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [p[0] for p in available_backends() if p[1] == "cuda"])
+def test_pair_target_equals_siglip_kernel(backend):
+    # siglip-kernel (PyPI), the fused Triton SigLIP loss we measure against: same loss and gradients.
+    siglip_kernel = pytest.importorskip("siglip_kernel")
+    x, t, s, b, _ = make_inputs(512, 512, 256, "pair", dtype=torch.bfloat16, device="cuda")
+    ours = loss_and_grads(medvl.sigmoid_loss, x, t, s, b, backend=backend)
+    peer = loss_and_grads(lambda *a: siglip_kernel.fused_siglip_loss(a[0], a[1], torch.log(a[2]), a[3]), x, t, s, b)
+    for name, a, e in zip(NAMES, ours, peer):
+        torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-3, msg=f"{backend} vs siglip-kernel {name}")
