@@ -340,6 +340,9 @@ def patch_embed3d(
                          f"{tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has no output channels (shape {tuple(weight.shape)}); a patch embedding needs "
+                         "embed_dim >= 1")
     if weight.device != volume.device:
         raise ValueError(f"weight is on {weight.device} but the volume is on {volume.device}")
     if weight.shape[1] != volume.shape[1]:

@@ -216,6 +216,20 @@ def _check_embeddings(anchors, candidates) -> None:
             raise ValueError(f"anchors are on {anchors.device} and candidates on {candidates.device}")
 
 
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Mining compares distances: a NaN or an infinity makes every comparison with it false, and the
+    triplets arbitrary. On a GPU the check is an asynchronous device assert (no host sync)."""
+    if tensor.device.type == "cuda":
+        torch._assert_async(torch.isfinite(tensor).all(),
+                            f"medvl.triplet_mining: {name} contains NaN or infinity; mining needs finite embeddings")
+        return
+    finite = torch.isfinite(tensor)
+    if not finite.all():
+        rows = (~finite).any(1).nonzero().flatten()
+        raise ValueError(f"{name} contains NaN or infinity in {rows.numel()} row(s) (first: row {rows[0].item()}); "
+                         "mining needs finite embeddings: check the model's outputs or the loss scale")
+
+
 def _check_class_labels(name: str, labels, rows: int, device) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
@@ -288,6 +302,9 @@ def triplet_mining(
         >>> anchor, positive, negative = triplet_mining(emb, labels=labels)
     """
     _check_embeddings(anchors, candidates)
+    _check_finite("anchors", anchors)
+    if candidates is not None:
+        _check_finite("candidates", candidates)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
     if distance not in DISTANCES:

@@ -195,7 +195,8 @@ def _first_arg(values: torch.Tensor, valid: torch.Tensor, largest: bool) -> Tupl
     hit = valid & (masked == extreme)
     columns = torch.arange(values.shape[1], device=values.device).expand_as(values)
     index = torch.where(hit, columns, values.shape[1]).min(1).values
-    return index, valid.any(1)
+    # "Found" means an index was found: a NaN value equals nothing, so it can never yield index B.
+    return index, hit.any(1)
 
 
 def triplet_mining(

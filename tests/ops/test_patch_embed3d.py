@@ -452,3 +452,8 @@ def test_reference_window_gradient_does_not_follow_torch_clamp(monkeypatch):
     leaf = volume.clone().requires_grad_()
     (grad,) = torch.autograd.grad(reference(leaf, weight, patch_size=(1, 1, 1), window=(-1.0, 1.0)).sum(), leaf)
     assert grad.flatten().tolist() == [0.0, 0.5, 0.5, 0.0, 0.0]
+
+
+def test_a_weight_without_output_channels_is_refused():
+    with pytest.raises(ValueError, match="no output channels.*embed_dim >= 1"):
+        medvl.patch_embed3d(torch.zeros(1, 1, 4, 4, 4), torch.zeros(0, 1, 2, 2, 2), patch_size=2)

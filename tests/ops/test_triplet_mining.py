@@ -422,3 +422,29 @@ def test_semi_hard_without_positive_pairs(backend, device):
     single = medvl.triplet_mining(x[:1], labels=torch.zeros(1, dtype=torch.long, device=device),
                                   strategy="semi_hard", backend=backend)
     assert single.anchor.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_finite_embeddings_are_refused(dtype, strategy):
+    # NaN made the fused path mine arbitrary triplets and the float64 reference return index B.
+    x = torch.randn(6, 3, dtype=dtype)
+    x[2, 1] = float("nan")
+    kw = ({"entities": [torch.rand(6, 4) < 0.5 for _ in range(3)]} if strategy == "entities"
+          else {"labels": torch.tensor([0, 0, 1, 1, 2, 2])})
+    with pytest.raises(ValueError, match=r"anchors contains NaN or infinity in 1 row\(s\) \(first: row 2\)"):
+        medvl.triplet_mining(x, strategy=strategy, **kw)
+    with pytest.raises(ValueError, match="candidates contains NaN"):
+        medvl.triplet_mining(torch.randn(6, 3, dtype=dtype), x.clone().fill_(float("inf")), strategy=strategy,
+                             **{k: v for k, v in kw.items()})
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        medvl.nn.TripletLoss()(x, kw.get("labels", torch.tensor([0, 0, 1, 1, 2, 2])))
+
+
+def test_the_reference_never_returns_an_index_out_of_range():
+    # Even fed a NaN directly (below the op's check), "found" means an index was found.
+    x = torch.randn(5, 2, dtype=torch.float64)
+    x[1] = float("nan")
+    mined = reference_mining(x, labels=torch.tensor([0, 0, 1, 1, 0]))
+    for t in mined:
+        assert ((t >= 0) & (t < 5)).all(), mined
