@@ -189,25 +189,47 @@ def sigmoid_loss_methods(device: torch.device) -> Dict[str, Callable]:
 
 
 def bench_sigmoid_loss(n: int, dim: int, dtype: torch.dtype, device: torch.device, repeats: int,
-                       methods: Optional[List[str]] = None) -> List[Measurement]:
+                       methods: Optional[List[str]] = None, n_text: Optional[int] = None,
+                       target: str = "pair") -> List[Measurement]:
+    """Forward + backward of every method at B_img = n against B_txt = n_text (default n). Targets
+    other than "pair" (class labels, Jaccard of multi-hot labels) run on medvl's backends only."""
+    import medvl
+
+    n_text = n if n_text is None else n_text
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = F.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device, dtype).requires_grad_()
-    t = F.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device, dtype).requires_grad_()
+    t = F.normalize(torch.randn(n_text, dim, generator=generator), dim=-1).to(device, dtype).requires_grad_()
     s = torch.tensor(10.0, device=device, requires_grad=True)
     b = torch.tensor(-10.0, device=device, requires_grad=True)
-    flops = 6.0 * n * n * dim  # logits, and the two gradient products
+    labels = {}
+    if target == "label":
+        labels = {"image_labels": torch.randint(0, 64, (n,), generator=generator).to(device),
+                  "text_labels": torch.randint(0, 64, (n_text,), generator=generator).to(device)}
+    elif target == "jaccard":
+        labels = {"image_labels": (torch.rand(n, 40, generator=generator) < 0.08).to(device),
+                  "text_labels": (torch.rand(n_text, 40, generator=generator) < 0.08).to(device)}
+    flops = 6.0 * n * n_text * dim  # logits, and the two gradient products
+    shape = f"B={n}" if n_text == n else f"B_img={n} B_txt={n_text}"
+    shape += f" D={dim} {str(dtype)[6:]}" + ("" if target == "pair" else f" target={target}")
     results = []
     for name, loss_fn in sigmoid_loss_methods(device).items():
         if methods and name not in methods:
             continue
+        if target != "pair":
+            if not name.startswith("medvl-"):
+                continue
+            backend = name.removeprefix("medvl-").removesuffix("-fused")
+            loss_fn = lambda x, t, s, b, backend=backend: medvl.sigmoid_loss(  # noqa: E731
+                x, t, s, b, target=target, backend=backend, **labels)
+            if name.endswith("-fused"):
+                loss_fn = _with_environment({"MEDVL_SIGMOID_STRATEGY": "fused"}, loss_fn)
 
         def step(loss_fn=loss_fn):
             for v in (x, t, s, b):
                 v.grad = None
             loss_fn(x, t, s, b).backward()
 
-        results.append(measure(BENCH_LABELS["sigmoid_loss"], f"B={n} D={dim} {str(dtype)[6:]}", name, step, device,
-                               repeats, flops))
+        results.append(measure(BENCH_LABELS["sigmoid_loss"], shape, name, step, device, repeats, flops))
     return results
 
 
@@ -507,6 +529,12 @@ def main(args: argparse.Namespace) -> int:
     runs = []
     if args.op in ("all", "sigmoid_loss"):
         runs += [lambda n=n: bench_sigmoid_loss(n, args.dim, dtype, device, args.repeats, methods) for n in sizes]
+        if device.type == "cuda" and not args.sizes:
+            # Issue-sized GPU cases: one ring step (a rank's 1024 images against 64 ranks' texts), and
+            # the label and Jaccard targets at the largest batch, beside pair.
+            runs.append(lambda: bench_sigmoid_loss(1024, 768, dtype, device, args.repeats, methods, n_text=65536))
+            runs += [lambda target=target: bench_sigmoid_loss(max(sizes), args.dim, dtype, device, args.repeats,
+                                                              methods, target=target) for target in ("label", "jaccard")]
     if args.op in ("all", "triplet_mining"):
         runs += [lambda n=n: bench_triplet_mining(n, args.mining_dim, dtype, device, args.repeats, methods)
                  for n in sizes]
