@@ -12,7 +12,7 @@ def test_sigmoid_bench_takes_uneven_batches_and_targets():
     ring = bench.bench_sigmoid_loss(24, 8, torch.float32, cpu, 1, n_text=40)
     assert {m.shape for m in ring} == {"B_img=24 B_txt=40 D=8 float32"}
     assert all(m.flops == 6.0 * 24 * 40 * 8 for m in ring)
-    assert {"medvl-cpu", "open_clip", "reference"} <= {m.method for m in ring}
+    assert {m.method for m in ring} == {"medvl-cpu", "reference"}  # the peers take square batches only
     for target in ("label", "jaccard"):
         rows = bench.bench_sigmoid_loss(24, 8, torch.float32, cpu, 1, target=target)
         # Only medvl takes labels: the peers' rows would time a different loss.
