@@ -17,6 +17,7 @@
 #include <string>
 
 #include "sigmoid_loss/sigmoid_loss.h"
+#include "sigmoid_loss/sigmoid_loss_target.h"
 #include "common/cpu_simd.h"
 
 namespace medvl {
@@ -48,33 +49,8 @@ inline int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b)
 
 // y[j] = target of (image i, text j0 + j) for j < n.
 void fill_targets(const SigmoidLossArgs& a, int64_t i, int64_t j0, int64_t n, float* y) {
-  switch (a.target) {
-    case SigmoidTarget::kPair:
-      std::fill(y, y + n, 0.f);
-      if (a.diagonal_is_pair && i >= j0 && i < j0 + n) y[i - j0] = 1.f;
-      return;
-    case SigmoidTarget::kLabel: {
-      const int64_t label = a.image_labels[i];
-      const int64_t* text = a.text_labels + j0;
-      for (int64_t j = 0; j < n; ++j) y[j] = text[j] == label ? 1.f : 0.f;
-      return;
-    }
-    case SigmoidTarget::kJaccard: {
-      const int64_t words = a.label_words;
-      const uint32_t* image = reinterpret_cast<const uint32_t*>(a.image_bits) + i * words;
-      for (int64_t j = 0; j < n; ++j) {
-        const uint32_t* text = reinterpret_cast<const uint32_t*>(a.text_bits) + (j0 + j) * words;
-        int both = 0, either = 0;
-        for (int64_t k = 0; k < words; ++k) {
-          both += __builtin_popcount(image[k] & text[k]);
-          either += __builtin_popcount(image[k] | text[k]);
-        }
-        y[j] = either == 0 ? 1.f : static_cast<float>(both) / static_cast<float>(either);
-      }
-      if (a.diagonal_is_pair && i >= j0 && i < j0 + n) y[i - j0] = 1.f;
-      return;
-    }
-  }
+  const SigmoidTargets targets = targets_of(a);
+  for (int64_t j = 0; j < n; ++j) y[j] = sigmoid_target(targets, i, j0 + j);
 }
 using cpu::convert_scalar;
 

@@ -54,6 +54,7 @@
 #include <type_traits>
 
 #include "sigmoid_loss/sigmoid_loss.h"
+#include "sigmoid_loss/sigmoid_loss_target.h"
 
 namespace medvl {
 namespace {
@@ -104,16 +105,6 @@ struct Smem {
 static_assert(kBM == 64 && kBN == 64 && kBK == 32 && kThreads == 256, "mappings below assume these");
 static_assert(Config<__half>::kDC == 2 * 128 && Config<float>::kDC == 16 * 8, "mappings assume these");
 
-struct TargetArgs {
-  int target;  // SigmoidTarget
-  bool diagonal_is_pair;
-  const int64_t* image_labels;
-  const int64_t* text_labels;
-  const int32_t* image_bits;
-  const int32_t* text_bits;
-  int64_t label_words;
-};
-
 struct PassParams {
   const void* a;  // owned operand  [n_a, dim]
   const void* b;  // looped operand [n_b, dim]
@@ -122,30 +113,12 @@ struct PassParams {
   int64_t dim;
   const float* logit_scale;
   const float* logit_bias;
-  TargetArgs tgt;
+  SigmoidTargets tgt;
   float* row_loss;  // row pass only: [n_a]
   float* row_gsum;  // row pass with gradients only: [n_a]
   float* grad;      // with gradients: [n_a, dim] = sum over looped rows of g * b
   bool vec;         // both operands 16-byte aligned and dim % kVec == 0
 };
-
-__device__ __forceinline__ float target_of(const TargetArgs& t, int64_t img, int64_t txt) {
-  if (t.target == static_cast<int>(SigmoidTarget::kPair)) return (t.diagonal_is_pair && img == txt) ? 1.f : 0.f;
-  if (t.target == static_cast<int>(SigmoidTarget::kLabel))
-    return __ldg(t.image_labels + img) == __ldg(t.text_labels + txt) ? 1.f : 0.f;
-  // kJaccard
-  if (t.diagonal_is_pair && img == txt) return 1.f;
-  const int32_t* x = t.image_bits + img * t.label_words;
-  const int32_t* y = t.text_bits + txt * t.label_words;
-  int both = 0, either = 0;
-  for (int64_t w = 0; w < t.label_words; ++w) {
-    const unsigned u = static_cast<unsigned>(__ldg(x + w));
-    const unsigned v = static_cast<unsigned>(__ldg(y + w));
-    both += __popc(u & v);
-    either += __popc(u | v);
-  }
-  return either == 0 ? 1.f : static_cast<float>(both) / static_cast<float>(either);
-}
 
 // kRow: row pass (A = image, B = text; writes row_loss/row_gsum from the chunk-0 blocks);
 // otherwise the column pass (A = text, B = image). kGrad: accumulate and write `grad`.
@@ -216,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_pass(const PassParams p) {
         float g = 0.f;
         if (e_row_ok && col < n_b) {
           const float z = fmaf(scale, s_s[er * kLDS + c], bias);
-          const float y = kRow ? target_of(p.tgt, e_row, col) : target_of(p.tgt, col, e_row);
+          const float y = kRow ? sigmoid_target(p.tgt, e_row, col) : sigmoid_target(p.tgt, col, e_row);
           // e = exp(-|z|) in (0, 1]: no overflow. The loss adds the small log1p term last, so a
           // confident correct pair (y = 1, z >> 0) gives log1p(e) rather than (z + tiny) - z; g is
           // (1 - y) sigmoid(z) - y sigmoid(-z), so sigmoid(z) - 1 never cancels.
@@ -347,8 +320,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 template <typename T>
 void run(const SigmoidLossArgs& args, cudaStream_t stream) {
-  const TargetArgs tgt{static_cast<int>(args.target), args.diagonal_is_pair, args.image_labels, args.text_labels,
-                       args.image_bits,                args.text_bits,        args.label_words};
+  const SigmoidTargets tgt = targets_of(args);
   const bool vec = aligned16(args.image) && aligned16(args.text) && args.dim % Config<T>::kVec == 0;
 
   PassParams row{};
