@@ -24,8 +24,8 @@ from medvl.ops._core import _C
 from medvl.ops._labels import pack_multi_hot, unpack_bits
 from medvl.reference import sigmoid_loss as reference  # the module
 
-TARGETS = {"pair": 0, "label": 1, "jaccard": 2}
-REDUCTIONS = ("image_mean", "mean", "sum")
+TARGETS = {name: code for code, name in enumerate(reference.TARGETS)}  # the codes of csrc and kernels
+REDUCTIONS = reference.REDUCTIONS
 DIST_MODES = ("ring", "allgather")
 OP = "sigmoid_loss"
 
@@ -319,14 +319,6 @@ def _check_labels(target: str, image_labels, text_labels, image: torch.Tensor, t
     return checked[0], checked[1]
 
 
-def _reduction_scale(reduction: str, n_image: int, n_text_total: int) -> float:
-    if reduction == "image_mean":
-        return 1.0 / n_image
-    if reduction == "mean":
-        return 1.0 / (n_image * n_text_total)
-    return 1.0
-
-
 def sigmoid_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -396,4 +388,4 @@ def sigmoid_loss(
     loss_sum = torch.ops.medvl.sigmoid_loss_forward(
         image, text, scale, bias, image_labels, text_labels, TARGETS[target], True, compute_grad, chosen
     )[0]
-    return loss_sum * _reduction_scale(reduction, image.shape[0], text.shape[0])
+    return loss_sum * reference.reduction_scale(reduction, image.shape[0], text.shape[0])

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from medvl.ops import _exchange
-from medvl.ops.sigmoid_loss import TARGETS, _reduction_scale
+from medvl.reference.sigmoid_loss import TARGETS, reduction_scale
 
 
 class _DistributedSigmoidLoss(torch.autograd.Function):
@@ -30,8 +30,8 @@ class _DistributedSigmoidLoss(torch.autograd.Function):
             raise ValueError(f"label width differs across ranks: {sizes[:, 3].tolist()}")
         rank = torch.distributed.get_rank(group)
         text_counts = sizes[:, 1].tolist()
-        factor = _reduction_scale(reduction, image.shape[0], sum(text_counts))
-        carries_labels = target != TARGETS["pair"]
+        factor = reduction_scale(reduction, image.shape[0], sum(text_counts))
+        carries_labels = target != TARGETS.index("pair")
 
         totals = {"loss": image.new_zeros((), dtype=torch.float32)}
         if compute_grad:

@@ -7,6 +7,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+TARGETS = ("pair", "label", "jaccard")
+REDUCTIONS = ("image_mean", "mean", "sum")
+
+
+def reduction_scale(reduction: str, n_image: int, n_text_total: int) -> float:
+    """What the summed loss is multiplied by: 1 / B_img (open_clip's convention), 1 / (B_img B_txt), or 1."""
+    if reduction == "image_mean":
+        return 1.0 / n_image
+    if reduction == "mean":
+        return 1.0 / (n_image * n_text_total)
+    if reduction == "sum":
+        return 1.0
+    raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+
 
 def sigmoid_loss_targets(
     n_image: int,
@@ -41,7 +55,7 @@ def sigmoid_loss_targets(
         either = a.sum(1, keepdim=True) + b.sum(1)[None, :] - both
         y = torch.where(either > 0, both / either.clamp_min(1), torch.ones_like(both))
         return torch.where(diagonal, torch.ones_like(y), y).to(dtype)
-    raise ValueError(f"target must be one of 'pair', 'label', 'jaccard', got {target!r}")
+    raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
 
 
 def sigmoid_loss(
@@ -66,13 +80,7 @@ def sigmoid_loss(
         diagonal_is_pair, device=logits.device, dtype=logits.dtype,
     )
     total = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-    if reduction == "sum":
-        return total
-    if reduction == "image_mean":
-        return total / image_features.shape[0]
-    if reduction == "mean":
-        return total / logits.numel()
-    raise ValueError(f"reduction must be one of 'image_mean', 'mean', 'sum', got {reduction!r}")
+    return total * reduction_scale(reduction, image_features.shape[0], text_features.shape[0])
 
 
 def sigmoid_loss_parts(
