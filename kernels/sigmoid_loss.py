@@ -45,7 +45,9 @@ from ._common import fp32_dot_precision, popcount32
 
 __all__ = ["sigmoid_loss_forward", "block_sizes", "chunk_rows", "default_strategy", "STRATEGIES"]
 
-TARGET_PAIR, TARGET_LABEL, TARGET_JACCARD = 0, 1, 2
+# The targets by name, as medvl.ops passes them; their index is the kernels' TARGET code.
+TARGET_NAMES = ("pair", "label", "jaccard")
+TARGET_PAIR, TARGET_LABEL, TARGET_JACCARD = range(len(TARGET_NAMES))
 
 # fp16 gradients: G = sigmoid(z) - y lies in [-1, 1], and SigLIP's negatives sit near
 # sigmoid(-10) ~ 4.5e-5, below fp16's smallest normal (6.1e-5): cast as is, they would land in
@@ -502,7 +504,7 @@ def sigmoid_loss_forward(
     text: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
-    target: int,
+    target: str,
     diagonal_is_pair: bool,
     image_labels: Optional[torch.Tensor],
     text_labels: Optional[torch.Tensor],
@@ -516,14 +518,15 @@ def sigmoid_loss_forward(
 
     Inputs as validated by medvl.ops.sigmoid_loss: image (n_image, D) and text (n_text, D) of one
     floating dtype on one device; logit_scale/logit_bias 0-d float32 on that device (read by the
-    kernels: no host sync); target 0 pair, 1 label (int64 (n,) ids), 2 jaccard (int32 (n, W) packed
+    kernels: no host sync); target "pair", "label" (int64 (n,) ids) or "jaccard" (int32 (n, W) packed
     bits). Without compute_grad the last three are empty and only the loss is computed.
     strategy: "chunked" or "fused" (see the module docstring; None: default_strategy). chunk_bytes
     bounds the chunked strategy's S chunk. `block_overrides` replaces tile sizes (tests use it to
     force edge tiles; CHUNK_ROWS forces the chunk's rows).
     """
-    if target not in (TARGET_PAIR, TARGET_LABEL, TARGET_JACCARD):
-        raise ValueError(f"target must be 0 (pair), 1 (label) or 2 (jaccard), got {target!r}")
+    if target not in TARGET_NAMES:
+        raise ValueError(f"target must be one of {', '.join(map(repr, TARGET_NAMES))}, got {target!r}")
+    target = TARGET_NAMES.index(target)
     strategy = strategy or default_strategy(image.device)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")

@@ -24,21 +24,21 @@ from medvl.ops._core import _C
 from medvl.ops._labels import pack_multi_hot, unpack_bits
 from medvl.reference import sigmoid_loss as reference  # the module
 
-TARGETS = {name: code for code, name in enumerate(reference.TARGETS)}  # the codes of csrc and kernels
+TARGETS = reference.TARGETS  # by name everywhere; a code only where csrc takes it (its enum's order)
 REDUCTIONS = reference.REDUCTIONS
 DIST_MODES = ("ring", "allgather")
 OP = "sigmoid_loss"
 
 
 # --------------------------------------------------------------------------------------------
-# Backends. Each takes (image, text, logit_scale, logit_bias, target, diagonal_is_pair,
+# Backends. Each takes (image, text, logit_scale, logit_bias, target name, diagonal_is_pair,
 # image_labels, text_labels, compute_grad) with validated, contiguous inputs and returns
 # (row_loss[Bi], row_gsum[Bi], grad_image[Bi, D], grad_text[Bt, D]) in float32.
 # --------------------------------------------------------------------------------------------
 
 
-def _label_words(target: int, image_labels: Optional[torch.Tensor]) -> int:
-    return image_labels.shape[1] if target == TARGETS["jaccard"] else 0
+def _label_words(target: str, image_labels: Optional[torch.Tensor]) -> int:
+    return image_labels.shape[1] if target == "jaccard" else 0
 
 
 def _run_compiled(image, text, logit_scale, logit_bias, target, diagonal_is_pair, image_labels, text_labels,
@@ -58,10 +58,10 @@ def _run_compiled(image, text, logit_scale, logit_bias, target, diagonal_is_pair
     nbytes = (_C.sigmoid_loss_cuda_workspace_bytes(n_image, n_text, dim, compute_grad) if on_cuda
               else _C.sigmoid_loss_cpu_workspace_bytes(n_image, n_text, dim, compute_grad, threads))
     scratch = _core.workspace(nbytes, image.device)
-    is_label, is_jaccard = target == TARGETS["label"], target == TARGETS["jaccard"]
+    is_label, is_jaccard = target == "label", target == "jaccard"
     args = (
         image.data_ptr(), text.data_ptr(), n_image, n_text, dim, _core.DTYPE_CODES[image.dtype],
-        logit_scale.data_ptr(), logit_bias.data_ptr(), target, diagonal_is_pair,
+        logit_scale.data_ptr(), logit_bias.data_ptr(), TARGETS.index(target), diagonal_is_pair,
         _core.pointer(image_labels if is_label else None), _core.pointer(text_labels if is_label else None),
         _core.pointer(image_labels if is_jaccard else None), _core.pointer(text_labels if is_jaccard else None),
         _label_words(target, image_labels), compute_grad,
@@ -85,11 +85,10 @@ def _run_triton(image, text, logit_scale, logit_bias, target, diagonal_is_pair, 
 
 
 def _run_reference(image, text, logit_scale, logit_bias, target, diagonal_is_pair, image_labels, text_labels, compute_grad):
-    name = {code: key for key, code in TARGETS.items()}[target]
-    if name == "jaccard":
+    if target == "jaccard":
         image_labels, text_labels = unpack_bits(image_labels), unpack_bits(text_labels)
     return reference.sigmoid_loss_parts(
-        image, text, logit_scale, logit_bias, target=name, image_labels=image_labels, text_labels=text_labels,
+        image, text, logit_scale, logit_bias, target=target, image_labels=image_labels, text_labels=text_labels,
         diagonal_is_pair=diagonal_is_pair, compute_grad=compute_grad,
     )
 
@@ -130,7 +129,7 @@ def sigmoid_loss_forward(
     logit_bias: torch.Tensor,
     image_labels: Optional[torch.Tensor],
     text_labels: Optional[torch.Tensor],
-    target: int,
+    target: str,
     diagonal_is_pair: bool,
     compute_grad: bool,
     backend: str,
@@ -381,11 +380,11 @@ def sigmoid_loss(
             from medvl.ops.sigmoid_loss_distributed import distributed_sigmoid_loss
 
             return distributed_sigmoid_loss(
-                image, text, scale, bias, TARGETS[target], image_labels, text_labels, reduction,
+                image, text, scale, bias, target, image_labels, text_labels, reduction,
                 group, dist_mode, chosen, compute_grad,
             )
 
     loss_sum = torch.ops.medvl.sigmoid_loss_forward(
-        image, text, scale, bias, image_labels, text_labels, TARGETS[target], True, compute_grad, chosen
+        image, text, scale, bias, image_labels, text_labels, target, True, compute_grad, chosen
     )[0]
     return loss_sum * reference.reduction_scale(reduction, image.shape[0], text.shape[0])

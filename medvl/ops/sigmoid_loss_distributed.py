@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from medvl.ops import _exchange
-from medvl.reference.sigmoid_loss import TARGETS, reduction_scale
+from medvl.reference.sigmoid_loss import reduction_scale
 
 
 class _DistributedSigmoidLoss(torch.autograd.Function):
@@ -31,7 +31,7 @@ class _DistributedSigmoidLoss(torch.autograd.Function):
         rank = torch.distributed.get_rank(group)
         text_counts = sizes[:, 1].tolist()
         factor = reduction_scale(reduction, image.shape[0], sum(text_counts))
-        carries_labels = target != TARGETS.index("pair")
+        carries_labels = target != "pair"
 
         totals = {"loss": image.new_zeros((), dtype=torch.float32)}
         if compute_grad:
@@ -105,7 +105,7 @@ class _DistributedSigmoidLoss(torch.autograd.Function):
         )
 
 
-def distributed_sigmoid_loss(image, text, scale, bias, target: int, image_labels: Optional[torch.Tensor],
+def distributed_sigmoid_loss(image, text, scale, bias, target: str, image_labels: Optional[torch.Tensor],
                              text_labels: Optional[torch.Tensor], reduction: str, group, dist_mode: str,
                              backend: str, compute_grad: bool) -> torch.Tensor:
     return _DistributedSigmoidLoss.apply(

@@ -222,8 +222,7 @@ def test_opcheck(backend, device, target):
     image_labels, text_labels = labels.get("image_labels"), labels.get("text_labels")
     if target == "jaccard":
         image_labels, text_labels = pack_multi_hot(image_labels), pack_multi_hot(text_labels)
-    code = {"pair": 0, "label": 1, "jaccard": 2}[target]
-    args = (x, t, s, b, image_labels, text_labels, code, True, True, backend)
+    args = (x, t, s, b, image_labels, text_labels, target, True, True, backend)
     torch.library.opcheck(torch.ops.medvl.sigmoid_loss_forward.default, args)
 
 
@@ -395,13 +394,12 @@ def test_triton_strategies_match_float64(strategy, target, dtype):
     from medvl.kernels import sigmoid_loss as kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    code = {"pair": 0, "label": 1, "jaccard": 2}[target]
     for n_image, n_text, dim, diagonal in [(1, 1, 3, True), (70, 45, 40, False), (37, 37, 100, True)]:
         x, t, s, b, labels = make_inputs(n_image, n_text, dim, target, dtype=dtype, device=device, seed=dim)
         packed = {k: pack_multi_hot(v) if target == "jaccard" else v for k, v in labels.items()}
         small = dict(CHUNK_ROWS=16, BLOCK_M=16, BLOCK_N=16) if strategy == "chunked" else dict(
             BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16)
-        ours = kernels.sigmoid_loss_forward(x.detach(), t.detach(), s.detach(), b.detach(), code, diagonal,
+        ours = kernels.sigmoid_loss_forward(x.detach(), t.detach(), s.detach(), b.detach(), target, diagonal,
                                             packed.get("image_labels"), packed.get("text_labels"), True,
                                             strategy=strategy, block_overrides=small)
         expected = float64_parts(x, t, s, b, target, {k: v.cpu() for k, v in labels.items()}, diagonal)
