@@ -540,12 +540,12 @@ def _check_same(values: list, labels: list[str], what: str, where: str, close) -
     bad = [i for i, v in enumerate(values) if not close(v, ref)]
     if bad:
         # name the minority: compare each against the most common value
-        keyed = Counter(tuple(np.round(np.asarray(v, dtype=float), 4).ravel()) for v in values)
+        keyed = Counter(tuple(float(x) for x in np.round(np.asarray(v, dtype=float), 4).ravel()) for v in values)
         common = keyed.most_common(1)[0][0]
         odd = [
             f"{labels[i]} ({tuple(values[i])})"
             for i, v in enumerate(values)
-            if tuple(np.round(np.asarray(v, dtype=float), 4).ravel()) != common
+            if tuple(float(x) for x in np.round(np.asarray(v, dtype=float), 4).ravel()) != common
         ] or [f"{labels[i]} ({tuple(values[i])})" for i in bad]
         raise ValueError(
             f"{where}: differing {what}: expected {tuple(common)}, found in " + "; ".join(odd[:10])

@@ -236,5 +236,7 @@ def write_raw_element(path: str | os.PathLike, keyword: str | int, value: bytes,
     if not isinstance(value, (bytes, bytearray)):
         raise TypeError(f"value must be bytes, got {type(value).__name__}")
     raw = bytes(value) + (b" " if len(value) % 2 else b"")
-    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    implicit_vr, little_endian = ds.original_encoding
+    # the element claims the file's own encoding, so that saving writes its bytes untouched
+    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, bool(implicit_vr), bool(little_endian))
     ds.save_as(os.fspath(path))
