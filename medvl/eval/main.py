@@ -63,7 +63,7 @@ def _checkpoint_or_error(parser: argparse.ArgumentParser, path: str) -> Path:
 
     try:
         return checkpoint_dir(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         parser.error(f"CHECKPOINT: {e}")
 
 
