@@ -17,7 +17,8 @@ PixelSpacing must be present; RescaleSlope, RescaleIntercept, SliceThickness and
 may be absent (DICOM allows it), but when any of these seven is present it must hold finite numbers,
 as many as the tag has (3, 6, 2, else 1), or the file is refused with a ``ValueError`` that names the
 file, the tag, the value as written and the fix. PixelSpacing must be positive, RescaleSlope non-zero,
-SliceThickness and SpacingBetweenSlices not negative.
+SliceThickness and SpacingBetweenSlices not negative. These tags must also have DICOM's value
+representation (DS): stored as, say, binary FD they decode to finite but meaningless numbers.
 
 Pixel values are returned in modality units: RescaleSlope and RescaleIntercept (for enhanced files,
 the PixelValueTransformationSequence of the functional groups) are applied exactly once, to the raw
@@ -35,12 +36,13 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
 from medvl.data.metadata import MR_METADATA_KEYS
 
 __all__ = [
+    "GEOMETRY_RESCALE_TAGS",
     "MR_METADATA_KEYS",
     "Series",
     "mr_metadata",
@@ -63,6 +65,17 @@ _STRING_KEYS = (
 
 # Media Storage Directory Storage: a DICOMDIR, whatever its file name.
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+# The tags whose present values must be finite numbers, and how many each holds (see the module docstring).
+GEOMETRY_RESCALE_TAGS = {
+    "ImagePositionPatient": 3,
+    "ImageOrientationPatient": 6,
+    "PixelSpacing": 2,
+    "SliceThickness": 1,
+    "SpacingBetweenSlices": 1,
+    "RescaleSlope": 1,
+    "RescaleIntercept": 1,
+}
 
 # Tolerances of the geometry checks.
 _ORIENTATION_ATOL = 1e-4  # direction cosines
@@ -371,9 +384,11 @@ def _series_metadata(ds: Dataset, n_slices: int, where: str) -> dict:
 
 
 def _decode_elements(ds: Dataset, path: str) -> None:
-    """Convert every element (nested sequences too) now, so that a corrupt one (an unknown value
-    representation, a length that does not fit its VR) is refused here with the file's name rather than
-    escaping later, from whichever lookup first touches it, as pydicom's own exception."""
+    """Convert every element (nested sequences and the file meta information too) now, so that a corrupt
+    one (an unknown value representation, a length that does not fit its VR) is refused here with the
+    file's name rather than escaping later, from whichever lookup first touches it, as pydicom's own
+    exception. A geometry or rescale tag stored with another VR than DICOM's (binary FD bytes where the
+    standard has DS text) is refused too: its bytes decode to finite but meaningless numbers."""
     for tag in list(ds.keys()):
         try:
             element = ds[tag]
@@ -382,9 +397,18 @@ def _decode_elements(ds: Dataset, path: str) -> None:
                 f"{path}: element {tag} cannot be decoded ({type(exc).__name__}: {exc}); the file is corrupt: "
                 "replace it with a good copy or leave this series out"
             ) from exc
+        if element.keyword in GEOMETRY_RESCALE_TAGS and element.VR != dictionary_VR(tag):
+            raise ValueError(
+                f"{path}: {_tag_name(element.keyword)} is stored with value representation {element.VR}, where DICOM "
+                f"defines {dictionary_VR(tag)}; the file is corrupt: replace it with a good copy or leave this "
+                "series out"
+            )
         if element.VR == "SQ":
             for item in element.value:
                 _decode_elements(item, path)
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None and file_meta is not ds:
+        _decode_elements(file_meta, path)
 
 
 def _read(path: str, *, stop_before_pixels: bool) -> Dataset:

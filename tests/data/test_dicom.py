@@ -382,6 +382,29 @@ def test_corrupt_value_representation_names_the_file(tmp_path):
         assert paths[1] in str(err.value) and "(0028,1052)" in str(err.value)
 
 
+def test_geometry_stored_with_another_vr_is_refused(tmp_path):
+    """PixelSpacing's text read as binary FD decoded to 9.9e-96 and 1e141 mm: finite, accepted, meaningless."""
+    paths = _series(tmp_path)
+    write_raw_element(paths[0], "PixelSpacing", b"0.312500\\0.3125", vr="FD")  # 16 bytes: two doubles
+    with pytest.raises(ValueError, match=r"PixelSpacing \(0028,0030\) is stored with value representation FD, "
+                                         r"where DICOM defines DS") as err:
+        read_dicom_series(tmp_path)
+    assert paths[0] in str(err.value)
+
+
+def test_corrupt_file_meta_names_the_file(tmp_path):
+    """A corrupt VR in the file meta information escaped as NotImplementedError (found by the fuzzer)."""
+    paths = _series(tmp_path)
+    data = bytearray(open(paths[0], "rb").read())
+    at = data.index(b"\x02\x00\x02\x00UI")  # (0002,0002) MediaStorageSOPClassUID, explicit VR
+    data[at + 4:at + 6] = b"\x55\xbb"
+    open(paths[0], "wb").write(bytes(data))
+    for read in (read_dicom_series, read_series_metadata):
+        with pytest.raises(ValueError, match=r"element \(0002,0002\) cannot be decoded") as err:
+            read(tmp_path)
+        assert paths[0] in str(err.value)
+
+
 def test_one_slice_spacing(tmp_path):
     """SpacingBetweenSlices, else SliceThickness, else the documented 1 mm; present but damaged is refused."""
     volume = np.zeros((1, 4, 5), dtype=np.float32)

@@ -17,8 +17,9 @@ For every case ``read_series_metadata`` and ``read_dicom_series`` are called, an
 
 - rejected: a ``ValueError`` whose message names the series folder (or a file in it);
 - accepted: then every file of the series is re-read independently with pydicom, and each geometry and
-  rescale tag present in it must hold finite numbers of the right count (an accepted series with a
-  damaged value is counted as ``accepted_damaged``), the volume must be finite and the spacing positive;
+  rescale tag present in it must hold finite numbers of the right count, stored with DICOM's value
+  representation (an accepted series with a damaged value is counted as ``accepted_damaged``), the volume
+  must be finite and the spacing positive;
 - crash: any other exception, or a ``ValueError`` that names no file (``unnamed``).
 
     python -m tests.fuzz.dicom_fuzz --cases 3000 --seed 0 --workdir /tmp/fuzz   # the large run
@@ -43,16 +44,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-# What the reader promises about: present values of these must be finite numbers (count each).
-GEOMETRY_RESCALE_TAGS = {
-    "ImagePositionPatient": 3,
-    "ImageOrientationPatient": 6,
-    "PixelSpacing": 2,
-    "SliceThickness": 1,
-    "SpacingBetweenSlices": 1,
-    "RescaleSlope": 1,
-    "RescaleIntercept": 1,
-}
+from medvl.data.dicom import GEOMETRY_RESCALE_TAGS  # what the reader promises about (tag -> value count)
+
 # Other tags worth damaging: the matrix and pixel description, identifiers, MR acquisition values.
 OTHER_TAGS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
               "NumberOfFrames", "SeriesInstanceUID", "Modality", "EchoTime", "RepetitionTime", "InstanceNumber")
@@ -286,6 +279,7 @@ def _damaged_values(files: List[str]) -> List[str]:
     """The geometry/rescale values of ``files`` that pydicom reads as present but that are not finite numbers
     of the right count (what an accepted series must never hold)."""
     import pydicom
+    from pydicom.datadict import dictionary_VR
 
     found = []
     for path in files:
@@ -298,7 +292,7 @@ def _damaged_values(files: List[str]) -> List[str]:
                 continue
             if value is None or value == "" or (hasattr(value, "__len__") and len(value) == 0):
                 continue
-            items = list(value) if type(value).__name__ == "MultiValue" else [value]
+            items = list(value) if isinstance(value, list) or type(value).__name__ == "MultiValue" else [value]
             try:
                 numbers = [float(v) for v in items]
             except (TypeError, ValueError):
@@ -306,6 +300,8 @@ def _damaged_values(files: List[str]) -> List[str]:
                 continue
             if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
                 found.append(f"{path}: {keyword} {value!r}")
+            elif ds[keyword].VR != dictionary_VR(keyword):
+                found.append(f"{path}: {keyword} {value!r} stored as {ds[keyword].VR}")
     return found
 
 
