@@ -223,13 +223,15 @@ def _first_item(ds: Optional[Dataset], keyword: str) -> Optional[Dataset]:
     return seq[0]
 
 
-def _normal(orientation: tuple[float, ...]) -> np.ndarray:
+def _normal(orientation: tuple[float, ...], where: str = "") -> np.ndarray:
     row = np.asarray(orientation[:3], dtype=np.float64)
     col = np.asarray(orientation[3:6], dtype=np.float64)
     n = np.cross(row, col)
     norm = float(np.linalg.norm(n))
     if norm < 1e-6:
-        raise ValueError(f"ImageOrientationPatient {orientation} has parallel row and column directions")
+        raise ValueError(f"{where + ': ' if where else ''}ImageOrientationPatient {orientation} has no slice normal "
+                         "(a zero or parallel row and column direction); correct the tag in the file or leave this "
+                         "series out")
     return n / norm
 
 
@@ -666,7 +668,7 @@ def _read_single_frames(items, where: str, with_pixels: bool):
     _check_same(pixel_spacings, labels, "PixelSpacing", where, _spacing_close)
     _check_same(shapes, labels, "Rows/Columns", where, lambda a, b: tuple(a) == tuple(b))
     orientation = orientations[0]
-    normal = _normal(orientation)
+    normal = _normal(orientation, labels[0])
     order, slice_spacing = _order_slices(labels, np.asarray(positions), normal, where)
     first_path, first_ds = items[order[0]]
     if slice_spacing is None:
@@ -735,7 +737,7 @@ def _read_enhanced(path: str, ds: Dataset, with_pixels: bool):
     _check_same(orientations, labels, "ImageOrientationPatient", path, _orient_close)
     _check_same(pixel_spacings, labels, "PixelSpacing", path, _spacing_close)
     orientation = orientations[0]
-    order, slice_spacing = _order_slices(labels, np.asarray(positions), _normal(orientation), path)
+    order, slice_spacing = _order_slices(labels, np.asarray(positions), _normal(orientation, path), path)
     if slice_spacing is None:
         slice_spacing = _single_slice_spacing(
             [(k, _frame_value(per_frame[0], shared, "PixelMeasuresSequence", k))

@@ -345,6 +345,7 @@ def test_missing_geometry_tag(tmp_path):
     ("ImagePositionPatient", b"nan\\0\\0", "all", "not finite"),
     ("ImagePositionPatient", b"1\\2", "one", "2 value(s) where the tag holds 3"),
     ("ImageOrientationPatient", b"1\\0\\0\\0\\1\\inf", "one", "not finite"),
+    ("ImageOrientationPatient", b"1\\0\\0\\0\\0\\0", "all", "has no slice normal"),
     ("PixelSpacing", b"0\\-0.8", "all", "spacings must be positive"),
     ("PixelSpacing", b"0.8\\x", "one", "not a number"),
     ("SliceThickness", b"1x5", "one", "not a number"),
