@@ -81,9 +81,13 @@ def test_resume_from_an_earlier_checkpoint_of_the_run(run, capsys):
 def test_resume_of_another_runs_checkpoint_into_a_run_folder(run, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(run, other)
+    argv = ["--steps", "3", "--out", str(run), "--resume", str(other / "checkpoint-1"), *TINY]
     with pytest.raises(SystemExit):
-        main(["--steps", "3", "--out", str(run), "--resume", str(other / "checkpoint-1"), *TINY])
+        main(argv)
     assert "is not one of its own" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0  # the old run discarded, the other one's continued here
+    assert _steps(run) == [2, 3]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3"]
 
 
 @pytest.mark.parametrize("content", ["../other/checkpoint-1", "/etc", "checkpoint-1/../../x", ""])
