@@ -39,20 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     commands.add_parser("reproduce", help="train and evaluate a seed's method on the phantoms "
                         "(medvl reproduce mrclip|medtrim|radfinder)", add_help=False)
-    commands.add_parser("demo", help="the embedded default: `medvl train` then `medvl eval` of what it trained "
-                        "(medvl demo [--out DIR])", add_help=False)
+    commands.add_parser("demo", help="the embedded default: `medvl train` then `medvl eval` of what it trained, "
+                        "replacing an earlier demo in the folder (medvl demo [--out DIR])", add_help=False)
     return parser
 
 
 def _demo(argv: List[str]) -> int:
-    """`medvl train` on its defaults, then `medvl eval` of the checkpoint it wrote."""
+    """`medvl train` on its defaults, then `medvl eval` of the checkpoint it wrote. The run folder is the demo's
+    own: a second demo replaces the first (`medvl train --overwrite`) rather than being refused."""
     parser = argparse.ArgumentParser(prog="medvl demo", description=_demo.__doc__)
     parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     args, train_args = parser.parse_known_args(argv)
     from medvl.eval.main import main as eval_main
     from medvl.train.main import main as train_main
 
-    code = train_main(["--out", args.out, *train_args])
+    overwrite = [] if "--resume" in train_args or "--overwrite" in train_args else ["--overwrite"]
+    code = train_main(["--out", args.out, *overwrite, *train_args])
     if code:
         return code
     return eval_main(["eval", args.out, "--out", f"{args.out}/eval"])

@@ -40,3 +40,19 @@ def test_demo_trains_then_evaluates(tmp_path):
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
     results = __import__("json").loads((out / "eval" / "results.json").read_text())
     assert {"zeroshot", "retrieval", "localization"} <= set(results["results"])
+
+
+def test_a_second_demo_replaces_the_first(tmp_path, monkeypatch):
+    """medvl train refuses an out that holds a run; the demo's folder is its own, so it overwrites."""
+    import medvl.eval.main
+    import medvl.train.main
+    from medvl.cli import main
+
+    calls = []
+    monkeypatch.setattr(medvl.train.main, "main", lambda argv: calls.append(("train", argv)) or 0)
+    monkeypatch.setattr(medvl.eval.main, "main", lambda argv: calls.append(("eval", argv)) or 0)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2"]) == 0
+    assert calls[0] == ("train", ["--out", str(tmp_path / "d"), "--overwrite", "--steps", "2"])
+    calls.clear()
+    assert main(["demo", "--out", str(tmp_path / "d"), "--resume", "latest"]) == 0
+    assert "--overwrite" not in calls[0][1]

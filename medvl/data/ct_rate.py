@@ -28,9 +28,14 @@ around -1000 to -3024 HU): a minimum outside ``hu_range`` (default (-3100, -500)
 it catches a missing rescale (stored values of about 0..4095) but not every double rescale (air at
 -2048 is inside the range), which the one-scaling rule above prevents.
 
-Spacing: the header's zooms, unless they are all 1 (or missing, zero, not finite), in which case the
-CSV's ZSpacing and XYSpacing (row spacing first, as DICOM PixelSpacing; (dz, dy, dx) = (Z, XY[0], XY[1]))
-are used. Volumes are returned in the (z, y, x) RAS layout of ``medvl.data.manifest.load_volume``.
+Spacing: the header's zooms, unless they are all 1 or a stored pixdim is zero or not finite, in which case
+the CSV's ZSpacing and XYSpacing (row spacing first, as DICOM PixelSpacing; (dz, dy, dx) = (Z, XY[0], XY[1]))
+are used; unusable zooms without a CSV spacing are refused. Volumes are returned in the (z, y, x) RAS
+layout of ``medvl.data.manifest.load_volume``.
+
+CSV values: an empty cell, "nan" or "none" (how pandas writes a missing value) is absent; a value that is
+present but not a finite number (or a slope of 0, a spacing that is not positive, a slope without an
+intercept) makes loading that volume raise a ``ValueError`` naming the CSV, the volume and the column.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from medvl.data.entities import CT_RATE_FINDINGS
-from medvl.data.manifest import nifti_to_zyx
+from medvl.data.manifest import nifti_to_zyx, nifti_voxel_size_problem, not_utf8_error
 
 __all__ = [
     "CT_RATE_FINDINGS",
@@ -78,14 +83,17 @@ def _read_csv(path: str, what: str, required: bool) -> Optional[dict[str, dict[s
             raise FileNotFoundError(f"CT-RATE {what} file not found: {path}")
         return None
     rows: dict[str, dict[str, str]] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "VolumeName" not in reader.fieldnames:
-            raise ValueError(f"CT-RATE {what} file {path} has no VolumeName column")
-        for row in reader:
-            name = (row.get("VolumeName") or "").strip()
-            if name:
-                rows[name] = row
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "VolumeName" not in reader.fieldnames:
+                raise ValueError(f"CT-RATE {what} file {path} has no VolumeName column")
+            for row in reader:
+                name = (row.get("VolumeName") or "").strip()
+                if name:
+                    rows[name] = row
+    except UnicodeDecodeError as e:
+        raise not_utf8_error(path, f"CT-RATE {what} file", e) from None
     return rows
 
 
@@ -177,8 +185,8 @@ def ct_rate_records(root: PathLike, split: str = "train", fixed: Union[str, bool
                 "split": short,
                 "fixed": is_fixed,
                 "source": reports_path,
-                "rescale": _csv_rescale(meta_row),
-                "spacing_csv": _csv_spacing(meta_row),
+                "rescale": _listed(_csv_rescale, meta_row),
+                "spacing_csv": _listed(_csv_spacing, meta_row),
                 "loader": "medvl.data.ct_rate.load_ct_rate_volume",
             },
         }
@@ -201,51 +209,74 @@ def ct_rate_records(root: PathLike, split: str = "train", fixed: Union[str, bool
 # HU
 
 
-def _float(value: Any) -> Optional[float]:
-    text = _text(value)
+def _bad_csv_value(row: dict, column: str, problem: str) -> ValueError:
+    name = _text(row.get("VolumeName")) or "?"
+    return ValueError(f"CT-RATE metadata of {name}: {column} is {row.get(column)!r}, {problem}; correct that cell of "
+                      "the metadata CSV (or empty it when the value is unknown)")
+
+
+def _float(row: dict, column: str) -> Optional[float]:
+    """The cell as a finite number; None when empty / "nan" / "none"; a ValueError when it is anything else."""
+    text = _text(row.get(column))
     if not text:
         return None
     try:
         f = float(text)
     except ValueError:
-        return None
-    return f if math.isfinite(f) else None
+        raise _bad_csv_value(row, column, "not a number") from None
+    if not math.isfinite(f):
+        raise _bad_csv_value(row, column, "not finite")
+    return f
 
 
 def _csv_rescale(row: Optional[dict]) -> Optional[tuple[float, float]]:
+    """(slope, intercept) from the metadata row; None when the row or both cells are absent."""
     if row is None:
         return None
-    slope, inter = _float(row.get("RescaleSlope")), _float(row.get("RescaleIntercept"))
-    if slope is None or inter is None or slope == 0:
+    slope, inter = _float(row, "RescaleSlope"), _float(row, "RescaleIntercept")
+    if slope is None and inter is None:
         return None
+    if slope is None or inter is None:
+        missing = "RescaleSlope" if slope is None else "RescaleIntercept"
+        raise _bad_csv_value(row, missing, "absent while the other rescale value is given")
+    if slope == 0:
+        raise _bad_csv_value(row, "RescaleSlope", "which would map every voxel to the intercept")
     return slope, inter
 
 
 def _csv_spacing(row: Optional[dict]) -> Optional[tuple[float, float, float]]:
+    """(dz, dy, dx) from the metadata row; None when the row or both spacing cells are absent."""
     if row is None:
         return None
-    z = _float(row.get("ZSpacing"))
+    z = _float(row, "ZSpacing")
     xy_text = _text(row.get("XYSpacing"))
+    if z is None and not xy_text:
+        return None
     try:
         xy = json.loads(xy_text) if xy_text else None
     except json.JSONDecodeError:
-        xy = None
-    if isinstance(xy, (int, float)):
+        raise _bad_csv_value(row, "XYSpacing", "not a JSON list such as [0.75, 0.75]") from None
+    if isinstance(xy, (int, float)) and not isinstance(xy, bool):
         xy = [xy, xy]
-    if z is None or not isinstance(xy, list) or len(xy) != 2:
-        return None
-    try:
-        dy, dx = float(xy[0]), float(xy[1])
-    except (TypeError, ValueError):
-        return None
-    if min(z, dy, dx) <= 0:
-        return None
+    if z is None or xy is None:
+        raise _bad_csv_value(row, "ZSpacing" if z is None else "XYSpacing", "absent while the other spacing is given")
+    if not isinstance(xy, list) or len(xy) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           for v in xy):
+        raise _bad_csv_value(row, "XYSpacing", "not two numbers such as [0.75, 0.75]")
+    dy, dx = float(xy[0]), float(xy[1])
+    for column, value in (("ZSpacing", z), ("XYSpacing", dy), ("XYSpacing", dx)):
+        if not math.isfinite(value) or value <= 0:
+            raise _bad_csv_value(row, column, "not a positive finite spacing")
     return z, dy, dx
 
 
-def _unit_or_missing(spacing: tuple[float, ...]) -> bool:
-    return (all(abs(s - 1.0) < 1e-6 for s in spacing)
-            or any(not math.isfinite(s) or s <= 0 for s in spacing))
+def _listed(parse, row: Optional[dict]):
+    """``parse(row)`` for the listing of records; a bad cell is left for loading to report (with
+    --skip-bad it then drops that one volume instead of the whole listing)."""
+    try:
+        return parse(row)
+    except ValueError:
+        return None
 
 
 def load_ct_rate_volume(record: dict, *, hu_range: Optional[tuple[float, float]] = DEFAULT_HU_RANGE,
@@ -293,9 +324,10 @@ def load_ct_rate_volume(record: dict, *, hu_range: Optional[tuple[float, float]]
                            "taking the stored values as HU", path)
     meta["hu_source"] = source
 
-    volume, spacing = nifti_to_zyx(img, data)
-    if _unit_or_missing(spacing) and spacing_csv is not None:
-        spacing = tuple(float(s) for s in spacing_csv)
+    header_unusable = nifti_voxel_size_problem(img) is not None
+    header_unit = all(abs(float(z) - 1.0) < 1e-6 for z in img.header.get_zooms()[:3])
+    use_csv = spacing_csv is not None and (header_unusable or header_unit)
+    volume, spacing = nifti_to_zyx(img, data, spacing=tuple(float(s) for s in spacing_csv) if use_csv else None)
 
     if hu_range is not None and on_bad_hu != "ignore" and volume.size:
         lo = float(volume.min())

@@ -87,6 +87,17 @@ def _as_label(value, index: int) -> int:
     return value
 
 
+def _check_spacing(spacing: Any, index: int) -> None:
+    """Three finite positive millimetres: a NaN or zero spacing would resample into a silently wrong volume."""
+    try:
+        values = [float(v) for v in spacing]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"record {index}: 'spacing' must be three finite positive numbers (dz, dy, dx) in mm, got "
+                         f"{spacing!r}; fix the record (or the header it was read from)")
+
+
 class VolumeTextDataset(Dataset):
     """Map-style dataset of :class:`Sample` built from records (see the module docstring).
 
@@ -169,6 +180,7 @@ class VolumeTextDataset(Dataset):
             if "spacing" not in geometry:
                 raise KeyError(f"record {index}: 'image' is a (z, y, x) array, so the record needs 'spacing' "
                                "(dz, dy, dx) in mm")
+            _check_spacing(geometry["spacing"], index)
             value = volume_to_metatensor(image, geometry["spacing"], geometry.get("orientation"),
                                          geometry.get("origin"))
         else:

@@ -9,11 +9,20 @@ ordering because neither is reliable across vendors and anonymisation tools.
 The reader refuses, with a ``ValueError`` that names the offending file(s), folders that mix several
 series, have missing slices (a gap above 1.5x the median gap), uneven spacing (consecutive gaps that
 differ by more than 1% of the larger one), duplicate positions, slices whose orientation, pixel spacing
-or matrix size differ from the others, and files that are not DICOM or cannot be decoded.
+or matrix size differ from the others, and files that are not DICOM or cannot be decoded (an element
+with a corrupt value representation included).
+
+Geometry and rescale values are never guessed. ImagePositionPatient, ImageOrientationPatient and
+PixelSpacing must be present; RescaleSlope, RescaleIntercept, SliceThickness and SpacingBetweenSlices
+may be absent (DICOM allows it), but when any of these seven is present it must hold finite numbers,
+as many as the tag has (3, 6, 2, else 1), or the file is refused with a ``ValueError`` that names the
+file, the tag, the value as written and the fix. PixelSpacing must be positive, RescaleSlope non-zero,
+SliceThickness and SpacingBetweenSlices not negative. These tags must also have DICOM's value
+representation (DS): stored as, say, binary FD they decode to finite but meaningless numbers.
 
 Pixel values are returned in modality units: RescaleSlope and RescaleIntercept (for enhanced files,
 the PixelValueTransformationSequence of the functional groups) are applied exactly once, to the raw
-stored values (pydicom's ``pixel_array`` does not apply them itself).
+stored values (pydicom's ``pixel_array`` does not apply them itself); absent, they are 1 and 0.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
 from medvl.data.metadata import MR_METADATA_KEYS
 
 __all__ = [
+    "GEOMETRY_RESCALE_TAGS",
     "MR_METADATA_KEYS",
     "Series",
     "mr_metadata",
@@ -54,6 +65,17 @@ _STRING_KEYS = (
 
 # Media Storage Directory Storage: a DICOMDIR, whatever its file name.
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+# The tags whose present values must be finite numbers, and how many each holds (see the module docstring).
+GEOMETRY_RESCALE_TAGS = {
+    "ImagePositionPatient": 3,
+    "ImageOrientationPatient": 6,
+    "PixelSpacing": 2,
+    "SliceThickness": 1,
+    "SpacingBetweenSlices": 1,
+    "RescaleSlope": 1,
+    "RescaleIntercept": 1,
+}
 
 # Tolerances of the geometry checks.
 _ORIENTATION_ATOL = 1e-4  # direction cosines
@@ -136,13 +158,60 @@ def _to_upper_tuple(value: Any) -> Optional[tuple[str, ...]]:
 
 
 def _floats(value: Any, count: int) -> Optional[tuple[float, ...]]:
+    """Lenient: None when absent, unparseable or the wrong count (for metadata such as the Plane; the
+    geometry of a series goes through ``_checked_numbers``)."""
     if _is_empty(value):
         return None
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == count else None
+    return out if len(out) == count and all(math.isfinite(v) for v in out) else None
+
+
+def _as_written(value: Any) -> str:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _tag_name(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    return keyword if tag is None else f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _bad_value(where: str, keyword: str, value: Any, problem: str) -> ValueError:
+    text = _as_written(value)
+    shown = f"'{text}'" if text.isprintable() else repr(text)
+    return ValueError(
+        f"{where}: {_tag_name(keyword)} is {shown}, {problem}; correct the tag in the file "
+        "(e.g. with pydicom or dcmodify) or leave this series out"
+    )
+
+
+def _checked_numbers(value: Any, keyword: str, where: str, count: int) -> Optional[tuple[float, ...]]:
+    """``count`` finite numbers, or None when the tag is absent or empty.
+
+    A present value that does not parse, is not finite or has another number of values raises a
+    ValueError naming ``where`` (the file) and the tag: such a value is damaged, and reading it as
+    absent would give a plausible but wrong volume."""
+    if _is_empty(value):
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    try:
+        out = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise _bad_value(where, keyword, value, "not a number") from None
+    if len(out) != count:
+        raise _bad_value(where, keyword, value, f"{len(out)} value(s) where the tag holds {count}")
+    if not all(math.isfinite(v) for v in out):
+        raise _bad_value(where, keyword, value, "not finite")
+    return out
+
+
+def _checked_number(value: Any, keyword: str, where: str) -> Optional[float]:
+    out = _checked_numbers(value, keyword, where, 1)
+    return None if out is None else out[0]
 
 
 def _first_item(ds: Optional[Dataset], keyword: str) -> Optional[Dataset]:
@@ -154,13 +223,15 @@ def _first_item(ds: Optional[Dataset], keyword: str) -> Optional[Dataset]:
     return seq[0]
 
 
-def _normal(orientation: tuple[float, ...]) -> np.ndarray:
+def _normal(orientation: tuple[float, ...], where: str = "") -> np.ndarray:
     row = np.asarray(orientation[:3], dtype=np.float64)
     col = np.asarray(orientation[3:6], dtype=np.float64)
     n = np.cross(row, col)
     norm = float(np.linalg.norm(n))
     if norm < 1e-6:
-        raise ValueError(f"ImageOrientationPatient {orientation} has parallel row and column directions")
+        raise ValueError(f"{where + ': ' if where else ''}ImageOrientationPatient {orientation} has no slice normal "
+                         "(a zero or parallel row and column direction); correct the tag in the file or leave this "
+                         "series out")
     return n / norm
 
 
@@ -294,16 +365,17 @@ def mr_metadata(dataset: Dataset) -> dict:
     return out
 
 
-def _series_metadata(ds: Dataset, n_slices: int) -> dict:
+def _series_metadata(ds: Dataset, n_slices: int, where: str) -> dict:
     """mr_metadata() plus identifiers: SeriesInstanceUID, StudyInstanceUID, PatientID,
     SliceThickness (mm) and NumberOfSlices."""
     meta = mr_metadata(ds)
     meta["SeriesInstanceUID"] = _to_str(ds.get("SeriesInstanceUID"))
     meta["StudyInstanceUID"] = _to_str(ds.get("StudyInstanceUID"))
     meta["PatientID"] = _to_str(ds.get("PatientID"))
-    thickness = _to_float(ds.get("SliceThickness"))
+    thickness = _non_negative(ds.get("SliceThickness"), "SliceThickness", where)
     if thickness is None:
-        thickness = _to_float(_from_groups(_enhanced_groups(ds), "PixelMeasuresSequence", "SliceThickness"))
+        thickness = _non_negative(_from_groups(_enhanced_groups(ds), "PixelMeasuresSequence", "SliceThickness"),
+                                  "SliceThickness", where)
     meta["SliceThickness"] = thickness
     meta["NumberOfSlices"] = int(n_slices)
     return meta
@@ -313,22 +385,52 @@ def _series_metadata(ds: Dataset, n_slices: int) -> dict:
 # reading files
 
 
+def _decode_elements(ds: Dataset, path: str) -> None:
+    """Convert every element (nested sequences and the file meta information too) now, so that a corrupt
+    one (an unknown value representation, a length that does not fit its VR) is refused here with the
+    file's name rather than escaping later, from whichever lookup first touches it, as pydicom's own
+    exception. A geometry or rescale tag stored with another VR than DICOM's (binary FD bytes where the
+    standard has DS text) is refused too: its bytes decode to finite but meaningless numbers."""
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except Exception as exc:  # pydicom raises NotImplementedError, ValueError, struct.error, ...
+            raise ValueError(
+                f"{path}: element {tag} cannot be decoded ({type(exc).__name__}: {exc}); the file is corrupt: "
+                "replace it with a good copy or leave this series out"
+            ) from exc
+        if element.keyword in GEOMETRY_RESCALE_TAGS and element.VR != dictionary_VR(tag):
+            raise ValueError(
+                f"{path}: {_tag_name(element.keyword)} is stored with value representation {element.VR}, where DICOM "
+                f"defines {dictionary_VR(tag)}; the file is corrupt: replace it with a good copy or leave this "
+                "series out"
+            )
+        if element.VR == "SQ":
+            for item in element.value:
+                _decode_elements(item, path)
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None and file_meta is not ds:
+        _decode_elements(file_meta, path)
+
+
 def _read(path: str, *, stop_before_pixels: bool) -> Dataset:
     """dcmread with errors that name the file. Files without the 128-byte preamble are retried with
     force=True and accepted only if they then hold recognisable image/SOP tags."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
-        pass
+        ds = None
     except Exception as exc:  # truncated or otherwise broken file
         raise ValueError(f"{path}: unreadable or corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
-        plausible = any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality"))
-    except Exception:
-        plausible = False
-    if not plausible:
-        raise ValueError(f"{path}: not a DICOM file")
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+            plausible = any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality"))
+        except Exception:
+            plausible = False
+        if not plausible:
+            raise ValueError(f"{path}: not a DICOM file")
+    _decode_elements(ds, path)
     return ds
 
 
@@ -442,8 +544,21 @@ def _order_slices(labels: list[str], positions: np.ndarray, normal: np.ndarray, 
 
 def _require(value, what: str, path: str):
     if value is None:
-        raise ValueError(f"{path}: missing or invalid {what}")
+        raise ValueError(f"{path}: missing {what}, which a slice of a volume needs; add it to the file or leave "
+                         "this series out")
     return value
+
+
+def _matrix_size(ds: Dataset, path: str) -> tuple[int, int]:
+    size = []
+    for keyword in ("Rows", "Columns"):
+        value = ds.get(keyword)
+        if value is None:
+            raise ValueError(f"{path}: missing {keyword}; add it to the file or leave this series out")
+        if not isinstance(value, int) or value < 1:
+            raise _bad_value(path, keyword, value, "not a positive integer")
+        size.append(value)
+    return size[0], size[1]
 
 
 def _check_same(values: list, labels: list[str], what: str, where: str, close) -> None:
@@ -451,12 +566,12 @@ def _check_same(values: list, labels: list[str], what: str, where: str, close) -
     bad = [i for i, v in enumerate(values) if not close(v, ref)]
     if bad:
         # name the minority: compare each against the most common value
-        keyed = Counter(tuple(np.round(np.asarray(v, dtype=float), 4).ravel()) for v in values)
+        keyed = Counter(tuple(float(x) for x in np.round(np.asarray(v, dtype=float), 4).ravel()) for v in values)
         common = keyed.most_common(1)[0][0]
         odd = [
             f"{labels[i]} ({tuple(values[i])})"
             for i, v in enumerate(values)
-            if tuple(np.round(np.asarray(v, dtype=float), 4).ravel()) != common
+            if tuple(float(x) for x in np.round(np.asarray(v, dtype=float), 4).ravel()) != common
         ] or [f"{labels[i]} ({tuple(values[i])})" for i in bad]
         raise ValueError(
             f"{where}: differing {what}: expected {tuple(common)}, found in " + "; ".join(odd[:10])
@@ -480,19 +595,56 @@ def _pixels(ds: Dataset, path: str) -> np.ndarray:
     return np.asarray(arr)
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
-    slope = _to_float(ds.get("RescaleSlope"))
-    intercept = _to_float(ds.get("RescaleIntercept"))
+def _rescale_values(slope_value: Any, intercept_value: Any, where: str) -> tuple[Optional[float], Optional[float]]:
+    slope = _checked_number(slope_value, "RescaleSlope", where)
+    if slope == 0:
+        raise _bad_value(where, "RescaleSlope", slope_value, "which would map every pixel to the intercept")
+    return slope, _checked_number(intercept_value, "RescaleIntercept", where)
+
+
+def _rescale(ds: Dataset, where: str) -> tuple[float, float]:
+    """(slope, intercept) of the file; absent tags are the identity (1, 0), as DICOM defines them."""
+    slope, intercept = _rescale_values(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), where)
     return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
 
 
-def _single_slice_spacing(ds: Dataset) -> float:
-    """Slice spacing of a one-slice series: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
-    for key in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _to_float(ds.get(key))
-        if value is not None and value > 0:
-            return value
-    return 1.0
+def _non_negative(value: Any, keyword: str, where: str) -> Optional[float]:
+    number = _checked_number(value, keyword, where)
+    if number is not None and number < 0:
+        raise _bad_value(where, keyword, value, "a negative length")
+    return number
+
+
+# The slice spacing of a one-slice series when neither SpacingBetweenSlices nor SliceThickness is given:
+# the volume is one plane, and the spacing only sizes that plane's voxels for resampling.
+SINGLE_SLICE_DEFAULT_MM = 1.0
+
+
+def _single_slice_spacing(candidates: Iterable[tuple[str, Any]], where: str) -> float:
+    """Slice spacing of a one-slice series from the first of (keyword, value) that is present;
+    ``SINGLE_SLICE_DEFAULT_MM`` when none is. A present zero cannot serve and is refused."""
+    for keyword, value in candidates:
+        number = _non_negative(value, keyword, where)
+        if number is None:
+            continue
+        if number == 0:
+            raise _bad_value(where, keyword, value, "which cannot give the slice spacing of a one-slice series")
+        return number
+    return SINGLE_SLICE_DEFAULT_MM
+
+
+def _check_lengths(ds: Dataset, where: str) -> None:
+    """SliceThickness and SpacingBetweenSlices, when present, must be lengths even where the spacing
+    comes from the positions: a damaged value is a damaged file."""
+    for keyword in ("SliceThickness", "SpacingBetweenSlices"):
+        _non_negative(ds.get(keyword), keyword, where)
+
+
+def _pixel_spacing(value: Any, where: str) -> tuple[float, ...]:
+    spacing = _require(_checked_numbers(value, "PixelSpacing", where, 2), "PixelSpacing", where)
+    if min(spacing) <= 0:
+        raise _bad_value(where, "PixelSpacing", value, "spacings must be positive")
+    return spacing
 
 
 def _read_single_frames(items, where: str, with_pixels: bool):
@@ -504,22 +656,24 @@ def _read_single_frames(items, where: str, with_pixels: bool):
                 f"{path}: multi-frame file mixed with other files; put an enhanced multi-frame file "
                 "in a folder of its own or pass its path"
             )
-        orientations.append(_require(_floats(ds.get("ImageOrientationPatient"), 6), "ImageOrientationPatient", path))
-        positions.append(_require(_floats(ds.get("ImagePositionPatient"), 3), "ImagePositionPatient", path))
-        pixel_spacings.append(_require(_floats(ds.get("PixelSpacing"), 2), "PixelSpacing", path))
-        rows, cols = ds.get("Rows"), ds.get("Columns")
-        if rows is None or cols is None:
-            raise ValueError(f"{path}: missing Rows/Columns")
-        shapes.append((int(rows), int(cols)))
+        orientations.append(_require(_checked_numbers(ds.get("ImageOrientationPatient"), "ImageOrientationPatient",
+                                                      path, 6), "ImageOrientationPatient", path))
+        positions.append(_require(_checked_numbers(ds.get("ImagePositionPatient"), "ImagePositionPatient", path, 3),
+                                  "ImagePositionPatient", path))
+        pixel_spacings.append(_pixel_spacing(ds.get("PixelSpacing"), path))
+        _check_lengths(ds, path)
+        _rescale(ds, path)  # refused here, before any pixel is decoded, also when only headers are read
+        shapes.append(_matrix_size(ds, path))
     _check_same(orientations, labels, "ImageOrientationPatient", where, _orient_close)
     _check_same(pixel_spacings, labels, "PixelSpacing", where, _spacing_close)
     _check_same(shapes, labels, "Rows/Columns", where, lambda a, b: tuple(a) == tuple(b))
     orientation = orientations[0]
-    normal = _normal(orientation)
+    normal = _normal(orientation, labels[0])
     order, slice_spacing = _order_slices(labels, np.asarray(positions), normal, where)
-    first_ds = items[order[0]][1]
+    first_path, first_ds = items[order[0]]
     if slice_spacing is None:
-        slice_spacing = _single_slice_spacing(first_ds)
+        slice_spacing = _single_slice_spacing(
+            ((k, first_ds.get(k)) for k in ("SpacingBetweenSlices", "SliceThickness")), first_path)
     volume = None
     if with_pixels:
         volume = np.empty((len(items),) + shapes[0], dtype=np.float32)
@@ -528,7 +682,7 @@ def _read_single_frames(items, where: str, with_pixels: bool):
             arr = _pixels(ds, path)
             if arr.shape != shapes[0]:
                 raise ValueError(f"{path}: pixel array shape {arr.shape} does not match Rows/Columns {shapes[0]}")
-            slope, intercept = _rescale(ds)
+            slope, intercept = _rescale(ds, path)
             volume[k] = (arr.astype(np.float64) * slope + intercept).astype(np.float32)
     spacing = (float(slice_spacing), float(pixel_spacings[0][0]), float(pixel_spacings[0][1]))
     return (
@@ -536,7 +690,7 @@ def _read_single_frames(items, where: str, with_pixels: bool):
         spacing,
         tuple(orientation),
         tuple(positions[order[0]]),
-        _series_metadata(first_ds, len(items)),
+        _series_metadata(first_ds, len(items), first_path),
         [labels[i] for i in order],
     )
 
@@ -555,35 +709,40 @@ def _read_enhanced(path: str, ds: Dataset, with_pixels: bool):
     if per_frame is None or len(per_frame) == 0:
         raise ValueError(f"{path}: multi-frame file without PerFrameFunctionalGroupsSequence is not supported")
     n = len(per_frame)
-    frames_tag = _to_float(ds.get("NumberOfFrames"))
-    if frames_tag is not None and int(frames_tag) != n:
+    frames_tag = _checked_number(ds.get("NumberOfFrames"), "NumberOfFrames", path)
+    if frames_tag is not None and frames_tag != n:
         raise ValueError(f"{path}: NumberOfFrames {int(frames_tag)} but {n} per-frame functional groups")
     labels = [f"{path} frame {i + 1}" for i in range(n)]
     orientations, positions, pixel_spacings, rescales = [], [], [], []
-    top_orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+    top_orientation = _checked_numbers(ds.get("ImageOrientationPatient"), "ImageOrientationPatient", path, 6)
+    _check_lengths(ds, path)
     for i, frame in enumerate(per_frame):
-        o = _floats(_frame_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-        orientations.append(_require(o or top_orientation, "ImageOrientationPatient", labels[i]))
-        p = _floats(_frame_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient"), 3)
-        positions.append(_require(p, "ImagePositionPatient (PlanePositionSequence)", labels[i]))
-        s = _floats(_frame_value(frame, shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
-        if s is None:
-            s = _floats(ds.get("PixelSpacing"), 2)
-        pixel_spacings.append(_require(s, "PixelSpacing (PixelMeasuresSequence)", labels[i]))
-        slope = _to_float(_frame_value(frame, shared, "PixelValueTransformationSequence", "RescaleSlope"))
-        intercept = _to_float(_frame_value(frame, shared, "PixelValueTransformationSequence", "RescaleIntercept"))
+        where = labels[i]
+        o = _checked_numbers(_frame_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                             "ImageOrientationPatient", where, 6)
+        orientations.append(_require(o or top_orientation, "ImageOrientationPatient", where))
+        p = _checked_numbers(_frame_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient"),
+                             "ImagePositionPatient", where, 3)
+        positions.append(_require(p, "ImagePositionPatient (PlanePositionSequence)", where))
+        s = _frame_value(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
+        pixel_spacings.append(_pixel_spacing(ds.get("PixelSpacing") if _is_empty(s) else s, where))
+        for keyword in ("SliceThickness", "SpacingBetweenSlices"):
+            _non_negative(_frame_value(frame, shared, "PixelMeasuresSequence", keyword), keyword, where)
+        slope, intercept = _rescale_values(
+            _frame_value(frame, shared, "PixelValueTransformationSequence", "RescaleSlope"),
+            _frame_value(frame, shared, "PixelValueTransformationSequence", "RescaleIntercept"), where)
         if slope is None and intercept is None:
-            slope, intercept = _rescale(ds)
+            slope, intercept = _rescale(ds, path)
         rescales.append((1.0 if slope is None else slope, 0.0 if intercept is None else intercept))
     _check_same(orientations, labels, "ImageOrientationPatient", path, _orient_close)
     _check_same(pixel_spacings, labels, "PixelSpacing", path, _spacing_close)
     orientation = orientations[0]
-    order, slice_spacing = _order_slices(labels, np.asarray(positions), _normal(orientation), path)
+    order, slice_spacing = _order_slices(labels, np.asarray(positions), _normal(orientation, path), path)
     if slice_spacing is None:
-        value = _to_float(_frame_value(per_frame[0], shared, "PixelMeasuresSequence", "SpacingBetweenSlices"))
-        if value is None:
-            value = _to_float(_frame_value(per_frame[0], shared, "PixelMeasuresSequence", "SliceThickness"))
-        slice_spacing = value if value is not None and value > 0 else _single_slice_spacing(ds)
+        slice_spacing = _single_slice_spacing(
+            [(k, _frame_value(per_frame[0], shared, "PixelMeasuresSequence", k))
+             for k in ("SpacingBetweenSlices", "SliceThickness")]
+            + [(k, ds.get(k)) for k in ("SpacingBetweenSlices", "SliceThickness")], labels[0])
     volume = None
     if with_pixels:
         arr = _pixels(ds, path)
@@ -595,7 +754,7 @@ def _read_enhanced(path: str, ds: Dataset, with_pixels: bool):
         for k, i in enumerate(order):
             slope, intercept = rescales[i]
             volume[k] = (arr[i].astype(np.float64) * slope + intercept).astype(np.float32)
-    meta = _series_metadata(ds, n)
+    meta = _series_metadata(ds, n, path)
     spacing = (float(slice_spacing), float(pixel_spacings[0][0]), float(pixel_spacings[0][1]))
     return volume, spacing, tuple(orientation), tuple(positions[order[0]]), meta, [path]
 
@@ -615,7 +774,9 @@ def read_dicom_series(folder: str | os.PathLike) -> Series:
     Hidden files (names starting with ".") and DICOMDIR files are skipped; any other file that is
     not DICOM raises. `folder` may also be the path of a single file (a one-slice series, or an
     enhanced multi-frame file). A one-slice series takes its slice spacing from SpacingBetweenSlices,
-    else SliceThickness, else 1 mm.
+    else SliceThickness, else ``SINGLE_SLICE_DEFAULT_MM`` (1 mm) when neither tag is present.
+
+    Raises ValueError naming the file (and the tag) for every refusal listed in the module docstring.
     """
     volume, spacing, orientation, position, meta, files = _read_any(folder, with_pixels=True)
     return Series(volume=volume, spacing=spacing, orientation=orientation, position=position, metadata=meta, files=files)

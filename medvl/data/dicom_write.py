@@ -3,6 +3,9 @@
 The files are Part 10 files (128-byte preamble, file meta information) in explicit VR little endian,
 CT Image Storage or MR Image Storage. All UIDs come from ``pydicom.uid.generate_uid`` with entropy
 derived from `seed`, so the same call writes byte-identical files.
+
+``write_raw_element`` damages a file on purpose (a value or a value representation that pydicom
+would refuse to write), for tests of how readers treat broken input.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -21,7 +27,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
-__all__ = ["PLANE_ORIENTATIONS", "write_dicom_series"]
+__all__ = ["PLANE_ORIENTATIONS", "write_dicom_series", "write_raw_element"]
 
 # ImageOrientationPatient (row direction, column direction) of the standard planes, LPS patient axes.
 PLANE_ORIENTATIONS = {
@@ -213,3 +219,24 @@ def write_dicom_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_raw_element(path: str | os.PathLike, keyword: str | int, value: bytes, vr: Optional[str] = None) -> None:
+    """Set the element `keyword` (a keyword or a tag) of the file at `path` to the bytes `value`, written
+    as they are with the value representation `vr` (default: the element's own, or the dictionary's).
+
+    pydicom validates values it is given as Python objects, so a damaged file (``b"-10x4"`` as a
+    RescaleIntercept, ``b"nan"`` as a position, an unknown VR such as ``"ZZ"``) can only be made from
+    raw bytes. The value is padded with a space to an even length, as DICOM requires.
+    """
+    ds = pydicom.dcmread(os.fspath(path))
+    tag = Tag(keyword)
+    if vr is None:
+        vr = ds[tag].VR if tag in ds else pydicom.datadict.dictionary_VR(tag)
+    if not isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"value must be bytes, got {type(value).__name__}")
+    raw = bytes(value) + (b" " if len(value) % 2 else b"")
+    implicit_vr, little_endian = ds.original_encoding
+    # the element claims the file's own encoding, so that saving writes its bytes untouched
+    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, bool(implicit_vr), bool(little_endian))
+    ds.save_as(os.fspath(path))

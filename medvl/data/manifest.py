@@ -35,6 +35,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -48,6 +49,7 @@ __all__ = [
     "load_manifest",
     "load_volume",
     "nifti_to_zyx",
+    "nifti_voxel_size_problem",
     "read_manifest",
 ]
 
@@ -86,12 +88,72 @@ def is_nifti_path(path: PathLike) -> bool:
 # volumes
 
 
-def nifti_to_zyx(img: Any, data: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+def _stored_header(img: Any) -> Any:
+    """The header as the file holds it: the header of a loaded image has been "fixed" by nibabel
+    already (a zero pixdim replaced by 1, a negative one by its absolute value)."""
+    path = img.get_filename()
+    if path is None:
+        return img.header
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path) as f:
+        return type(img.header).from_fileobj(f, check=False)
+
+
+def _image_name(img: Any) -> str:
+    return img.get_filename() or "the NIfTI image"
+
+
+def nifti_voxel_size_problem(img: Any) -> Optional[str]:
+    """Why the stored voxel size (pixdim[1:4]) of `img` cannot be used, or None when it can: a voxel
+    size must be a finite non-zero number (nibabel would read a zero as 1 mm). A negative pixdim is
+    read as its absolute value, as nibabel and the NIfTI standard's qform do."""
+    pixdim = [float(v) for v in np.asarray(_stored_header(img)["pixdim"], dtype=np.float64)[1:4]]
+    bad = [i + 1 for i, v in enumerate(pixdim) if not math.isfinite(v) or v == 0]
+    if not bad:
+        return None
+    return (f"pixdim[1:4] (the voxel size) is {tuple(pixdim)}: pixdim[{', '.join(map(str, bad))}] is not a finite "
+            "non-zero number")
+
+
+def _checked_affine(img: Any) -> np.ndarray:
+    """The voxel-to-world affine of `img`; refused when it is not finite or maps voxels onto a plane or
+    a line (no orientation can be derived from it)."""
+    header = img.header
+    if int(header.get("sform_code", 0)) > 0:
+        source = "sform (srow_x/y/z)"
+    elif int(header.get("qform_code", 0)) > 0:
+        source = "qform (quatern_b/c/d, qoffset, pixdim)"
+    else:
+        source = "pixdim (no sform or qform is set)"
+    affine = np.asarray(img.affine, dtype=np.float64)
+    linear = affine[:3, :3]
+    norms = np.linalg.norm(linear, axis=0)
+    problem = None
+    if not np.isfinite(affine).all():
+        problem = "not finite"
+    elif norms.min() == 0 or abs(np.linalg.det(linear)) <= 1e-6 * float(np.prod(norms)):
+        problem = "singular (two voxel axes point the same way, or one has length 0)"
+    if problem is not None:
+        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in affine[:3])
+        raise ValueError(f"{_image_name(img)}: the voxel-to-world affine from the {source} is {problem}: [{rows}]; "
+                         "fix the header (e.g. with nibabel: img.set_sform(affine, code=1), or fslorient) or leave "
+                         "this volume out")
+    return affine
+
+
+def nifti_to_zyx(img: Any, data: np.ndarray, *, spacing: Optional[tuple[float, float, float]] = None
+                 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Reorient `data` (the (i, j, k) voxel array of the nibabel image `img`, already in the wanted
     units) to the closest RAS+ axes and return it as (z, y, x) with its spacing (dz, dy, dx) in mm.
 
     Only flips and permutations are applied (``nibabel.orientations.io_orientation`` of the affine);
     a trailing singleton 4th dimension is dropped, any other 4-D volume is refused.
+
+    spacing: (dz, dy, dx) mm to return instead of the header's voxel size (CT-RATE's metadata CSV);
+        None: the header's, which must be finite and non-zero (see ``nifti_voxel_size_problem``).
+    Raises ValueError naming the file when the affine is not finite or singular, or the voxel size
+    is unusable and no `spacing` is given.
     """
     import nibabel as nib
 
@@ -99,16 +161,23 @@ def nifti_to_zyx(img: Any, data: np.ndarray) -> tuple[np.ndarray, tuple[float, f
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
     if arr.ndim != 3:
-        raise ValueError(f"expected a 3-D NIfTI volume, got shape {arr.shape}")
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+        raise ValueError(f"{_image_name(img)}: expected a 3-D NIfTI volume, got shape {arr.shape}")
+    if spacing is None:
+        problem = nifti_voxel_size_problem(img)
+        if problem is not None:
+            raise ValueError(f"{_image_name(img)}: {problem}; fix the header (e.g. with nibabel: "
+                             "img.header.set_zooms(...)) or leave this volume out")
+    _checked_affine(img)
+    zooms = [abs(float(z)) for z in img.header.get_zooms()[:3]]
     ornt = nib.orientations.io_orientation(img.affine)
     arr = nib.orientations.apply_orientation(arr, ornt)
     ras_zooms = [1.0, 1.0, 1.0]
     for axis in range(3):
         ras_zooms[int(ornt[axis, 0])] = zooms[axis]
     volume = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))
-    spacing = (ras_zooms[2], ras_zooms[1], ras_zooms[0])
-    return volume, spacing
+    if spacing is None:
+        spacing = (ras_zooms[2], ras_zooms[1], ras_zooms[0])
+    return volume, tuple(float(s) for s in spacing)
 
 
 def load_volume(path: PathLike) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -143,7 +212,21 @@ def load_volume(path: PathLike) -> tuple[np.ndarray, tuple[float, float, float]]
 # manifest rows
 
 
+def not_utf8_error(path: str, what: str, exc: UnicodeDecodeError) -> ValueError:
+    """The error for a text file (manifest, CSV, sidecar) that is not UTF-8, with where and the fix."""
+    return ValueError(f"{what} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
+                      "cannot be decoded); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)")
+
+
 def _rows(path: str) -> list[tuple[int, int, Any]]:
+    """As ``_read_rows``, with a file that is not UTF-8 refused by name."""
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as e:
+        raise not_utf8_error(path, "manifest", e) from None
+
+
+def _read_rows(path: str) -> list[tuple[int, int, Any]]:
     """(row number from 1, line number in the file, raw row) for each row; a raw row is a dict of
     strings (CSV) or any JSON value (JSONL), or an Exception when the line is not valid JSON."""
     lower = path.lower()
@@ -238,9 +321,14 @@ def _check_volume(path: str) -> None:
     import nibabel as nib
 
     try:
-        nib.load(path)  # header only; the data is read lazily
+        img = nib.load(path)  # header only; the data is read lazily
     except Exception as e:
         raise ValueError(f"unreadable NIfTI header: {e}") from None
+    # the geometry needs only the header: refuse a broken one now, with the other bad rows
+    problem = nifti_voxel_size_problem(img)
+    if problem is not None:
+        raise ValueError(problem)
+    _checked_affine(img)
 
 
 def _record(raw: Any, n: int, line: int, source: str, base: str) -> tuple[Optional[dict], Optional[SkippedRow]]:

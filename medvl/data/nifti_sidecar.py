@@ -126,6 +126,10 @@ def read_sidecar(json_path: PathLike) -> dict:
         raise FileNotFoundError(f"sidecar not found: {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"sidecar {path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        from medvl.data.manifest import not_utf8_error
+
+        raise not_utf8_error(path, "sidecar", e) from None
     if not isinstance(data, dict):
         raise ValueError(f"sidecar {path} must hold a JSON object, got {type(data).__name__}")
     return sidecar_metadata(data)

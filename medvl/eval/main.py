@@ -63,7 +63,7 @@ def _checkpoint_or_error(parser: argparse.ArgumentParser, path: str) -> Path:
 
     try:
         return checkpoint_dir(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         parser.error(f"CHECKPOINT: {e}")
 
 
@@ -154,7 +154,15 @@ def format_qc_table(result) -> str:
              for u in result["unreadable"]]
     order = ("rule-based issues first, then score" if result.get("rank_by") == "issues" else "score")
     return (f"{len(result['series'])} series ranked by {order} (score: cosine distance between the volume and its "
-            "metadata sentence, higher = more suspect)\n\n" + _table(("rank", "score", "series", "issues"), rows))
+            "metadata sentence, higher = more suspect)\n\n" + _table(("rank", "score", "series", "issues"), rows)
+            + "\n\n" + qc_summary(result))
+
+
+def qc_summary(result) -> str:
+    """One line: how many series were scored and how many could not be read."""
+    scored, unreadable = len(result["series"]), len(result["unreadable"])
+    line = f"{scored + unreadable} series: {scored} scored, {unreadable} unreadable"
+    return line + (" (listed last, with the reason)" if unreadable else "")
 
 
 def qc_main(argv: Optional[Sequence[str]] = None) -> int:

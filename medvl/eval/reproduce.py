@@ -47,7 +47,8 @@ def _train(name: str, out: Path, recipe: str, run: Dict[str, Any], *, log, loss_
     result = train(TrainConfig(recipe=recipe, model=run["model"], steps=steps, batch_size=run["batch_size"],
                                lr=run["lr"], seed=run["seed"], n_train=run["n_train"],
                                size=run["size"], out=str(out), loss_weights=loss_weights,
-                               loss_options=loss_options, log_every=max(1, steps // 4), log_fn=log))
+                               loss_options=loss_options, log_every=max(1, steps // 4), log_fn=log,
+                               overwrite=True))  # each reproduction trains afresh in its own folder
     log(f"[{name}] loss {result['first_loss']:.3f} -> {result['loss']:.3f} in {time.perf_counter() - start:.0f} s")
     return Path(result["checkpoint"])
 

@@ -1038,12 +1038,17 @@ def qc_dicom(checkpoint_or_model, folder: Union[str, os.PathLike], *, device: Un
     score, since a missing tag or an impossible value is certain while the learned score is graded;
     "score": by score alone.
 
+    A series that cannot be read (its headers, or its pixels: a truncated slice) is not scored: it is
+    listed in ``unreadable`` with the reason and the others go on, as ``medvl train --skip-bad`` leaves a
+    bad volume out (both through :func:`medvl.train.data.readable_records`). With ``cache_dir`` the
+    preprocessed volumes are kept under ``cache_dir/volumes``, so a second run reads no pixels twice.
+
     Returns ``{"series": [{"rank", "series", "score", "issues", "sentence", "description",
     "series_uid", "n_slices"}...], "unreadable": [{"series", "reason"}], "checkpoint", "model_key"}``.
     """
     from medvl.data.dicom import read_series_metadata
     from medvl.data.metadata import contrast_category, metadata_to_text
-    from medvl.train.data import FileVolumeDataset, _file_transform
+    from medvl.train.data import FileVolumeDataset, _file_transform, readable_records
 
     emit = log if log is not None else (lambda _line: None)
     if rank_by not in ("issues", "score"):
@@ -1071,12 +1076,22 @@ def qc_dicom(checkpoint_or_model, folder: Union[str, os.PathLike], *, device: Un
             continue
         records.append({"image": path, "metadata": metadata, "volume_loader": "file",
                         "meta": {"row": len(records) + 1, "series": rel}})
+    transform, description = _file_transform("mr", size, None)
+    volume_cache = None if cache_dir is None else os.path.join(os.fspath(cache_dir), "volumes")
+
+    def make(recs):
+        return FileVolumeDataset(recs, transform, description, cache_dir=volume_cache, text_fn=metadata_to_text,
+                                 label_fn=contrast_category)
+
+    records, unloadable = readable_records(records, make)
+    for record, reason in unloadable:
+        unreadable.append({"series": record["meta"]["series"], "reason": reason})
+        emit(f"{record['meta']['series']}: unreadable: {reason}")
+    unreadable.sort(key=lambda u: u["series"])
     if not records:
         raise ValueError(f"none of the {len(folders)} DICOM folders under {root} could be read: "
                          + "; ".join(f"{u['series']}: {u['reason']}" for u in unreadable[:5]))
-    transform, description = _file_transform("mr", size, None)
-    dataset = FileVolumeDataset(records, transform, description, text_fn=metadata_to_text,
-                                label_fn=contrast_category)
+    dataset = make(records)
     if model_key is None:
         model_key = model_fingerprint(model, None if head is None else {"head": torch.as_tensor(head)})
     was_training, home = model.training, _device_of(model)

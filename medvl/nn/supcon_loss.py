@@ -20,6 +20,12 @@ def _chunk_losses(rows: torch.Tensor, embeddings: torch.Tensor, row_labels: torc
     return torch.where(count > 0, -total / count.clamp_min(1), torch.zeros_like(total))
 
 
+def _check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (rows of the B x B logits held at once, e.g. "
+                         f"1024), got {chunk_size!r}")
+
+
 def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, chunk_size: int = 1024
                 ) -> torch.Tensor:
     """Mean over anchors with a nonzero loss of -mean_{p in P(i)} log softmax_{k != i}(cos(i, k) / T)[p].
@@ -34,6 +40,7 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
         raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_chunk_size(chunk_size)
     normalized = F.normalize(embeddings, dim=1)
     losses = []
     for first in range(0, normalized.shape[0], chunk_size):
@@ -58,6 +65,9 @@ class SupConLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 0.1, chunk_size: int = 1024):
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        _check_chunk_size(chunk_size)
         self.temperature, self.chunk_size = temperature, chunk_size
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ __all__ = [
     "build_dataset",
     "finding_snippets",
     "parse_size",
+    "readable_records",
     "slice_depth_indices",
     "synthetic_dataset",
 ]
@@ -295,6 +296,24 @@ class FileVolumeDataset(VolumeTextDataset):
         return volume, affine
 
 
+def readable_records(records: Sequence[Mapping[str, Any]], make: Callable[[List[Mapping[str, Any]]], Any]
+                     ) -> Tuple[List[Mapping[str, Any]], List[Tuple[Mapping[str, Any], str]]]:
+    """``(records that load, [(record, reason)] for each that does not)``: every volume is read and
+    preprocessed once through ``make(records)`` (a :class:`FileVolumeDataset`, which fills its cache when it
+    has one). A corrupt payload behind a valid header shows only then. The one behaviour of
+    ``medvl train --skip-bad`` and ``medvl qc``: a bad volume is left out with its reason, the rest go on."""
+    probe, good, bad = make(list(records)), [], []
+    for i, record in enumerate(records):
+        try:
+            probe[i]
+        except Exception as e:  # noqa: BLE001 - any failure makes the volume bad; the caller reports each
+            reason = e.__cause__ if isinstance(e, BadVolumeError) and e.__cause__ is not None else e
+            bad.append((record, str(reason)))
+        else:
+            good.append(record)
+    return good, bad
+
+
 def _file_transform(kind: str, size: Tuple[int, int, int], spacing) -> Tuple[Callable, str]:
     """The preprocessing of real volumes and its description (every parameter that changes the result)."""
     import monai
@@ -375,11 +394,16 @@ def _ct_rate_records(root: str, split: str, skip_bad: bool) -> Tuple[List[dict],
         raise FileNotFoundError(f"CT-RATE root {root} has no {long_split}_reports.csv in radiology_text_reports/ "
                                 f"(split {split!r}); pick the split whose reports are there")
     rows: Dict[str, int] = {}
-    with open(reports, newline="", encoding="utf-8-sig") as f:
-        for n, row in enumerate(csv.DictReader(f), start=1):
-            name = (row.get("VolumeName") or "").strip()
-            if name:
-                rows.setdefault(name, n)
+    try:
+        with open(reports, newline="", encoding="utf-8-sig") as f:
+            for n, row in enumerate(csv.DictReader(f), start=1):
+                name = (row.get("VolumeName") or "").strip()
+                if name:
+                    rows.setdefault(name, n)
+    except UnicodeDecodeError as e:
+        from medvl.data.manifest import not_utf8_error
+
+        raise not_utf8_error(reports, "CT-RATE reports file", e) from None
     try:
         found = ct_rate_records(root, split, skip_missing=skip_bad)
     except FileNotFoundError as e:
@@ -567,18 +591,8 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
         return FileVolumeDataset(recs, transform, description, cache_dir=cache_root, **fns)
 
     if skip_bad:
-        # A corrupt payload behind a valid header shows only when the volume is read: read every one now
-        # (filling the cache when there is one) so the dataset holds only rows that load.
-        probe, good = make(records), []
-        for i, record in enumerate(records):
-            try:
-                probe[i]
-            except Exception as e:  # noqa: BLE001 - any failure makes the row bad; each is reported below
-                reason = e.__cause__ if isinstance(e, BadVolumeError) and e.__cause__ is not None else e
-                skipped.append(_skipped(record["meta"].get("row"), record["image"], reason))
-            else:
-                good.append(record)
-        records = good
+        records, unreadable = readable_records(records, make)
+        skipped.extend(_skipped(record["meta"].get("row"), record["image"], reason) for record, reason in unreadable)
     skipped.sort(key=lambda s: (s["row"] is None, s["row"] if s["row"] is not None else 0))
     for s in skipped:
         emit(f"{source}: skipped row {s['row']} ({s['path'] or '-'}): {s['reason']}")

@@ -2,6 +2,7 @@
 
     medvl train --recipe siglip --steps 60 --batch-size 8 --out runs/siglip
     medvl train --recipe siglip --steps 120 --out runs/siglip --resume latest
+    medvl train --recipe siglip --steps 60 --out runs/siglip --overwrite      # discard the run there, start again
     medvl train --recipe mrclip --data /data/mr_nifti --size 128,128,64 --cache-dir /scratch/cache --skip-bad
     torchrun --nproc_per_node 4 -m medvl train --device cuda --model vit3d-base --size 224,224,160
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -50,6 +52,16 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _grad_clip(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (0 turns clipping off), got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number (0 turns clipping off), got {text!r}")
+    return value
+
+
 def _loss_weight(text: str):
     name, sep, value = text.partition("=")
     try:
@@ -85,9 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_nonneg_float, default=None, help="default: the recipe's")
     p.add_argument("--weight-decay", type=_nonneg_float, default=None, help="default: the recipe's")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: min(recipe's, steps // 10)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; <= 0 disables")
-    p.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
+    p.add_argument("--grad-clip", type=_grad_clip, default=1.0, help="max gradient norm; <= 0 disables")
+    p.add_argument("--out", default=None, help="run directory (default runs/<recipe>); one that holds a run needs "
+                   "--resume or --overwrite")
     p.add_argument("--resume", default=None, metavar="latest|PATH")
+    p.add_argument("--overwrite", action="store_true", help="discard the run in --out (with --resume: the "
+                   "checkpoints after the resumed one) instead of refusing to mix two runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -135,12 +150,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          precision=args.precision, grad_checkpointing=args.grad_checkpointing,
                          loss_weights=weights or None, split=args.split, cache_dir=args.cache_dir,
                          skip_bad=args.skip_bad, num_workers=args.workers, progress=not args.no_progress,
-                         profile=args.profile, log_fn=lambda msg: print(msg, flush=True))
+                         profile=args.profile, overwrite=args.overwrite, log_fn=lambda msg: print(msg, flush=True))
     try:
         config.validate()
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    result = train(config)
+    try:
+        result = train(config)
+    except (ValueError, FileNotFoundError) as e:
+        # what the run's checks refuse (run folder, checkpoint, data rows) is said in a sentence that names
+        # the file and the fix; a traceback would only bury it
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if result.get("skipped"):
         print(f"skipped {len(result['skipped'])} unreadable volume(s): "
               + "; ".join(f"row {s.get('row')}: {s.get('path')} ({s.get('reason')})" for s in result["skipped"]),

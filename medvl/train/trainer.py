@@ -26,10 +26,19 @@ Layout of ``out``::
     checkpoint-<step>/tokenizer/        the text tower's tokenizer (medvl.models.load_checkpoint)
     latest                              the name of the newest checkpoint directory
 
+A checkpoint is written into a hidden folder of ``out`` and renamed into place (``os.replace``) once
+complete, and ``latest`` is replaced (also by a rename) only after that, so a run killed while saving
+leaves every earlier checkpoint and a ``latest`` that names a complete one. A new run into an ``out``
+that holds a run (metrics.jsonl, latest or a checkpoint) is refused unless ``resume`` continues it or
+``overwrite`` discards it first.
+
 Resuming (``resume="latest"`` or a checkpoint path) restores the model, loss module, optimizer,
 scheduler, RNG states and the data position: the order of the samples is a deterministic function of
 (seed, epoch), and the trainer starts the current epoch at the first batch not yet consumed, so N steps
-+ resume + N steps gives the same parameters as 2N uninterrupted steps (on CPU).
++ resume + N steps gives the same parameters as 2N uninterrupted steps (on CPU). Resuming a checkpoint of
+``out`` itself cuts ``metrics.jsonl`` back to its step (the steps after it are trained again) and points
+``latest`` at it; checkpoints after that step must be discarded with ``overwrite``. A checkpoint from
+elsewhere starts a fresh ``metrics.jsonl`` in an ``out`` that holds no run (or is overwritten).
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -49,6 +60,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from medvl.data import collate
+from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_name,
+                                     checkpoint_step, read_latest, read_weights)
 from medvl.train.data import parse_size
 from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice
 from medvl.train.profiling import StepProfiler, stage
@@ -56,10 +69,17 @@ from medvl.train.radfinder_inputs import RadFinderInputs, joined_side_inputs
 from medvl.train.recipes import create_loss, get_recipe
 from medvl.train.reporting import Progress, peak_memory_mib, plot_loss, tensorboard_writer
 
-__all__ = ["TrainConfig", "train", "load_checkpoint_weights", "resolve_checkpoint", "PRECISIONS"]
+__all__ = ["TrainConfig", "train", "load_checkpoint_weights", "load_training_state", "resolve_checkpoint",
+           "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SYNTHETIC = ("synthetic-ct", "synthetic-mr")
+# Losses that compare each sample with the other samples of its loss batch: with one sample there is
+# nothing to compare, and the loss is 0 at every step. Value: the batch the loss sees.
+_NEEDS_OTHER_SAMPLES = {
+    "mrclip": "every rank's batch (a sample's positives are the other samples of its contrast category)",
+    "medtrim": "this rank's batch (triplets are mined within it)",
+}
 
 
 @dataclass
@@ -74,6 +94,8 @@ class TrainConfig:
     batch_size: per rank. precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16".
     checkpoint_every: also save every that many steps (0: only at the end).
     progress: a tqdm bar on the main rank. profile: trace steps 3-5 (see :mod:`medvl.train.profiling`).
+    overwrite: discard the run already in ``out`` (its checkpoints, metrics, plots), or with ``resume``
+    the checkpoints of ``out`` after the resumed step; without it such a run is an error.
     """
 
     recipe: str = "siglip"
@@ -106,6 +128,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = False
     profile: bool = False
+    overwrite: bool = False
     log_fn: Any = None  # callable(str) for progress lines; None: silent
 
     def validate(self) -> None:
@@ -123,8 +146,11 @@ class TrainConfig:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.warmup_steps is not None and (int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip must be a finite number > 0, or None to turn clipping off; got "
+                             f"{self.grad_clip!r}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"out {self.out!r} is a file; give the path of a run folder (created when missing)")
         if self.data is not None and self.data not in SYNTHETIC and not Path(self.data).exists():
             raise FileNotFoundError(f"data {self.data!r} is neither 'synthetic-ct' / 'synthetic-mr' nor an existing "
                                     "manifest file or data folder")
@@ -138,6 +164,32 @@ class TrainConfig:
         if (self.data is None or self.data in SYNTHETIC) and self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be at least batch_size ({self.batch_size}): "
                              "the loader drops incomplete batches")
+        self._validate_model()
+
+    def _validate_model(self) -> None:
+        """The model name, the patch size against the volume size, and a loss batch with something to compare."""
+        from medvl.models.factory import list_models, model_config
+
+        recipe = get_recipe(self.recipe)
+        name = self.model or recipe.model
+        if name not in list_models():
+            raise ValueError(f"model {name!r} is unknown; choose one of {', '.join(list_models())}")
+        patch = (self.vision or {}).get("patch_size", model_config(name)["vision"]["patch_size"])
+        patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
+        size = parse_size(self.size)
+        if len(patch) != 3 or any(not isinstance(p, int) or p < 1 for p in patch) \
+                or any(s % p for s, p in zip(size, patch)):
+            raise ValueError(f"size {','.join(map(str, size))} must be a multiple of the patch size "
+                             f"{','.join(map(str, patch))} on every axis (the volume is cut into whole patches); "
+                             f"choose a patch size that divides the size, or a size that the patch size divides")
+        if recipe.loss in _NEEDS_OTHER_SAMPLES:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            per_loss = self.batch_size * self.accum_steps * (world if recipe.loss != "medtrim" else 1)
+            if per_loss < 2:
+                raise ValueError(f"recipe {self.recipe!r} compares each sample with the others of "
+                                 f"{_NEEDS_OTHER_SAMPLES[recipe.loss]}, which holds {per_loss} sample (batch_size "
+                                 f"{self.batch_size} x accum_steps {self.accum_steps}): the loss would be 0 at every "
+                                 "step; use a batch size of 2 or more")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,57 +305,239 @@ def resolve_checkpoint(resume: str, out: Optional[str] = None) -> Path:
     if resume == "latest":
         if out is None:
             raise ValueError("resume='latest' needs the run's out directory")
-        marker = Path(out) / "latest"
-        if not marker.is_file():
-            raise FileNotFoundError(f"resume='latest': {marker} does not exist (no checkpoint saved in {out} yet)")
-        path = Path(out) / marker.read_text().strip()
+        if not (Path(out) / LATEST_FILE).is_file():
+            raise FileNotFoundError(f"resume='latest': {Path(out) / LATEST_FILE} does not exist (no checkpoint saved "
+                                    f"in {out} yet)")
+        path = read_latest(out)
     else:
         path = Path(resume)
-        if path.is_dir() and (path / "latest").is_file() and not (path / "state.pt").is_file():
-            path = path / (path / "latest").read_text().strip()
+        if path.is_dir() and (path / LATEST_FILE).is_file() and not (path / STATE_FILE).is_file():
+            path = read_latest(path)
     if not path.exists():
         raise FileNotFoundError(f"resume: checkpoint {str(path)!r} does not exist")
-    for name in ("model.safetensors", "state.pt"):
+    for name in (WEIGHTS_FILE, STATE_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"resume: {path} is not a checkpoint (no {name})")
     return path
 
 
+_STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch", "rng")
+
+
+def load_training_state(path) -> Dict[str, Any]:
+    """The ``state.pt`` of a checkpoint (``torch.load(weights_only=True)``), checked for what resuming reads."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle that is not weights-only, ...: the file cannot be used
+        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged (an "
+                         "interrupted copy?): resume from another checkpoint-<step> of the run") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing or not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "epoch", "batch")):
+        raise ValueError(f"{file}: not the training state `medvl train` saves (missing or invalid: "
+                         f"{', '.join(missing) or 'step/epoch/batch'}); resume from another checkpoint-<step>")
+    return state
+
+
+def _restore(checkpoint: Path, state: Mapping[str, Any], model, loss_fn, optimizer, scheduler) -> None:
+    """Load a checkpoint into this run's objects; a checkpoint of other settings is named, with its settings."""
+    try:
+        load_checkpoint_weights(checkpoint, model, loss_fn)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(str(checkpoint)):
+            raise  # read_weights already named the damaged file
+        try:
+            saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+            settings = ", ".join(f"{k} {saved[k]}" for k in ("recipe", "model", "size", "world_size") if k in saved)
+        except (OSError, ValueError):
+            settings = f"unknown: {checkpoint / CONFIG_FILE} is unreadable"
+        raise ValueError(f"{checkpoint} does not fit this run ({type(e).__name__}: {str(e)[:300]}); resume it with "
+                         f"the settings it was trained with ({settings}, and the same patch size and loss weights), "
+                         "or start a new run") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_folder(staging: Path, final: Path) -> None:
+    """Move a complete ``staging`` folder to ``final``. A rename cannot replace a non-empty folder, so an
+    existing ``final`` is first renamed aside and removed once the new one is in place."""
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.replace(final, aside / final.name)
+    os.replace(staging, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_latest(out: Path, name: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{LATEST_FILE}-", dir=out)
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / LATEST_FILE)
+
+
 def _save_checkpoint(out: Path, step: int, model, loss_fn, optimizer, scheduler, position,
                      run_config: Mapping[str, Any]) -> Path:
+    """Write the checkpoint of ``step`` into a hidden folder of ``out``, flush it to disk, rename it to
+    ``checkpoint-<step>`` and only then point ``latest`` at it: an interrupted save leaves the previous
+    checkpoints and ``latest`` as they were (and a ``.checkpoint-*.partial-*`` folder, removed by the next run)."""
     from safetensors.torch import save_file
 
-    path = out / f"checkpoint-{step}"
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tensors.update({f"loss.{k}": v.detach().cpu().contiguous().clone() for k, v in loss_fn.state_dict().items()})
-    save_file(tensors, str(path / "model.safetensors"))
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": int(step),
-             "epoch": int(position["epoch"]), "batch": int(position["batch"]), "rng": _rng_state()}
-    torch.save(state, path / "state.pt")
-    (path / "config.json").write_text(json.dumps({**run_config, "step": int(step)}, indent=2, default=str) + "\n")
-    tokenizer = getattr(getattr(model, "text", None), "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(path / "tokenizer"))
-    tmp = out / "latest.tmp"
-    tmp.write_text(path.name + "\n")
-    os.replace(tmp, out / "latest")
-    return path
+    final = out / checkpoint_name(step)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{_PARTIAL}", dir=out))
+    try:
+        tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        tensors.update({f"loss.{k}": v.detach().cpu().contiguous().clone() for k, v in loss_fn.state_dict().items()})
+        save_file(tensors, str(staging / WEIGHTS_FILE))
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": int(step),
+                 "epoch": int(position["epoch"]), "batch": int(position["batch"]), "rng": _rng_state()}
+        torch.save(state, staging / STATE_FILE)
+        (staging / CONFIG_FILE).write_text(json.dumps({**run_config, "step": int(step)}, indent=2, default=str) + "\n")
+        tokenizer = getattr(getattr(model, "text", None), "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(staging / "tokenizer"))
+        # on disk before the rename makes them the checkpoint: a crash of the machine must not leave a
+        # renamed folder of empty files
+        for file in staging.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        _replace_folder(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(out)
+    _write_latest(out, final.name)
+    return final
 
 
 def load_checkpoint_weights(path, model, loss_fn=None, *, strict: bool = True) -> None:
     """Load ``path/model.safetensors`` (or the file itself) into ``model`` (and ``loss_fn``)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    tensors = load_file(str(path))
+    tensors = read_weights(path)
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_sd, strict=strict)
     if loss_fn is not None:
         loss_sd = {k[len("loss."):]: v for k, v in tensors.items() if k.startswith("loss.")}
         loss_fn.load_state_dict(loss_sd, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run folder
+
+_PARTIAL = ".partial-"  # the infix of a checkpoint folder still being written
+# What a run leaves in its folder, beside the checkpoint-<step> folders and latest (what --overwrite removes).
+_RUN_FILES = ("metrics.jsonl", "loss.png", "tensorboard", "profile")
+
+
+@dataclass
+class _RunFolderPlan:
+    """What to do to ``out`` before the first step: decided (and refused) before anything is built, done
+    only when the run is about to start, so a run that fails to start changes nothing."""
+
+    out: Path
+    discard: List[Path]            # removed (overwrite)
+    keep_metrics_to: Optional[int]  # resuming a checkpoint of out: metrics.jsonl cut back to this step
+    latest: Optional[str]          # the name latest is set to (that checkpoint)
+
+
+def _checkpoints_in(out: Path) -> Dict[int, Path]:
+    found = {}
+    if out.is_dir():
+        for entry in out.iterdir():
+            step = checkpoint_step(entry.name)
+            if step is not None and entry.is_dir():
+                found[step] = entry
+    return found
+
+
+def _run_contents(out: Path) -> List[Path]:
+    if not out.is_dir():
+        return []
+    names = [out / n for n in ("metrics.jsonl", LATEST_FILE) if (out / n).exists()]
+    return names + [path for _, path in sorted(_checkpoints_in(out).items())]
+
+
+def _plan_run_folder(out: Path, checkpoint: Optional[Path], resumed_step: Optional[int],
+                     overwrite: bool, via_latest: bool = False) -> _RunFolderPlan:
+    """Refuse a run that would mix with the run already in ``out``; otherwise say what to change."""
+    held = _run_contents(out)
+    shown = ", ".join(p.name for p in held[:4]) + (", ..." if len(held) > 4 else "")
+    whole_run = [p for p in held] + [out / n for n in _RUN_FILES if (out / n).exists() and out / n not in held]
+    if checkpoint is None:
+        if held and not overwrite:
+            raise ValueError(f"out {out} already holds a run ({shown}); continue it with --resume latest "
+                             "(resume='latest'), discard it with --overwrite, or give another --out")
+        return _RunFolderPlan(out, whole_run if overwrite else [], None, None)
+    inside = out.is_dir() and checkpoint.resolve().parent == out.resolve()
+    if not inside:
+        if held and not overwrite:
+            raise ValueError(f"out {out} already holds a run ({shown}) and the checkpoint {checkpoint} is not one of "
+                             "its own; resume into an empty --out, or discard that run with --overwrite")
+        return _RunFolderPlan(out, whole_run if overwrite else [], None, None)
+    later = [path for step, path in sorted(_checkpoints_in(out).items()) if step > resumed_step]
+    if later and not overwrite and via_latest:
+        raise ValueError(f"out {out} holds checkpoint(s) after the one latest names ({checkpoint.name}): "
+                         f"{', '.join(p.name for p in later)}, complete but saved by a run stopped before it updated "
+                         f"latest; resume the newest with --resume {later[-1]}, or discard them with --overwrite")
+    if later and not overwrite:
+        raise ValueError(f"out {out} holds checkpoint(s) after the resumed step {resumed_step} "
+                         f"({', '.join(p.name for p in later)}): resuming {checkpoint.name} would mix two histories; "
+                         "resume from latest, or discard the later checkpoints with --overwrite")
+    return _RunFolderPlan(out, later, resumed_step, checkpoint.name)
+
+
+def _cut_metrics(path: Path, last_step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``last_step`` (steps after it are trained again); a line cut
+    short by a kill is dropped. Rewritten through a renamed temporary file. Returns the rows dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    fd, tmp = tempfile.mkstemp(prefix=".metrics-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
+
+
+def _apply_run_folder_plan(plan: _RunFolderPlan, log) -> None:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    for stale in plan.out.glob(f".checkpoint-*{_PARTIAL}*"):
+        log(f"removing {stale}, left by a save that was interrupted")
+        shutil.rmtree(stale, ignore_errors=True)
+    if plan.discard:
+        log(f"overwrite: removing {', '.join(p.name for p in plan.discard)} from {plan.out}")
+    for path in plan.discard:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if plan.keep_metrics_to is not None:
+        dropped = _cut_metrics(plan.out / "metrics.jsonl", plan.keep_metrics_to)
+        if dropped:
+            log(f"metrics.jsonl: dropped {dropped} row(s) after step {plan.keep_metrics_to}, which are trained again")
+    if plan.latest is not None:
+        _write_latest(plan.out, plan.latest)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -445,6 +679,13 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
                                         (config.precision == "auto" and device.type == "cuda")) else None
     out = Path(config.out)
     checkpoint_path = resolve_checkpoint(config.resume, str(out)) if config.resume else None
+    resumed_state = load_training_state(checkpoint_path) if checkpoint_path is not None else None
+    if resumed_state is not None and resumed_state["step"] >= config.steps:
+        raise ValueError(f"checkpoint {checkpoint_path} is at step {resumed_state['step']}, not before "
+                         f"steps={config.steps}; raise --steps to train further")
+    # every rank decides (and refuses) alike; the main rank changes the folder just before the first step
+    folder_plan = _plan_run_folder(out, checkpoint_path, None if resumed_state is None else resumed_state["step"],
+                                   config.overwrite, via_latest=config.resume == "latest")
     main_rank = ctx.is_main
     log = (config.log_fn or (lambda _msg: None)) if main_rank else (lambda _msg: None)
 
@@ -493,16 +734,10 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     position = {"epoch": 0, "batch": 0}
     step = 0
     if checkpoint_path is not None:
-        load_checkpoint_weights(checkpoint_path, model, loss_fn)
-        state = torch.load(checkpoint_path / "state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = resumed_state
+        _restore(checkpoint_path, state, model, loss_fn, optimizer, scheduler)
         step, position = int(state["step"]), {"epoch": int(state["epoch"]), "batch": int(state["batch"])}
-        _set_rng_state(state["rng"])
         log(f"resumed from {checkpoint_path} at step {step}")
-        if step >= config.steps:
-            raise ValueError(f"checkpoint {checkpoint_path} is at step {step}, not before steps={config.steps}; "
-                             "raise --steps to train further")
 
     core = model
     if ctx.enabled:
@@ -517,7 +752,7 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
                   "lr": lr, "precision": "bf16" if autocast_dtype is not None else "fp32"}
 
     if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
+        _apply_run_folder_plan(folder_plan, log)
     ctx.barrier()
     params = [p for p in list(core.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     batches = _batches(dataset, config.batch_size, config.seed, position, ctx, config.num_workers)
@@ -529,7 +764,9 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     progress = Progress(config.steps, step, config.progress and main_rank)
     board = tensorboard_writer(out / "tensorboard") if main_rank else None
     profiler = StepProfiler(out / "profile", device) if config.profile else None
-    metrics = open(out / "metrics.jsonl", "a") if main_rank else None
+    # appended to only when resuming this folder's own run (cut back to the resumed step above)
+    metrics = open(out / "metrics.jsonl", "a" if folder_plan.keep_metrics_to is not None else "w") \
+        if main_rank else None
     steps_this_run = 0
     try:
         if profiler is not None:

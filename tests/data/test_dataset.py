@@ -217,3 +217,10 @@ def test_raw_batch_through_reference_patch_embed_matches_windowed_batch():
     assert tokens_raw.shape == (2, 64, 8)
     # int16 rounding of the raw HU: at most 0.5 HU -> 0.5 / 1400 per voxel, 64 voxels per patch
     torch.testing.assert_close(tokens_raw, tokens_win, atol=64 * 0.5 / 1400 * weight.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("spacing", [(float("nan"), 1.0, 1.0), (1.0, 0.0, 1.0), (1.0, -0.8, 1.0), (1.0, 1.0), "abc"])
+def test_array_record_spacing_must_be_finite_and_positive(spacing):
+    good = _records(1)[0]
+    with pytest.raises(ValueError, match=r"record 0: 'spacing' must be three finite positive numbers"):
+        VolumeTextDataset([{"image": good["image"], "text": "x", "spacing": spacing}], transform=_ct_pipe())[0]

@@ -17,7 +17,7 @@ from medvl.data.dicom import (
     read_dicom_series,
     read_series_metadata,
 )
-from medvl.data.dicom_write import write_dicom_series
+from medvl.data.dicom_write import write_dicom_series, write_raw_element
 
 
 def _bundled(name):
@@ -335,6 +335,100 @@ def test_missing_geometry_tag(tmp_path):
     assert paths[6] in str(err.value)
 
 
+# A value that is present but damaged is refused (naming the file and the tag), never read as absent: as
+# absent, an intercept of "-10x4" became 0 and one slice read 1024 HU too bright.
+@pytest.mark.parametrize("keyword, raw, which, problem", [
+    ("RescaleIntercept", b"-10x4", "one", "not a number"),
+    ("RescaleIntercept", b"nan", "one", "not finite"),
+    ("RescaleSlope", b"inf", "one", "not finite"),
+    ("RescaleSlope", b"0", "one", "every pixel to the intercept"),
+    ("ImagePositionPatient", b"nan\\0\\0", "all", "not finite"),
+    ("ImagePositionPatient", b"1\\2", "one", "2 value(s) where the tag holds 3"),
+    ("ImageOrientationPatient", b"1\\0\\0\\0\\1\\inf", "one", "not finite"),
+    ("ImageOrientationPatient", b"1\\0\\0\\0\\0\\0", "all", "has no slice normal"),
+    ("PixelSpacing", b"0\\-0.8", "all", "spacings must be positive"),
+    ("PixelSpacing", b"0.8\\x", "one", "not a number"),
+    ("SliceThickness", b"1x5", "one", "not a number"),
+    ("SpacingBetweenSlices", b"-2", "one", "a negative length"),
+])
+def test_damaged_geometry_or_rescale_is_refused(tmp_path, keyword, raw, which, problem):
+    paths = _series(tmp_path)
+    for path in paths if which == "all" else [paths[3]]:
+        write_raw_element(path, keyword, raw)
+    for read in (read_dicom_series, read_series_metadata):  # headers alone already refuse it
+        with pytest.raises(ValueError) as err:
+            read(tmp_path)
+        message = str(err.value)
+        assert keyword in message and problem in message and "correct the tag" in message
+        assert (paths[3] if which == "one" else str(tmp_path)) in message
+
+
+def test_absent_rescale_is_the_identity(tmp_path):
+    """Absent RescaleSlope / RescaleIntercept are allowed (DICOM defines them as 1 / 0)."""
+    paths = _series(tmp_path, rescale=(1.0, 0.0))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(path)
+    np.testing.assert_array_equal(read_dicom_series(tmp_path).volume, np.arange(200.0).reshape(10, 4, 5))
+
+
+def test_corrupt_value_representation_names_the_file(tmp_path):
+    """An unknown VR escaped as pydicom's NotImplementedError, without a file name."""
+    paths = _series(tmp_path)
+    write_raw_element(paths[1], "RescaleIntercept", b"-1024", vr="ZZ")
+    for read in (read_dicom_series, read_series_metadata):
+        with pytest.raises(ValueError, match="cannot be decoded.*NotImplementedError") as err:
+            read(tmp_path)
+        assert paths[1] in str(err.value) and "(0028,1052)" in str(err.value)
+
+
+def test_geometry_stored_with_another_vr_is_refused(tmp_path):
+    """PixelSpacing's text read as binary FD decoded to 9.9e-96 and 1e141 mm: finite, accepted, meaningless."""
+    paths = _series(tmp_path)
+    write_raw_element(paths[0], "PixelSpacing", b"0.312500\\0.3125", vr="FD")  # 16 bytes: two doubles
+    with pytest.raises(ValueError, match=r"PixelSpacing \(0028,0030\) is stored with value representation FD, "
+                                         r"where DICOM defines DS") as err:
+        read_dicom_series(tmp_path)
+    assert paths[0] in str(err.value)
+
+
+def test_corrupt_file_meta_names_the_file(tmp_path):
+    """A corrupt VR in the file meta information escaped as NotImplementedError (found by the fuzzer)."""
+    paths = _series(tmp_path)
+    data = bytearray(open(paths[0], "rb").read())
+    at = data.index(b"\x02\x00\x02\x00UI")  # (0002,0002) MediaStorageSOPClassUID, explicit VR
+    data[at + 4:at + 6] = b"\x55\xbb"
+    open(paths[0], "wb").write(bytes(data))
+    for read in (read_dicom_series, read_series_metadata):
+        with pytest.raises(ValueError, match=r"element \(0002,0002\) cannot be decoded") as err:
+            read(tmp_path)
+        assert paths[0] in str(err.value)
+
+
+def test_one_slice_spacing(tmp_path):
+    """SpacingBetweenSlices, else SliceThickness, else the documented 1 mm; present but damaged is refused."""
+    volume = np.zeros((1, 4, 5), dtype=np.float32)
+    [path] = write_dicom_series(tmp_path, volume, (3.0, 1.0, 1.0))
+    assert read_dicom_series(tmp_path).spacing[0] == 3.0
+    ds = pydicom.dcmread(path)
+    del ds.SpacingBetweenSlices
+    ds.SliceThickness = 2.5
+    ds.save_as(path)
+    assert read_dicom_series(tmp_path).spacing[0] == 2.5
+    del ds.SliceThickness
+    ds.save_as(path)
+    from medvl.data.dicom import SINGLE_SLICE_DEFAULT_MM
+
+    assert read_dicom_series(tmp_path).spacing[0] == SINGLE_SLICE_DEFAULT_MM == 1.0
+    write_raw_element(path, "SliceThickness", b"0")
+    with pytest.raises(ValueError, match="SliceThickness.*cannot give the slice spacing of a one-slice series"):
+        read_dicom_series(tmp_path)
+    write_raw_element(path, "SliceThickness", b"abc")
+    with pytest.raises(ValueError, match="SliceThickness.*not a number"):
+        read_dicom_series(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- enhanced MR
 
 
@@ -424,3 +518,15 @@ def test_enhanced_duplicate_frames(tmp_path):
     with pytest.raises(ValueError, match="duplicate") as err:
         read_dicom_series(tmp_path)
     assert "enh.dcm frame 2" in str(err.value) and "enh.dcm frame 3" in str(err.value)
+
+
+def test_enhanced_damaged_frame_values(tmp_path):
+    volume = np.zeros((3, 4, 4), dtype=np.float32)
+    _write_enhanced_mr(tmp_path / "enh.dcm", volume, [0, 1, 2], (2.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0), (0, 0, 0))
+    ds = pydicom.dcmread(tmp_path / "enh.dcm")
+    position = ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0]
+    position["ImagePositionPatient"] = pydicom.dataelem.RawDataElement(
+        pydicom.tag.Tag("ImagePositionPatient"), "DS", 10, b"0\\0\\nan  ", 0, False, True)
+    ds.save_as(tmp_path / "enh.dcm")
+    with pytest.raises(ValueError, match="enh.dcm frame 2: ImagePositionPatient.*not finite"):
+        read_dicom_series(tmp_path)

@@ -329,3 +329,117 @@ def test_mr_nifti_records(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="medvl"):
         assert len(mr_nifti_records(folder, skip_bad=True)) == 2
     assert "sub-01_dwi.nii.gz" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# damaged headers and files: errors naming the file and the fix, never a silent default
+
+# NIfTI-1 header offsets: pixdim (8 float32) at 76, sform srow_x (4 float32) at 280
+_PIXDIM, _SROW_X = 76, 280
+
+
+def _patched_nifti(path, *, qform_code=1, sform_code=1, patches=()):
+    """An uncompressed NIfTI whose stored header bytes are edited after nibabel wrote it (nibabel refuses
+    to write a NaN or zero voxel size itself)."""
+    import struct
+
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    img = nib.Nifti1Image(_hu(), affine)
+    img.header.set_qform(affine, code=qform_code)
+    img.header.set_sform(affine, code=sform_code)
+    nib.save(img, str(path))
+    data = bytearray(path.read_bytes())
+    for offset, value in patches:
+        struct.pack_into("<f", data, offset, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("codes", [(1, 0), (0, 1), (0, 0)], ids=["qform", "sform", "no-form"])
+@pytest.mark.parametrize("value", [float("nan"), 0.0], ids=["nan", "zero"])
+def test_nifti_unusable_voxel_size_is_refused(tmp_path, codes, value):
+    """A NaN pixdim gave spacing nan or an SVD error deep in numpy; a zero one silently became 1 mm."""
+    path = _patched_nifti(tmp_path / "v.nii", qform_code=codes[0], sform_code=codes[1],
+                          patches=[(_PIXDIM + 8, value)])  # pixdim[2]
+    with pytest.raises(ValueError) as err:
+        load_volume(path)
+    message = str(err.value)
+    assert str(path) in message and "pixdim[2]" in message and "fix the header" in message
+    _write_csv(tmp_path / "m.csv", ["volume", "text"], [["v.nii", "t"]])
+    with pytest.raises(ValueError, match=r"row 1: .*v.nii \(pixdim"):  # checked with the manifest's rows
+        read_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("value, problem", [(0.0, "singular"), (float("nan"), "not finite")])
+def test_nifti_broken_affine_is_refused(tmp_path, value, problem):
+    path = _patched_nifti(tmp_path / "v.nii", qform_code=0, sform_code=1, patches=[(_SROW_X, value)])
+    with pytest.raises(ValueError, match=f"affine from the sform .* is {problem}") as err:
+        load_volume(path)
+    assert str(path) in str(err.value)
+
+
+def test_nifti_negative_pixdim_reads_as_its_size(tmp_path):
+    """Documented: a negative pixdim is read as its absolute value (as nibabel and the qform do)."""
+    path = _patched_nifti(tmp_path / "v.nii", qform_code=0, sform_code=0, patches=[(_PIXDIM + 4, -1.5)])
+    assert load_volume(path)[1] == pytest.approx((3.0, 1.5, 1.5))
+
+
+def test_ct_rate_zero_voxel_size_takes_the_csv_spacing_or_is_refused(tmp_path):
+    root, _ = _ct_rate_root(tmp_path)
+    _, orig_rec = ct_rate_records(root, "train")
+    _patched_nifti(tmp_path / "z.nii", patches=[(_PIXDIM + 4, 0.0)])
+    orig_rec["image"] = str(tmp_path / "z.nii")
+    orig_rec["meta"]["rescale"] = (1.0, 0.0)
+    assert load_ct_rate_volume(orig_rec)[1] == pytest.approx((2.0, 0.6, 0.65))  # the CSV's
+    orig_rec["meta"]["spacing_csv"] = None
+    orig_rec.pop("metadata")
+    with pytest.raises(ValueError, match=r"z.nii: pixdim\[1:4\]"):
+        load_ct_rate_volume(orig_rec)
+
+
+@pytest.mark.parametrize("column, value, problem", [
+    ("RescaleIntercept", "-10x4", "not a number"),
+    ("RescaleSlope", "inf", "not finite"),
+    ("RescaleSlope", "0", "every voxel to the intercept"),
+    ("RescaleSlope", "", "absent while the other rescale value is given"),
+    ("ZSpacing", "-1", "not a positive finite spacing"),
+    ("XYSpacing", "[0.6]", "not two numbers"),
+])
+def test_ct_rate_damaged_csv_value_is_refused_when_loading(tmp_path, column, value, problem):
+    """A damaged rescale cell read as absent took the stored values as HU (or the spacing from the header)."""
+    root, _ = _ct_rate_root(tmp_path)
+    path = root / "metadata" / "train_metadata.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[1][column] = value
+    _write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
+    first, second = ct_rate_records(root, "train")  # the listing survives; the one volume is refused
+    load_ct_rate_volume(first)
+    with pytest.raises(ValueError, match=f"metadata of train_2_a_1.nii.gz: {column} .*{problem}.*correct that cell"):
+        load_ct_rate_volume(second)
+
+
+def test_ct_rate_nan_cell_is_absent(tmp_path):
+    """Documented: "nan" is how pandas writes a missing value, so it reads as absent."""
+    root, _ = _ct_rate_root(tmp_path)
+    _write_csv(root / "metadata" / "train_metadata.csv", ["VolumeName", "RescaleSlope", "RescaleIntercept"],
+               [["train_2_a_1.nii.gz", "nan", "nan"]])
+    record = ct_rate_records(root, "train")[1]
+    assert record["meta"]["rescale"] is None
+
+
+def test_text_files_that_are_not_utf8_name_the_file(tmp_path):
+    _manifest_files(tmp_path)
+    latin1 = "volume,text\nvols/a.nii.gz,Épanchement pleural\n".encode("latin-1")
+    (tmp_path / "m.csv").write_bytes(latin1)
+    (tmp_path / "m.jsonl").write_bytes('{"volume": "vols/a.nii.gz", "text": "É"}\n'.encode("latin-1"))
+    for name in ("m.csv", "m.jsonl"):
+        with pytest.raises(ValueError, match=f"manifest .*{name} is not UTF-8 text .* save it as UTF-8"):
+            read_manifest(tmp_path / name)
+    (tmp_path / "s.json").write_bytes('{"Manufacturer": "Siemens É"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match="sidecar .*s.json is not UTF-8"):
+        read_sidecar(tmp_path / "s.json")
+    root, _ = _ct_rate_root(tmp_path)
+    (root / "metadata" / "train_metadata.csv").write_bytes("VolumeName,Manufacturer\nx,É\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="CT-RATE metadata file .*train_metadata.csv is not UTF-8"):
+        ct_rate_records(root, "train")

@@ -95,3 +95,40 @@ def test_bad_arguments_give_clear_errors(mr_run, tmp_path, capsys):
         assert exit_info.value.code == 2, argv
         error = capsys.readouterr().err
         assert re.search(message, error), (argv, error)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_qc_goes_on_past_unreadable_series(mr_run, dicom_dir, tmp_path, capsys):
+    """A truncated slice (readable header, cut pixels) made qc give up on the whole folder and suggest a
+    --skip-bad it does not have; a corrupt VR escaped as NotImplementedError. Now each is a row."""
+    import shutil
+
+    from medvl.data.dicom_write import write_raw_element
+    from medvl.train.data import build_dataset
+
+    root = tmp_path / "dicom"
+    shutil.copytree(dicom_dir, root)
+    truncated = root / "patient0" / "truncated"
+    shutil.copytree(root / "patient0" / "series0", truncated)
+    cut = sorted(truncated.iterdir())[2]
+    cut.write_bytes(cut.read_bytes()[:-300])
+    bad_vr = root / "patient1" / "badvr"
+    shutil.copytree(root / "patient1" / "series1", bad_vr)
+    write_raw_element(sorted(bad_vr.iterdir())[1], "SliceThickness", b"2", vr="ZZ")
+
+    assert cli.main(["qc", str(mr_run), str(root), "--out", str(tmp_path / "qc.csv"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 series: 5 scored, 3 unreadable" in printed and "--skip-bad" not in printed
+    rows = list(csv.DictReader((tmp_path / "qc.csv").open()))
+    assert len([r for r in rows if r["rank"]]) == 5
+    unreadable = {r["series"]: r["issues"] for r in rows if not r["rank"]}
+    assert set(unreadable) == {"broken", "patient0/truncated", "patient1/badvr"}
+    assert str(cut) in unreadable["patient0/truncated"] and "cannot decode pixel data" in unreadable["patient0/truncated"]
+    assert "cannot be decoded (NotImplementedError" in unreadable["patient1/badvr"]
+
+    # medvl train --skip-bad leaves the same series out for the same reason (one behaviour)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"volume,text\n{root / 'patient0' / 'series0'},a\n{truncated},b\n")
+    dataset, info = build_dataset(str(manifest), "mr", size=(32, 32, 16), skip_bad=True)
+    assert len(dataset) == 1 and [s["row"] for s in info["skipped"]] == [2]
+    assert "unreadable: " + info["skipped"][0]["reason"] == unreadable["patient0/truncated"]

@@ -47,3 +47,15 @@ def test_unknown_seed_and_setting(tmp_path):
         reproduce("clip", tmp_path)
     with pytest.raises(TypeError, match="unknown setting"):
         reproduce("mrclip", tmp_path, epochs=3)
+
+
+def test_each_reproduction_trains_afresh(tmp_path, monkeypatch):
+    """A second `medvl reproduce` into the same folder replaces its runs instead of being refused."""
+    import medvl.train.trainer
+    from medvl.eval.reproduce import _train
+
+    configs = []
+    monkeypatch.setattr(medvl.train.trainer, "train", lambda config: configs.append(config) or
+                        {"first_loss": 1.0, "loss": 0.5, "checkpoint": str(tmp_path / "checkpoint-2")})
+    _train("x", tmp_path, "siglip", dict(TOY, model="vit3d-tiny", lr=1e-3, seed=0), log=lambda _: None)
+    assert configs[0].overwrite is True

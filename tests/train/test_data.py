@@ -376,3 +376,13 @@ def test_slice_depth_indices_follow_the_transform(orientation, n_slices, expect)
     for s in range(n_slices):
         if depth_of_slice[s] >= 0:
             assert _marker_depth(record, transform, s) == depth_of_slice[s]
+
+
+def test_ct_rate_reports_that_are_not_utf8_name_the_file(tmp_path):
+    """UnicodeDecodeError, no path, before."""
+    root = _ct_rate_root(tmp_path)
+    reports = os.path.join(root, "radiology_text_reports", "train_reports.csv")
+    with open(reports, "ab") as f:
+        f.write("train_9_a_1.nii.gz,Épanchement,\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="CT-RATE reports file .*train_reports.csv is not UTF-8 text"):
+        build_dataset(root, "ct", size=(32, 32, 16))

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -197,12 +198,33 @@ def test_outputs_progress_and_profile(tmp_path, capsys):
     (["--steps", "0"], "positive integer"),
     (["--resume", "/nonexistent/checkpoint-3"], "does not exist"),
     (["--batch-size", "8", "--n-train", "4"], "at least batch_size"),
+    (["--model", "bogus"], "model 'bogus' is unknown; choose one of vit3d-"),
+    (["--patch-size", "5,5,5"], "size 64,64,32 must be a multiple of the patch size 5,5,5"),
+    (["--grad-clip", "nan"], "expected a finite number (0 turns clipping off)"),
+    (["--grad-clip", "inf"], "expected a finite number"),
+    (["--recipe", "medtrim", "--batch-size", "1"], "the loss would be 0 at every step; use a batch size of 2"),
+    (["--recipe", "mrclip", "--batch-size", "1"], "the loss would be 0 at every step"),
 ])
 def test_bad_arguments(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--out", str(tmp_path / "o")])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "o").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        main(["--steps", "1", "--out", str(tmp_path / "o"), *TINY])
+    assert f"out '{tmp_path / 'o'}' is a file" in capsys.readouterr().err
+
+
+def test_batch_of_one_is_fine_for_siglip_and_accumulation_counts(tmp_path):
+    """The minimum is on the samples a loss sees: accumulating two batches of one gives two."""
+    from medvl.train.trainer import TrainConfig
+
+    TrainConfig(recipe="siglip", batch_size=1, out=str(tmp_path / "a")).validate()
+    TrainConfig(recipe="medtrim", batch_size=1, accum_steps=2, out=str(tmp_path / "b")).validate()
 
 
 def test_resume_latest_without_checkpoint(tmp_path, capsys):
@@ -239,8 +261,10 @@ def test_manifest_corrupt_volume_and_skip_bad(tmp_path, capsys):
     manifest = _manifest(tmp_path, 9, truncated_row=3)
     common = ["--data", str(manifest), "--steps", "2", "--batch-size", "4", "--size", "32,32,16", "--no-progress",
               "--loss-weight", "prompts=0", "--cache-dir", str(tmp_path / "cache")]
-    with pytest.raises(ValueError, match=r"row 3.*--skip-bad"):
+    with pytest.raises(SystemExit) as e:
         main([*common, "--out", str(tmp_path / "strict")])
+    assert e.value.code == 2
+    assert re.search(r"medvl train: error: row 3: .*vol2.nii.gz.*--skip-bad", capsys.readouterr().err)
     assert main([*common, "--skip-bad", "--out", str(tmp_path / "lenient")]) == 0
     out = capsys.readouterr().out
     assert "skipped 1 unreadable volume(s): row 3" in out
