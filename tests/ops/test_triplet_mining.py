@@ -508,3 +508,76 @@ def test_the_reference_never_returns_an_index_out_of_range():
     mined = reference_mining(x, labels=torch.tensor([0, 0, 1, 1, 0]))
     for t in mined:
         assert ((t >= 0) & (t < 5)).all(), mined
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA semi-hard tile algorithm, emulated on the host: csrc/triplet_mining/mining_tile.h is the
+# code the kernel runs; semi_hard_emulation.cpp runs its phases thread by thread.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def semi_hard_emulation(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    from tests.utils import REPO_ROOT
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler for the host emulation")
+    binary = tmp_path_factory.mktemp("emulation") / "semi_hard_emulation"
+    csrc = f"{REPO_ROOT}/csrc"
+    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", f"-I{csrc}",
+                    f"{csrc}/triplet_mining/semi_hard_emulation.cpp", "-o", str(binary)], check=True)
+
+    def run(x, c, labels, candidate_labels, offsets, positive, distance):
+        import numpy
+
+        folder = binary.parent
+        sizes = torch.tensor([x.shape[0], c.shape[0], x.shape[1], DISTANCES.index(distance), positive.numel()])
+        with open(folder / "in.bin", "wb") as f:
+            for t in (sizes, x.float(), c.float(), labels, candidate_labels, offsets, positive):
+                f.write(t.contiguous().numpy().tobytes())
+        subprocess.run([str(binary), str(folder / "in.bin"), str(folder / "out.bin")], check=True)
+        return torch.from_numpy(numpy.fromfile(folder / "out.bin", dtype=numpy.int64))
+
+    return run
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("case", ["within-2-classes", "paired-7-classes", "one-class", "shuffled-pairs"])
+def test_cuda_semi_hard_tile_algorithm_in_host_emulation(semi_hard_emulation, distance, case):
+    # 150 rows in two classes: ~75 positives per anchor, ~4800 pairs per 64-anchor tile, so chunks of
+    # 1024 pairs end inside anchors' pair ranges; 150 and 131 are not multiples of the 64-wide tiles;
+    # duplicated rows tie d(i, p) with negatives' distances exactly.
+    from medvl.ops._labels import same_label_pairs
+
+    classes = {"within-2-classes": 2, "paired-7-classes": 7, "one-class": 1, "shuffled-pairs": 3}[case]
+    data = make(140, 9, seed=21, classes=classes, n_candidates=121)
+    x = torch.cat([data["x"], data["x"][:10]])
+    labels = torch.cat([data["labels"], data["labels"][:10]])
+    within = case != "paired-7-classes"
+    c = x if within else torch.cat([data["c"], x[:10]])
+    candidate_labels = labels if within else torch.cat([data["candidate_labels"], labels[:10]])
+    offsets, pair_anchor, pair_positive = same_label_pairs(labels, candidate_labels, within)
+    if case == "shuffled-pairs":  # the kernel takes any order of an anchor's pairs
+        order = torch.cat([offsets[i] + torch.randperm(int(offsets[i + 1] - offsets[i]),
+                                                       generator=torch.Generator().manual_seed(i))
+                           for i in range(x.shape[0])])
+        pair_anchor, pair_positive = pair_anchor[order], pair_positive[order]
+    negative = semi_hard_emulation(x, c, labels, candidate_labels, offsets, pair_positive, distance)
+    assert (negative >= -1).all(), "a pair's output was never written"
+    expected = reference_mining(x, None if within else c, labels=labels,
+                                candidate_labels=None if within else candidate_labels, strategy="semi_hard",
+                                distance=distance)
+    if case == "one-class":
+        assert (negative == -1).all() and expected.anchor.numel() == 0
+        return
+    assert pair_positive.numel() > (1024 if classes <= 3 else 0)
+    keep = negative >= 0
+    ours = (pair_anchor[keep], pair_positive[keep], negative[keep])
+    if case == "shuffled-pairs":  # back to the reference's (anchor, positive) order
+        order = torch.argsort(ours[0] * c.shape[0] + ours[1])
+        ours = tuple(t[order] for t in ours)
+    assert_same(ours, expected, f"host emulation of the CUDA semi-hard tile, {case}, {distance}")
