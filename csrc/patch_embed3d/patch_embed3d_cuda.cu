@@ -9,7 +9,7 @@
 //   forward      C[t, e] = V[t, :] . W[e, :]     block (64 tokens, 64 embed columns), loop over K;
 //                A = V gathered [token][k], B = W rows [e][k]. Epilogue: + bias, + pos_embed (fp32),
 //                one rounding to out_type.
-//   grad_weight  C[e, k] = sum_t G[t, e] V[t, k] block (x: 64 columns k, y: 64 embed rows, z: token split),
+//   grad_weight  C[e, k] = sum_t G[t, e] V[t, k] block (x: 64 embed rows x 64 columns k, z: token split),
 //                loop over the split's tokens; A = G^T staged [t][e], B = V gathered [t][k]. With few
 //                output tiles the tokens are split (grad_weight_splits, shapes only): each split
 //                writes an fp32 partial into the workspace, and reduce_splits sums them in split order,
@@ -22,6 +22,8 @@
 // Block order (forward and grad_volume): a 1-D grid in which the output's column tiles vary fastest,
 // so the blocks that gather the same 64 tokens run together and their voxels come from L2: a volume
 // larger than L2 is read from DRAM about once, not once per column tile (E / 64 or K / 64 times).
+// grad_weight: the embed tiles vary fastest in grid x, so the E / 64 blocks that gather the same 64
+// columns of V (a 64th of the volume) run together and share them through L2.
 //
 // Gathers: a token is split once into (base offset, room per axis) and a column into (offset,
 // q0, q1, q2) (TokenSlot / ColumnSlot, kept in shared memory for the tile's rows and the current
@@ -35,11 +37,19 @@
 // register-blocked FMA tile (4 x 4 per thread) in plain fp32 (no TF32). One exception: a uint16
 // volume without a window holds values up to 65535 > 65504 (fp16's largest finite value), so with an
 // fp16 weight V would overflow; there the forward and grad_weight operands stay fp32 (the weight is
-// widened in shared memory) and the FMA tile is used. The window is computed with round-to-nearest
-// intrinsics (__fsub_rn, __fdiv_rn, __fmul_rn, __fadd_rn): no FMA contraction and an IEEE division,
-// as PyTorch computes it on the CPU (on CUDA, torch multiplies by the reciprocal instead), so the
-// windowed values and the derivative mask are bit for bit the reference's and the CPU kernel's: the
-// clamp propagates NaN, and the derivative passes only strictly inside (out_lo, out_hi).
+// widened in shared memory) and the FMA tile is used.
+// The window is a multiply and an add per gathered element, u = (x - lo) * r + out_lo with the slope
+// r = fp32(out_span / window_span) (the quotient of the two fp32 spans in double, rounded once, as
+// kernels/patch_embed3d.py's window_slope computes it), each operation rounded to nearest by an
+// intrinsic (__fsub_rn, __fmul_rn, __fadd_rn: no contraction), then clamped with NaN propagated: bit
+// for bit the Triton backend's values, within 2^-22 max(|out_lo|, |out_hi|, span) of PyTorch's
+// division (the tolerance is derived and tested in kernels/patch_embed3d.py and its tests). The
+// derivative is r strictly inside the window (lo < x < hi), 0 elsewhere, as Triton's.
+//
+// Vector gathers (vec_gather): where 16 bytes of voxels divide p2 and size2 and the volume is 16-byte
+// aligned, the columns of a tile come in aligned runs of kVec contiguous voxels that lie all inside or
+// all outside the volume (a token's base and a run's first column offset are multiples of kVec), so
+// each run is one 16-byte load, converted and windowed in registers. Otherwise, one voxel per load.
 //
 // Shared memory (dynamic, < 48 KiB in every instantiation): A and B tiles (padded strides), the fp32
 // C tile the accumulators are staged through for the epilogue, and 64 token + 64 column slots.
@@ -140,6 +150,65 @@ __host__ __device__ __forceinline__ void store_out(void* dst, DType type, int64_
   }
 }
 
+// Bytes per voxel, and voxels per 16-byte run (vector gathers).
+__host__ __device__ __forceinline__ int voxel_bytes(VolumeType type) {
+  switch (type) {
+    case VolumeType::kFloat32: return 4;
+    case VolumeType::kUInt8: return 1;
+    default: return 2;
+  }
+}
+__host__ __device__ __forceinline__ int run_length(VolumeType type) { return 16 / voxel_bytes(type); }
+
+__host__ __device__ __forceinline__ float bits_to_float(unsigned b) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(b);
+#else
+  float f;
+  memcpy(&f, &b, sizeof(f));
+  return f;
+#endif
+}
+
+// The N = run_length(type) voxels of the 16-byte aligned run at element i as floats (exact, as
+// load_voxel). N is a template argument so that the run stays in registers.
+template <int N>
+__host__ __device__ __forceinline__ void load_run(const void* volume, VolumeType type, int64_t i, float (&v)[N]) {
+  const uint4 bits = ldg(reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(volume) +
+                                                        i * voxel_bytes(type)));
+  const unsigned w[4] = {bits.x, bits.y, bits.z, bits.w};
+  if constexpr (N == 4) {  // fp32
+    MEDVL_PE_UNROLL
+    for (int e = 0; e < 4; ++e) v[e] = bits_to_float(w[e]);
+  } else if constexpr (N == 16) {  // uint8
+    MEDVL_PE_UNROLL
+    for (int e = 0; e < 16; ++e) v[e] = static_cast<float>((w[e / 4] >> (8 * (e % 4))) & 0xffu);
+  } else {  // 2-byte voxels
+    static_assert(N == 8, "runs hold 4, 8 or 16 voxels");
+    unsigned short h[8];
+    MEDVL_PE_UNROLL
+    for (int e = 0; e < 8; ++e) h[e] = static_cast<unsigned short>(w[e / 2] >> (16 * (e % 2)));
+    switch (type) {
+      case VolumeType::kFloat16:
+        MEDVL_PE_UNROLL
+        for (int e = 0; e < 8; ++e) v[e] = half_bits_to_float(h[e]);
+        break;
+      case VolumeType::kBFloat16:
+        MEDVL_PE_UNROLL
+        for (int e = 0; e < 8; ++e) v[e] = bf16_bits_to_float(h[e]);
+        break;
+      case VolumeType::kInt16:
+        MEDVL_PE_UNROLL
+        for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(static_cast<short>(h[e]));
+        break;
+      default:
+        MEDVL_PE_UNROLL
+        for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(h[e]);
+        break;
+    }
+  }
+}
+
 // The host validates that a gradient volume has a float type.
 __host__ __device__ __forceinline__ void store_grad_voxel(void* dst, VolumeType type, int64_t i, float v) {
   if (type == VolumeType::kFloat16)
@@ -173,24 +242,16 @@ __host__ __device__ __forceinline__ float mul_rn(float a, float b) {
   return a * b;
 #endif
 }
-__host__ __device__ __forceinline__ float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
 
-// den = hi - lo and span = out_hi - out_lo come from the caller's doubles rounded once to fp32
-// (PatchEmbed3dArgs::window_span / out_span), as PyTorch rounds a Python scalar against a float32 tensor.
+// The window's bounds and slope in fp32 (make_window).
 struct Window {
   bool on;
-  float lo, den, span, out_lo, out_hi;
+  float lo, hi, slope, out_lo, out_hi;
 };
 
-// u = ((x - lo) / (hi - lo)) * (out_hi - out_lo) + out_lo, operation for operation.
+// u = (x - lo) * r + out_lo, each operation rounded (see the file comment).
 __host__ __device__ __forceinline__ float window_unclipped(float x, const Window& w) {
-  return add_rn(mul_rn(div_rn(sub_rn(x, w.lo), w.den), w.span), w.out_lo);
+  return add_rn(mul_rn(sub_rn(x, w.lo), w.slope), w.out_lo);
 }
 
 // torch.clamp = min(max(u, out_lo), out_hi) with NaN propagated (the CPU kernel's std::min/std::max
@@ -202,14 +263,45 @@ __host__ __device__ __forceinline__ float window_value(float x, const Window& w)
   return w.out_hi < m ? w.out_hi : m;
 }
 
-// The chain rule as autograd applies it to the reference: clamp passes the gradient, then
-// "* (out_hi - out_lo)", then "/ (hi - lo)". torch.clamp (2.14, Python-scalar bounds) passes it only
-// strictly inside (out_lo, out_hi), as the CPU kernel does; u sits exactly on a bound whenever
-// x == lo or x == hi, so the rule shows.
+// The clamp passes the gradient strictly inside the window, times the slope (0 on the bounds: x == lo
+// or x == hi happens, e.g. a zero background under a (0, ...) window).
 __host__ __device__ __forceinline__ float window_grad(float g, float x, const Window& w) {
   if (!w.on) return g;
-  const float u = window_unclipped(x, w);
-  return (u > w.out_lo && u < w.out_hi) ? div_rn(mul_rn(g, w.span), w.den) : 0.f;
+  return (x > w.lo && x < w.hi) ? mul_rn(g, w.slope) : 0.f;
+}
+
+__host__ __device__ __forceinline__ unsigned float_to_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  unsigned b;
+  memcpy(&b, &f, sizeof(b));
+  return b;
+#endif
+}
+
+// The gradients of the N = run_length(type) voxels of the 16-byte aligned run at element i (a float
+// volume: N = 4 for fp32, 8 for fp16/bf16), rounded as store_grad_voxel rounds them.
+template <int N>
+__host__ __device__ __forceinline__ void store_grad_run(void* dst, VolumeType type, int64_t i, const float (&g)[N]) {
+  unsigned w[4];
+  if constexpr (N == 4) {
+    MEDVL_PE_UNROLL
+    for (int e = 0; e < 4; ++e) w[e] = float_to_bits(g[e]);
+  } else {
+    static_assert(N == 8, "float volumes have runs of 4 or 8 voxels");
+    MEDVL_PE_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const bool half = type == VolumeType::kFloat16;
+      const unsigned lo = half ? __half_as_ushort(__float2half_rn(g[2 * e]))
+                               : __bfloat16_as_ushort(__float2bfloat16_rn(g[2 * e]));
+      const unsigned hi = half ? __half_as_ushort(__float2half_rn(g[2 * e + 1]))
+                               : __bfloat16_as_ushort(__float2bfloat16_rn(g[2 * e + 1]));
+      w[e] = lo | (hi << 16);
+    }
+  }
+  *reinterpret_cast<uint4*>(static_cast<unsigned char*>(dst) + i * voxel_bytes(type)) =
+      make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -306,6 +398,7 @@ struct Params {
   int64_t tokens_per_split;  // grad_weight: a multiple of kBK
   bool vec_weight;           // 16-byte weight rows: aligned base, K a multiple of the vector width
   bool vec_grad_out;         // likewise for grad_out rows (E)
+  bool vec_gather;           // 16-byte voxel runs: see "Vector gathers" in the file comment
 };
 
 // kAMajorM: the A tile (BM x BK) is stored [m][k] (WMMA row_major), else [k][m] (col_major).
@@ -357,9 +450,40 @@ __host__ __device__ __forceinline__ void fill_columns(ColumnSlot* s, const Geome
 
 // dst[r * LD + c] = windowed V(token slot r, column slot c) rounded to T; 0 outside the volume.
 // Columns vary fastest: a warp reads runs of p2 contiguous voxels.
+// gather_tile with vector gathers: a run of N columns starting at a multiple of N is N contiguous
+// voxels, all inside or all outside the volume (the host checked p.vec_gather's conditions).
+template <int N, typename T, int NTOK, int NCOL, int LD>
+__host__ __device__ __forceinline__ void gather_runs(T* __restrict__ dst, const TokenSlot* __restrict__ tok,
+                                                     const ColumnSlot* __restrict__ col, const Params& p, int tid) {
+  static_assert(NCOL % N == 0, "a tile row must hold whole runs");
+  constexpr int kRuns = NCOL / N;
+  for (int idx = tid; idx < NTOK * kRuns; idx += kThreads) {
+    const int r = idx / kRuns;
+    const int c0 = (idx % kRuns) * N;
+    float v[N];
+    if (inside(tok[r], col[c0])) {
+      load_run<N>(p.volume, p.volume_type, tok[r].base + col[c0].offset, v);
+      MEDVL_PE_UNROLL
+      for (int e = 0; e < N; ++e) v[e] = window_value(v[e], p.w);
+    } else {
+      MEDVL_PE_UNROLL
+      for (int e = 0; e < N; ++e) v[e] = 0.f;
+    }
+    MEDVL_PE_UNROLL
+    for (int e = 0; e < N; ++e) dst[r * LD + c0 + e] = from_float<T>(v[e]);
+  }
+}
+
 template <typename T, int NTOK, int NCOL, int LD>
 __host__ __device__ __forceinline__ void gather_tile(T* __restrict__ dst, const TokenSlot* __restrict__ tok,
                                                      const ColumnSlot* __restrict__ col, const Params& p, int tid) {
+  if (p.vec_gather) {
+    switch (run_length(p.volume_type)) {
+      case 4: gather_runs<4, T, NTOK, NCOL, LD>(dst, tok, col, p, tid); return;
+      case 8: gather_runs<8, T, NTOK, NCOL, LD>(dst, tok, col, p, tid); return;
+      default: gather_runs<16, T, NTOK, NCOL, LD>(dst, tok, col, p, tid); return;
+    }
+  }
   for (int idx = tid; idx < NTOK * NCOL; idx += kThreads) {
     const int r = idx / NCOL;
     const int c = idx % NCOL;
@@ -547,8 +671,34 @@ __host__ __device__ __forceinline__ void grad_weight_epilogue(const float* c_s, 
   }
 }
 
+template <int N>
+__host__ __device__ __forceinline__ void grad_volume_runs(const float* c_s, const TokenSlot* tok,
+                                                          const ColumnSlot* col, const Params& p, int tid) {
+  constexpr int kRuns = kBN / N;
+  for (int idx = tid; idx < kBM * kRuns; idx += kThreads) {
+    const int m = idx / kRuns, n0 = (idx % kRuns) * N;
+    if (!inside(tok[m], col[n0])) continue;
+    const int64_t voxel = tok[m].base + col[n0].offset;
+    float g[N];
+    MEDVL_PE_UNROLL
+    for (int e = 0; e < N; ++e) g[e] = c_s[m * kLDC + n0 + e];
+    if (p.w.on) {
+      float x[N];
+      load_run<N>(p.volume, p.volume_type, voxel, x);
+      MEDVL_PE_UNROLL
+      for (int e = 0; e < N; ++e) g[e] = window_grad(g[e], x[e], p.w);
+    }
+    store_grad_run<N>(p.grad_volume, p.volume_type, voxel, g);
+  }
+}
+
 __host__ __device__ __forceinline__ void grad_volume_epilogue(const float* c_s, const TokenSlot* tok,
                                                               const ColumnSlot* col, const Params& p, int tid) {
+  if (p.vec_gather) {  // whole 16-byte runs: one load of the voxels, one store of their gradients
+    if (run_length(p.volume_type) == 4) grad_volume_runs<4>(c_s, tok, col, p, tid);
+    else grad_volume_runs<8>(c_s, tok, col, p, tid);
+    return;
+  }
   for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
     const int m = idx / kBN, n = idx % kBN;
     if (!inside(tok[m], col[n])) continue;
@@ -609,8 +759,9 @@ __global__ void __launch_bounds__(kThreads) patch_embed3d_grad_weight_kernel(con
   ColumnSlot* col = reinterpret_cast<ColumnSlot*>(smem + L::kCol);
 
   const int tid = threadIdx.x;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN;  // columns k
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM;  // embed rows e
+  const int64_t embed_tiles = (p.embed + kBM - 1) / kBM;  // vary fastest: see "Block order"
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) % embed_tiles * kBM;  // embed rows e
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) / embed_tiles * kBN;  // columns k
   const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * p.tokens_per_split;
   const int64_t t_end = min64(t_begin + p.tokens_per_split, p.g.rows);
 
@@ -751,10 +902,11 @@ Window make_window(const PatchEmbed3dArgs& a) {
   Window w{};
   w.on = a.has_window;
   w.lo = a.window_lo;
+  w.hi = a.window_hi;
   w.out_lo = a.out_lo;
   w.out_hi = a.out_hi;
-  w.den = a.window_span;
-  w.span = a.out_span;
+  // window_span and out_span: hi - lo and out_hi - out_lo from the caller's doubles, rounded to fp32.
+  w.slope = static_cast<float>(static_cast<double>(a.out_span) / static_cast<double>(a.window_span));
   return w;
 }
 
@@ -793,11 +945,11 @@ void run_forward(const Params& p, DType weight_type, cudaStream_t stream) {
 
 void run_grad_weight(const PatchEmbed3dArgs& args, Params p, DType weight_type, cudaStream_t stream) {
   const Splits s = grad_weight_splits(p.g.rows, p.embed, p.g.cols);
-  const int64_t bx = ceil_div(p.g.cols, kBN), by = ceil_div(p.embed, kBM);
-  require_grid(bx, by, s.count);
+  const int64_t tiles = ceil_div(p.embed, kBM) * ceil_div(p.g.cols, kBN);
+  require_grid(tiles, 1, s.count);
   p.tokens_per_split = s.tokens_per_split;
   p.grad_weight = s.count > 1 ? static_cast<float*>(args.workspace) : args.grad_weight;
-  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by), static_cast<unsigned>(s.count));
+  const dim3 grid(static_cast<unsigned>(tiles), 1, static_cast<unsigned>(s.count));
   const char* what = "launching patch_embed3d_grad_weight_kernel";
   if (weight_type == DType::kFloat32 || (weight_type == DType::kFloat16 && p.volume_type == VolumeType::kUInt16 &&
                                          !p.w.on))
@@ -868,6 +1020,8 @@ void patch_embed3d_cuda(const PatchEmbed3dArgs& args, int pass, void* stream) {
   p.tokens_per_split = p.g.rows;
   const int64_t wvec = 16 / static_cast<int64_t>(dtype_size(args.weight_type));
   p.vec_weight = aligned16(args.weight) && p.g.cols % wvec == 0;
+  const int run = 16 / voxel_bytes(args.volume_type);
+  p.vec_gather = aligned16(args.volume) && p.g.patch[2] % run == 0 && p.g.size[2] % run == 0;
   if (pass != static_cast<int>(PatchEmbed3dPass::kForward)) {
     require(valid_dtype(args.grad_out_type), "unknown grad_out dtype code");
     require(args.grad_out != nullptr, "null grad_out pointer");

@@ -182,18 +182,90 @@ def test_padding_is_zero_after_the_window():
     torch.testing.assert_close(out.flatten(), torch.tensor([8 * inside, 4 * inside]))
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+GPU_BACKENDS = ("triton", "cuda")  # the window as a multiply-add (kernels/patch_embed3d.py's docstring)
+
+
+def windowed_voxels(backend, device, volume, window, out_range):
+    """A 1x1x1 patch with weight 1 outputs the windowed voxels themselves."""
+    out = medvl.patch_embed3d(volume.to(device), torch.ones(1, 1, 1, 1, 1, device=device), patch_size=1,
+                              window=window, out_range=out_range, backend=backend)
+    return out.cpu().flatten()
+
+
+def pytorch_window(volume, window, out_range):
+    lo, hi = window
+    return torch.clamp(((volume.float() - lo) / (hi - lo)) * (out_range[1] - out_range[0]) + out_range[0],
+                       *out_range)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] not in GPU_BACKENDS])
 def test_window_matches_pytorch_bit_for_bit(backend, device):
-    # A 1x1x1 patch with weight 1 outputs the windowed voxels themselves; bounds that fp32 can't hold.
+    # The cpu backend windows as PyTorch does, division included; bounds that fp32 can't hold.
     volume = torch.randint(-1100, 1500, (1, 1, 4, 8, 8), dtype=torch.int16)
     volume.view(-1)[:3] = torch.tensor([-1000, 400, 0], dtype=torch.int16)
     window, out_range = (-1000.3, 400.7), (-0.25, 1.75)
-    out = medvl.patch_embed3d(volume.to(device), torch.ones(1, 1, 1, 1, 1, device=device), patch_size=1,
-                              window=window, out_range=out_range, backend=backend)
-    lo, hi = window
-    expected = torch.clamp(((volume.float() - lo) / (hi - lo)) * (out_range[1] - out_range[0]) + out_range[0],
-                           *out_range)
-    assert torch.equal(out.cpu().flatten(), expected.flatten())
+    out = windowed_voxels(backend, device, volume, window, out_range)
+    assert torch.equal(out, pytorch_window(volume, window, out_range).flatten())
+
+
+def window_tolerance(out_range):
+    out_lo, out_hi = out_range
+    return 2.0**-22 * max(abs(out_lo), abs(out_hi), out_hi - out_lo)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in GPU_BACKENDS])
+def test_gpu_window_is_a_multiply_add_within_the_stated_tolerance(backend, device):
+    # The GPU backends window with a multiply and an add (the slope precomputed): bit for bit
+    # kernels.patch_embed3d.window_values, within 2^-22 max(|out_lo|, |out_hi|, span) of PyTorch's
+    # division, and equal to it for power-of-two spans.
+    from medvl.kernels.patch_embed3d import window_values
+
+    volume = torch.randint(-1100, 1500, (1, 1, 4, 8, 8), dtype=torch.int16)
+    volume.view(-1)[:3] = torch.tensor([-1000, 400, 0], dtype=torch.int16)
+    for window, out_range in [((-1000.3, 400.7), (-0.25, 1.75)), ((-1000.0, 400.0), (0.0, 1.0))]:
+        out = windowed_voxels(backend, device, volume, window, out_range)
+        assert torch.equal(out, window_values(volume, (*window, *out_range)).flatten())
+        error = (out - pytorch_window(volume, window, out_range).flatten()).abs().max().item()
+        assert error <= window_tolerance(out_range), f"{window} -> {out_range}: {error:.3g}"
+    exact = torch.linspace(-3, 3, 256).reshape(1, 1, 4, 8, 8)
+    out = windowed_voxels(backend, device, exact, (-1.0, 1.0), (0.0, 1.0))
+    assert torch.equal(out, pytorch_window(exact, (-1.0, 1.0), (0.0, 1.0)).flatten())
+
+
+def test_stated_window_tolerance_holds_for_every_int16_value():
+    # The claim of the kernels' docstring, on window_values (which the GPU kernels equal bit for bit),
+    # over every int16 value: CT windows, bounds fp32 cannot hold, random windows.
+    from medvl.kernels.patch_embed3d import window_values
+
+    x = torch.arange(-32768, 32768, dtype=torch.int16)
+    g = torch.Generator().manual_seed(0)
+    windows = [((-1000.0, 400.0), (0.0, 1.0)), ((-1000.3, 400.7), (-0.25, 1.75)), ((-160.0, 240.0), (0.0, 1.0)),
+               ((-1024.0, 3071.0), (-1.0, 1.0)), ((100.0, 3000.0), (0.0, 255.0))]
+    for _ in range(40):
+        lo = float(torch.randn(1, generator=g) * 1000)
+        out_lo = float(torch.randn(1, generator=g))
+        windows.append(((lo, lo + float(torch.rand(1, generator=g)) * 3000 + 1e-3),
+                        (out_lo, out_lo + float(torch.rand(1, generator=g)) * 4 + 1e-3)))
+    worst = 0.0
+    for window, out_range in windows:
+        error = (window_values(x, (*window, *out_range)) - pytorch_window(x, window, out_range)).abs().max()
+        worst = max(worst, error.item() / window_tolerance(out_range))
+        assert error.item() <= window_tolerance(out_range), f"{window} -> {out_range}: {error.item():.3g}"
+    assert worst > 0.25, "the tolerance should be about tight (else the comparison has no teeth)"
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_volume_gradient_is_zero_on_the_window_bounds(backend, device):
+    # Float HU values exactly on a CT window's bounds get no gradient (PyTorch's rule, strictly inside),
+    # those inside get the slope, on every backend (the GPU ones decide on lo < x < hi).
+    volume = torch.tensor([-1100.0, -1000.0, -999.0, 0.0, 399.0, 400.0, 401.0, 250.5]).reshape(1, 1, 2, 2, 2)
+    leaf = volume.to(device).requires_grad_()
+    out = medvl.patch_embed3d(leaf, torch.ones(1, 1, 1, 1, 1, device=device), patch_size=1, window=(-1000, 400),
+                              backend=backend)
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    slope = 1 / 1400
+    expected = torch.tensor([0, 0, slope, slope, slope, 0, 0, slope], dtype=torch.float64)
+    torch.testing.assert_close(grad.cpu().double().flatten(), expected, rtol=1e-6, atol=0)
 
 
 def test_nan_in_the_volume_reaches_only_its_token():
@@ -457,3 +529,29 @@ def test_reference_window_gradient_does_not_follow_torch_clamp(monkeypatch):
 def test_a_weight_without_output_channels_is_refused():
     with pytest.raises(ValueError, match="no output channels.*embed_dim >= 1"):
         medvl.patch_embed3d(torch.zeros(1, 1, 4, 4, 4), torch.zeros(0, 1, 2, 2, 2), patch_size=2)
+
+
+@pytest.mark.parametrize("size,patch,dtype,expected_vec", [
+    ((8, 12, 32), (2, 3, 16), torch.int16, 8), ((8, 12, 40), (2, 3, 16), torch.int16, 8),
+    ((4, 4, 24), (2, 2, 8), torch.uint8, 8), ((4, 4, 20), (2, 2, 4), torch.float32, 4),
+    ((4, 4, 20), (2, 2, 16), torch.bfloat16, 4), ((5, 9, 7), (2, 4, 3), torch.int16, 1)])
+def test_vector_gathers_read_aligned_contiguous_runs(size, patch, dtype, expected_vec):
+    # What the Triton kernels promise the compiler (_voxel_tile's hints) whenever the host picks a vector
+    # width: in the patch matrix (tokens x columns, Conv3d's order, padding included), every aligned run
+    # of VEC columns is VEC consecutive voxel addresses starting at a multiple of VEC, or all padding.
+    from medvl.kernels.patch_embed3d import _geometry, _vector_width
+
+    volume = torch.zeros(2, 3, *size, dtype=dtype)
+    grid = [-(-s // p) for s, p in zip(size, patch)]
+    vec = _vector_width(volume, _geometry(volume, patch, grid), 32)
+    assert vec == expected_vec
+    address = torch.arange(volume.numel()).reshape(volume.shape)
+    extra = [n * p - s for n, p, s in zip(grid, patch, size)]
+    address = torch.nn.functional.pad(address, (0, extra[2], 0, extra[1], 0, extra[0]), value=-1)
+    patches = address.reshape(2, 3, grid[0], patch[0], grid[1], patch[1], grid[2], patch[2])
+    patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(-1, 3 * math.prod(patch))
+    runs = patches.reshape(patches.shape[0], -1, vec)
+    inside = runs >= 0
+    assert (inside == inside[..., :1]).all(), "a run straddles the volume's edge"
+    voxels = runs[inside[..., 0]]
+    assert (voxels[:, 0] % vec == 0).all() and (voxels - voxels[:, :1] == torch.arange(vec)).all()
