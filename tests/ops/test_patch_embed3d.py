@@ -555,3 +555,123 @@ def test_vector_gathers_read_aligned_contiguous_runs(size, patch, dtype, expecte
     assert (inside == inside[..., :1]).all(), "a run straddles the volume's edge"
     voxels = runs[inside[..., 0]]
     assert (voxels[:, 0] % vec == 0).all() and (voxels - voxels[:, :1] == torch.arange(vec)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels, emulated on the host for fp32 weights: csrc/patch_embed3d/patch_embed3d_tile.cuh is
+# the kernels' code; patch_embed3d_emulation.cpp runs their phases thread by thread.
+# ---------------------------------------------------------------------------------------------
+
+VOLUME_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int16: 3, torch.uint8: 4,
+                torch.uint16: 5}
+
+
+@pytest.fixture(scope="module")
+def cuda_emulation(tmp_path_factory):
+    import os
+    import shutil
+    import subprocess
+
+    from tests.utils import REPO_ROOT
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    cuda_include = next((d for d in (os.environ.get("CUDA_HOME", "") + "/include", "/usr/local/cuda/include")
+                         if os.path.exists(f"{d}/cuda_fp16.h")), None)
+    if compiler is None or cuda_include is None:
+        pytest.skip("the host emulation needs a C++ compiler and the CUDA headers")
+    binary = tmp_path_factory.mktemp("emulation") / "patch_embed3d_emulation"
+    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
+                    f"-I{REPO_ROOT}/csrc", f"-I{cuda_include}",
+                    f"{REPO_ROOT}/csrc/patch_embed3d/patch_embed3d_emulation.cpp", "-o", str(binary)], check=True)
+
+    def run(pass_, volume, weight, bias=None, pos=None, window=None, grad_out=None, force_scalar=False):
+        import numpy
+
+        folder = binary.parent
+        B, C, *size = volume.shape
+        patch = weight.shape[2:]
+        E = weight.shape[0]
+        # window: (lo, hi) onto (0, 1), or (lo, hi, out_lo, out_hi)
+        lo, hi, out_lo, out_hi = ((*window, 0.0, 1.0) if len(window) == 2 else window) if window else (0, 1, 0, 1)
+        header = torch.tensor([pass_, VOLUME_CODES[volume.dtype], B, C, *size, *patch, E, window is not None,
+                               bias is not None, pos is not None, force_scalar, 0], dtype=torch.int64)
+        with open(folder / "in.bin", "wb") as f:
+            f.write(header.numpy().tobytes())
+            f.write(torch.tensor([lo, hi, out_lo, out_hi], dtype=torch.float64).numpy().tobytes())
+            f.write(volume.contiguous().view(torch.uint8).numpy().tobytes())
+            for t in (weight.reshape(E, -1), bias, pos, grad_out):
+                if t is not None:
+                    f.write(t.float().contiguous().numpy().tobytes())
+        report = subprocess.run([str(binary), str(folder / "in.bin"), str(folder / "out.bin")], check=True,
+                                capture_output=True, text=True).stdout
+        raw = torch.from_numpy(numpy.fromfile(folder / "out.bin", dtype=numpy.uint8))
+        out = raw.view(volume.dtype).reshape(volume.shape) if pass_ == 2 else raw.view(torch.float32)
+        return out, "vec_gather=1" in report
+
+    return run
+
+
+EMULATION_CASES = [  # (size, patch, vector gathers for 2-byte voxels)
+    ((8, 12, 32), (2, 3, 16), True),     # runs of 8 (16-bit), 16 (uint8), 4 (fp32)
+    ((9, 12, 40), (4, 3, 16), True),     # padding on every axis; uint8 falls back to scalar (40 % 16)
+    ((5, 9, 7), (2, 4, 3), False),       # scalar gathers
+]
+
+
+@pytest.mark.parametrize("volume_dtype", list(VOLUME_CODES))
+@pytest.mark.parametrize("size,patch,vectors", EMULATION_CASES)
+def test_cuda_kernels_in_host_emulation_match_the_reference(cuda_emulation, volume_dtype, size, patch, vectors):
+    for window in (WINDOWS.get(volume_dtype, (-1.0, 1.0)), None):
+        check_emulated_cuda_kernels(cuda_emulation, volume_dtype, size, patch, vectors, window)
+
+
+def check_emulated_cuda_kernels(cuda_emulation, volume_dtype, size, patch, vectors, window):
+    channels, embed = 2, 40
+    volume = make_volume(volume_dtype, (2, channels, *size), seed=3, small=window is None)
+    tokens = tokens_of(size, patch)
+    weight, bias, pos = make_params(channels, patch, embed, tokens, seed=4)
+    grad_out = torch.randn(2 * tokens, embed, generator=torch.Generator().manual_seed(6))
+    exact = volume.double().requires_grad_() if volume.is_floating_point() else volume.double()
+    leaves = [weight.double().requires_grad_(), bias.double(), pos.double()]
+    ref = reference(exact, *leaves, patch_size=patch, window=window, out_dtype=torch.float64, pad=True)
+    wanted = [leaves[0]] + ([exact] if volume.is_floating_point() else [])
+    ref_grads = torch.autograd.grad(ref, wanted, grad_out.double().reshape(ref.shape))
+    name = f"emulated CUDA {volume_dtype} {size} patch {patch} window {window}"
+
+    out, vec = cuda_emulation(0, volume, weight, bias, pos[0], window)
+    assert vec == (vectors and not (volume_dtype == torch.uint8 and size[2] % 16)), "vector gathers not as planned"
+    assert_close(out.reshape(ref.shape), ref, torch.float32, "forward", name)
+    gw, _ = cuda_emulation(1, volume, weight, window=window, grad_out=grad_out)
+    assert_close(gw.reshape(weight.shape), ref_grads[0], torch.float32, "backward", f"{name} grad weight")
+    outputs = [out, gw]
+    if volume.is_floating_point():
+        gv, _ = cuda_emulation(2, volume, weight, window=window, grad_out=grad_out)
+        assert gv.dtype == volume_dtype
+        assert_close(gv, ref_grads[1], volume_dtype if volume_dtype != torch.float32 else torch.float32, "backward",
+                     f"{name} grad volume", plain=ref_grads[1].to(volume_dtype) if volume_dtype != torch.float32
+                     else None)
+        outputs.append(gv)
+    if vec:  # the vector path gives the scalar path's bits
+        scalar = [cuda_emulation(0, volume, weight, bias, pos[0], window, force_scalar=True)[0],
+                  cuda_emulation(1, volume, weight, window=window, grad_out=grad_out, force_scalar=True)[0]]
+        if volume.is_floating_point():
+            scalar.append(cuda_emulation(2, volume, weight, window=window, grad_out=grad_out, force_scalar=True)[0])
+        for got, want in zip(outputs, scalar):
+            assert torch.equal(got, want), f"{name}: vector and scalar gathers differ"
+
+
+@pytest.mark.parametrize("volume_dtype", [torch.int16, torch.float32])
+def test_cuda_window_in_host_emulation_is_the_triton_window_bit_for_bit(cuda_emulation, volume_dtype):
+    # Patches of 8 voxels along the last axis and an identity weight: each token's output is its 8
+    # windowed voxels (vector gathers), which must be kernels.patch_embed3d.window_values exactly.
+    from medvl.kernels.patch_embed3d import window_values
+
+    volume = make_volume(volume_dtype, (1, 1, 4, 6, 16), seed=2)
+    if volume_dtype == torch.int16:
+        volume.view(-1)[:3] = torch.tensor([-1000, 400, 0], dtype=torch.int16)
+    for window, out_range in [((-1000.3, 400.7), (-0.25, 1.75)), ((-1000.0, 400.0), (0.0, 1.0)),
+                              ((-1.0, 1.0), (0.0, 1.0))]:
+        weight = torch.eye(8).reshape(8, 1, 1, 1, 8)
+        out, vec = cuda_emulation(0, volume, weight, window=(*window, *out_range))
+        assert vec
+        assert torch.equal(out, window_values(volume, (*window, *out_range)).flatten())
