@@ -8,20 +8,28 @@ The math is that of csrc/patch_embed3d/patch_embed3d.h and of medvl.reference.pa
     column k = (c, q0, q1, q2) row-major:  the Conv3d weight (E, C, p0, p1, p2) flattened to (E, K)
     voxel(t, k) = (b, c, g0 p0 + q0, g1 p1 + q1, g2 p2 + q2); outside the volume v = 0 (after the window)
 
-    window (lo, hi, out_lo, out_hi):  u = ((x - lo) / (hi - lo)) * (out_hi - out_lo) + out_lo   (fp32, IEEE /)
-                                      v = clamp(u, out_lo, out_hi)
+    window (lo, hi, out_lo, out_hi):  u = (x - lo) * r + out_lo,  r = (out_hi - out_lo) / (hi - lo)
+                                      v = clamp(u, out_lo, out_hi)       (fp32, each operation rounded)
     no window:                        v = float32(x)
 
     out[t, e]          = sum_k v[t, k] W[e, k] + bias[e] + pos_embed[t mod N, e]   (fp32 sum, one rounding)
     grad_weight[e, k]  = sum_t grad_out[t, e] v[t, k]                              (fp32)
-    grad_volume[voxel] = d * sum_e grad_out[t, e] W[e, k],  d = (out_hi - out_lo) / (hi - lo) where
-                         out_lo < u < out_hi, else 0; d = 1 without a window. Each voxel inside the
-                         volume is one (t, k): plain stores.
+    grad_volume[voxel] = d * sum_e grad_out[t, e] W[e, k],  d = r where lo < x < hi, else 0; d = 1
+                         without a window. Each voxel inside the volume is one (t, k): plain stores.
 
-The bounds themselves get d = 0, as autograd gives the reference: torch.clamp's gradient with
-Python-scalar bounds is 0 at u == out_lo and at u == out_hi (checked with torch 2.14.1; the header
-states the same rule). It matters: u sits exactly on a bound whenever x == lo or x == hi (a zero
-background under a (0, ...) window, say).
+The window is one multiply and one add per gathered element with the precomputed r (rounded once to
+fp32 from the caller's doubles), not PyTorch's IEEE division: the kernels gather a voxel once per
+column tile of the output, so a division there was paid E / BLOCK_N times per voxel. The kernels
+are compiled with enable_fp_fusion=False, so the multiply and the add round separately, on the GPU
+and in the interpreter alike: the values are bit for bit torch's `(x.float() - lo) * r + out_lo`
+clamped (lo, r, out_lo rounded to fp32), as the CUDA backend computes them too. Against PyTorch's
+window (the reference) they differ by at most 2^-22 max(|out_lo|, |out_hi|, out_hi - out_lo) (2.4e-7
+for (0, 1); checked over every int16 value and 200 random windows), and they are equal where the two
+forms round alike, e.g. whenever hi - lo and out_hi - out_lo are powers of two ((-1, 1) -> (0, 1)).
+The derivative passes strictly inside the window, lo < x < hi (fp32 comparisons, the bounds rounded
+to fp32): PyTorch's rule (u strictly inside (out_lo, out_hi)) at x == lo and x == hi for bounds fp32
+holds; PyTorch decides on its own rounded u, so for bounds fp32 cannot hold the two may differ within
+an ulp of a bound. It matters: x == lo or x == hi happens (a zero background under a (0, ...) window).
 
 Design: no im2col buffer and no windowed copy of the volume. Every kernel works on tiles of the
 virtual [B N, K] patch matrix V whose element addresses come from index arithmetic: a tile's token
@@ -32,7 +40,11 @@ lane could reach 2^31 (OFFS64, decided on the host from the shapes). The in-volu
 packed subtraction per element (_voxel_tile): a token carries the extents of its patch that lie
 inside the volume, a column its position in the patch, three bit fields in one word each. The raw
 values are loaded (other=0), windowed in registers, forced to 0 where the voxel is padding (the
-window maps 0 to out_lo, not 0), and fed to tl.dot.
+window maps 0 to out_lo, not 0), and fed to tl.dot. Vector gathers: where VEC (a power of two, at
+most 16 bytes of voxels) divides both p2 and S2, a column tile's voxels come in aligned runs of VEC
+contiguous voxels that lie all inside or all outside the volume; the kernels tell Triton so
+(max_contiguous, multiple_of, max_constancy), and it loads (and grad_volume stores) each run with one
+vector instruction instead of VEC scalar ones.
 
   forward      one program per [BLOCK_M tokens, BLOCK_N embed columns]; loop over K in BLOCK_K steps:
                acc += V tile @ W^T tile; epilogue adds bias and pos_embed in fp32, rounds once, stores.
@@ -78,6 +90,8 @@ from ._common import fp32_dot_precision
 
 __all__ = [
     "SUPPORTED_VOLUME_DTYPES",
+    "window_slope",
+    "window_values",
     "patch_embed3d_forward",
     "patch_embed3d_grad_weight",
     "patch_embed3d_grad_volume",
@@ -106,7 +120,7 @@ def _pack3(v0, v1, v2, FIELD: tl.constexpr):
 
 @triton.jit
 def _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0,
-                OFFS64: tl.constexpr, FIELD: tl.constexpr):
+                OFFS64: tl.constexpr, FIELD: tl.constexpr, VEC: tl.constexpr):
     """Per token: the offset of its patch corner, and `room`, the packed extents r_i = min(S_i - z_i, p_i)
     of its patch inside the volume, each field with its guard bit set (all r_i = 0 for t >= n_tokens)."""
     b = t // N
@@ -122,6 +136,10 @@ def _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0,
         off = b.to(tl.int64) * stride_b + z0.to(tl.int64) * stride_0 + z1.to(tl.int64) * S2 + z2
     else:
         off = b * stride_b + z0 * stride_0 + z1 * S2 + z2
+    if VEC > 1:
+        # A patch corner is a multiple of VEC (VEC divides p2 and S2); see _voxel_tile. The hints must
+        # sit on the op that makes the value: on a function argument they are dropped.
+        off = tl.multiple_of(off, VEC)
     guard: tl.constexpr = 1 << (FIELD - 1)
     guards: tl.constexpr = (guard << (2 * FIELD)) | (guard << FIELD) | guard
     room = _pack3(tl.minimum(S0 - z0, p0) | guard, tl.minimum(S1 - z1, p1) | guard,
@@ -131,7 +149,8 @@ def _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0,
 
 
 @triton.jit
-def _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64: tl.constexpr, FIELD: tl.constexpr):
+def _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64: tl.constexpr, FIELD: tl.constexpr,
+                 VEC: tl.constexpr):
     """Per column: the offset of its voxel from the patch corner, and `need`, the packed q_i + 1
     (q0's field all ones, more than any room, for k >= K)."""
     c = k // P
@@ -144,12 +163,15 @@ def _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64: tl.constexp
         off = c.to(tl.int64) * stride_c + q0.to(tl.int64) * stride_0 + q1.to(tl.int64) * S2 + q2
     else:
         off = c * stride_c + q0 * stride_0 + q1 * S2 + q2
+    if VEC > 1:
+        # Aligned runs of VEC columns (k starts at a multiple of VEC) are VEC contiguous voxels.
+        off = tl.max_contiguous(tl.multiple_of(off, VEC), VEC)
     need = _pack3(tl.where(k_ok, q0 + 1, (1 << (FIELD - 1)) - 1), q1 + 1, q2 + 1, FIELD)
     return off, need
 
 
 @triton.jit
-def _voxel_tile(tok_off, room, col_off, need, FIELD: tl.constexpr):
+def _voxel_tile(tok_off, room, col_off, need, FIELD: tl.constexpr, VEC: tl.constexpr):
     """[tokens, columns] voxel offsets, and the mask of the elements that are voxels of the volume.
 
     The voxel is inside iff q_i < r_i on all three axes (and t, k are in range). One subtraction of
@@ -163,21 +185,20 @@ def _voxel_tile(tok_off, room, col_off, need, FIELD: tl.constexpr):
     guard: tl.constexpr = 1 << (FIELD - 1)
     guards: tl.constexpr = (guard << (2 * FIELD)) | (guard << FIELD) | guard
     inside = ((room[:, None] - need[None, :]) & guards) == guards
+    if VEC > 1:
+        # Runs of VEC columns (contiguous, aligned voxels: _token_part, _column_part) lie inside or
+        # outside the volume as a whole, since VEC divides every extent r2 = min(S2 - z2, p2).
+        inside = tl.max_constancy(inside, [1, VEC])
     return offs, inside
 
 
 @triton.jit
-def _unclipped(x, lo, den, scale, out_lo):
-    # The reference's order of operations, unfused (enable_fp_fusion=False) and with an IEEE divide.
-    return tl.math.div_rn(x - lo, den) * scale + out_lo
-
-
-@triton.jit
-def _patch_values(vol_ptr, offs, inside, lo, den, scale, out_lo, out_hi, WINDOW: tl.constexpr):
+def _patch_values(vol_ptr, offs, inside, lo, scale, out_lo, out_hi, WINDOW: tl.constexpr):
     """Windowed fp32 values of a tile; exactly 0 at the padding."""
     x = tl.load(vol_ptr + offs, mask=inside, other=0).to(tl.float32)
     if WINDOW:
-        u = _unclipped(x, lo, den, scale, out_lo)
+        # A multiply and an add, each rounded (enable_fp_fusion=False): see the module docstring.
+        u = (x - lo) * scale + out_lo
         # torch.clamp(u, out_lo, out_hi) = min(max(u, out_lo), out_hi), NaN propagated.
         v = tl.minimum(tl.maximum(u, out_lo, propagate_nan=tl.PropagateNan.ALL), out_hi,
                        propagate_nan=tl.PropagateNan.ALL)
@@ -198,10 +219,11 @@ def _patch_embed3d_fwd(
     n_tokens, N, E, K, P,
     S0, S1, S2, p0, p1, p2, n1, n2,
     stride_b, stride_c, stride_0,
-    lo, den, scale, out_lo, out_hi,
+    lo, hi, scale, out_lo, out_hi,
     WINDOW: tl.constexpr,
     OFFS64: tl.constexpr,  # int64 voxel offsets (a volume near or past 2^31 elements)
     FIELD: tl.constexpr,  # bits per axis in the packed in-volume test (10: int32 words, 21: int64)
+    VEC: tl.constexpr,  # voxels per vector gather (1: scalar)
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
     OP_FP32: tl.constexpr,  # fp32 operands even for a 16-bit weight (see the module docstring)
@@ -219,7 +241,7 @@ def _patch_embed3d_fwd(
 
     t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = t < n_tokens
-    tok_off, room = _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0, OFFS64, FIELD)
+    tok_off, room = _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0, OFFS64, FIELD, VEC)
     e = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     e_ok = e < E
     e64 = e.to(tl.int64)
@@ -230,9 +252,9 @@ def _patch_embed3d_fwd(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_ok = k < K
-        col_off, need = _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64, FIELD)
-        offs, inside = _voxel_tile(tok_off, room, col_off, need, FIELD)
-        v = _patch_values(vol_ptr, offs, inside, lo, den, scale, out_lo, out_hi, WINDOW)
+        col_off, need = _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64, FIELD, VEC)
+        offs, inside = _voxel_tile(tok_off, room, col_off, need, FIELD, VEC)
+        v = _patch_values(vol_ptr, offs, inside, lo, scale, out_lo, out_hi, WINDOW)
         w_t = tl.load(w_ptr + e64[None, :] * K + k[:, None], mask=e_ok[None, :] & k_ok[:, None], other=0.0)
         if OP_FP32:
             acc = tl.dot(v, w_t.to(tl.float32), acc, input_precision=DOT_PRECISION)
@@ -257,10 +279,11 @@ def _patch_embed3d_grad_weight(
     n_tokens, tokens_per_split, N, E, K, P,
     S0, S1, S2, p0, p1, p2, n1, n2,
     stride_b, stride_c, stride_0,
-    lo, den, scale, out_lo, out_hi,
+    lo, hi, scale, out_lo, out_hi,
     WINDOW: tl.constexpr,
     OFFS64: tl.constexpr,  # int64 voxel offsets (a volume near or past 2^31 elements)
     FIELD: tl.constexpr,  # bits per axis in the packed in-volume test (10: int32 words, 21: int64)
+    VEC: tl.constexpr,  # voxels per vector gather (1: scalar)
     OP_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -280,7 +303,7 @@ def _patch_embed3d_grad_weight(
     e64 = e.to(tl.int64)
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k < K
-    col_off, need = _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64, FIELD)
+    col_off, need = _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64, FIELD, VEC)
     offs_t = tl.arange(0, BLOCK_T)
     go_dtype = go_ptr.dtype.element_ty
 
@@ -290,9 +313,9 @@ def _patch_embed3d_grad_weight(
     for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + offs_t
         t_ok = t < t_end
-        tok_off, room = _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0, OFFS64, FIELD)
-        offs, inside = _voxel_tile(tok_off, room, col_off, need, FIELD)
-        v = _patch_values(vol_ptr, offs, inside, lo, den, scale, out_lo, out_hi, WINDOW)
+        tok_off, room = _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0, OFFS64, FIELD, VEC)
+        offs, inside = _voxel_tile(tok_off, room, col_off, need, FIELD, VEC)
+        v = _patch_values(vol_ptr, offs, inside, lo, scale, out_lo, out_hi, WINDOW)
         g = tl.load(go_ptr + t.to(tl.int64)[:, None] * E + e64[None, :],
                     mask=t_ok[:, None] & e_ok[None, :], other=0.0)
         if OP_FP32:
@@ -314,10 +337,11 @@ def _patch_embed3d_grad_volume(
     n_tokens, N, E, K, P,
     S0, S1, S2, p0, p1, p2, n1, n2,
     stride_b, stride_c, stride_0,
-    lo, den, scale, out_lo, out_hi,
+    lo, hi, scale, out_lo, out_hi,
     WINDOW: tl.constexpr,
     OFFS64: tl.constexpr,  # int64 voxel offsets (a volume near or past 2^31 elements)
     FIELD: tl.constexpr,  # bits per axis in the packed in-volume test (10: int32 words, 21: int64)
+    VEC: tl.constexpr,  # voxels per vector gather (1: scalar)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -346,16 +370,13 @@ def _patch_embed3d_grad_volume(
                     other=0.0)
         acc = tl.dot(g.to(w_dtype), w, acc, input_precision=DOT_PRECISION)
 
-    tok_off, room = _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0, OFFS64, FIELD)
-    col_off, need = _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64, FIELD)
-    offs, inside = _voxel_tile(tok_off, room, col_off, need, FIELD)
+    tok_off, room = _token_part(t, t_ok, N, n1, n2, p0, p1, p2, S0, S1, S2, stride_b, stride_0, OFFS64, FIELD, VEC)
+    col_off, need = _column_part(k, k_ok, P, p1, p2, S2, stride_c, stride_0, OFFS64, FIELD, VEC)
+    offs, inside = _voxel_tile(tok_off, room, col_off, need, FIELD, VEC)
     if WINDOW:
-        # The chain rule as autograd applies it to the reference: clamp passes the gradient strictly
-        # between the bounds, then "* scale", then "/ (hi - lo)".
+        # The clamp passes the gradient strictly inside the window, times the window's slope r.
         x = tl.load(vol_ptr + offs, mask=inside, other=0).to(tl.float32)
-        u = _unclipped(x, lo, den, scale, out_lo)
-        passed = (u > out_lo) & (u < out_hi)
-        acc = tl.math.div_rn(tl.where(passed, acc, 0.0) * scale, den)
+        acc = tl.where((x > lo) & (x < hi), acc * scale, 0.0)
     tl.store(gv_ptr + offs, acc.to(gv_ptr.dtype.element_ty), mask=inside)
 
 
@@ -368,29 +389,46 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(n))))
 
 
+# --------------------------------------------------------------------------------------------
+# GPU tuning table. NOT MEASURED: starting points that compile for sm_90a (Triton 3.8, ptxas, without
+# a GPU) into wgmma with no (or, where noted, small) spills and fit the shared memory; settle them on
+# the GPU with bench/bench_patch_embed3d.py's tile sweep (test_tile_sweep, GPU only) and replace
+# these rows with its winners. Key: (kernel, operand kind "16bit" | "fp32", vector gathers); value:
+# (BLOCK_M, BLOCK_N, reduction block, num_warps, num_stages). Comments: registers per thread and
+# dynamic shared memory for bf16 operands and an int16 volume. A side is never wider than the next
+# power of two of its extent (min 16, tl.dot's smallest).
+# --------------------------------------------------------------------------------------------
+GPU_TILES = {
+    # BLOCK_N = 256: each voxel is gathered and windowed ceil(E / 256) times (3 at E = 768); 198 / 222
+    # registers, 128 / 104 KiB. 128 x 256 spills (~450 bytes at 8 warps, ~220 at 16); 128 x 128 x 64
+    # (202 registers) windows twice as often.
+    ("forward", "16bit", True): (64, 256, 64, 8, 3),
+    ("forward", "16bit", False): (64, 256, 64, 8, 3),
+    ("grad_weight", "16bit", True): (128, 128, 64, 8, 3),  # 140 registers, 96 KiB
+    ("grad_weight", "16bit", False): (128, 128, 64, 8, 3),  # 153
+    ("grad_volume", "16bit", True): (128, 128, 64, 8, 3),  # 142; vector stores too
+    ("grad_volume", "16bit", False): (128, 64, 64, 8, 3),  # 255 with 48 bytes of spills; 128 x 128 spills 1 KiB
+    # fp32 operands (IEEE, or TF32x3 splitting each into two) spill at 128 x 128.
+    ("forward", "fp32", True): (128, 64, 32, 8, 3),
+    ("forward", "fp32", False): (128, 64, 32, 8, 3),
+    ("grad_weight", "fp32", True): (128, 64, 32, 8, 3),
+    ("grad_weight", "fp32", False): (128, 64, 32, 8, 3),
+    ("grad_volume", "fp32", True): (128, 64, 32, 8, 3),
+    ("grad_volume", "fp32", False): (128, 64, 32, 8, 3),
+}
+
+
 def block_sizes(kind: str, rows: int, cols: int, reduce: int, operand_dtype: torch.dtype,
-                interpreted: bool) -> dict:
-    """Tile sizes of one kernel (a plain heuristic: @triton.autotune does not run under the interpreter).
+                interpreted: bool, vector_gathers: bool = False) -> dict:
+    """Tile sizes of one kernel: GPU_TILES on a GPU, small tiles under the interpreter.
 
     kind "forward":     rows = tokens, cols = E, reduce = K      -> BLOCK_M, BLOCK_N, BLOCK_K
     kind "grad_weight": rows = E, cols = K, reduce = tokens      -> BLOCK_M, BLOCK_N, BLOCK_T
     kind "grad_volume": rows = tokens, cols = K, reduce = E      -> BLOCK_M, BLOCK_N, BLOCK_E
 
-    GPU (sm_90a, fp16/bf16 operands | fp32 operands; 8 warps, 3 stages each):
-      forward      128 x 128 x 32 | 128 x 64 x 32
-      grad_weight  128 x 128 x 64 | 128 x 64 x 32
-      grad_volume  128 x  64 x 64 | 128 x 64 x 32
-    Chosen from ptxas -v (registers and spills for sm_90a, compiled without a GPU; not timed): the
-    gathered operand keeps a 64-bit pointer per element in registers, so the forward's 16-bit tile
-    spills at BLOCK_K = 64 (about 600 bytes) and runs spill-free at 32 (the pos_embed epilogue still
-    spills ~140 bytes once per tile); BLOCK_N = 128 rather than 64 halves how often each voxel is
-    windowed (E / BLOCK_N times, an IEEE division each). grad_volume's epilogue holds the fp32
-    tile, its voxel pointers and the re-read volume at once: 128 x 128 spills ~850 bytes, 128 x 64
-    none. fp32 operands (TF32x3 splits each into two) spill at 128 x 128. A side is never wider
-    than the next power of two of its extent (min 16, tl.dot's smallest), so a small E or K does not
-    pay for idle lanes. A starting point for tuning on the GPU.
-    Interpreter: every tile step costs numpy calls on [BLOCK, BLOCK] arrays, so tiles stay at 32 or
-    below, which also makes small test shapes exercise several tiles and the masked edges.
+    Not @triton.autotune: it does not run under the interpreter. Interpreter: every tile step costs
+    numpy calls on [BLOCK, BLOCK] arrays, so tiles stay at 32 or below, which also makes small test
+    shapes exercise several tiles and the masked edges.
     """
     if kind not in ("forward", "grad_weight", "grad_volume"):
         raise ValueError(f"unknown kernel kind {kind!r}")
@@ -398,17 +436,10 @@ def block_sizes(kind: str, rows: int, cols: int, reduce: int, operand_dtype: tor
     if interpreted:
         return {"BLOCK_M": min(_pow2(rows), 32), "BLOCK_N": min(_pow2(cols), 32),
                 red_name: min(_pow2(reduce), 32), "num_warps": 4, "num_stages": 1}
-    wide = operand_dtype != torch.float32
-    if not wide:
-        block_m, block_n, block_r = 128, 64, 32
-    elif kind == "forward":
-        block_m, block_n, block_r = 128, 128, 32
-    elif kind == "grad_weight":
-        block_m, block_n, block_r = 128, 128, 64
-    else:
-        block_m, block_n, block_r = 128, 64, 64
+    operands = "fp32" if operand_dtype == torch.float32 else "16bit"
+    block_m, block_n, block_r, warps, stages = GPU_TILES[(kind, operands, bool(vector_gathers))]
     return {"BLOCK_M": min(block_m, _pow2(rows)), "BLOCK_N": min(block_n, _pow2(cols)),
-            red_name: min(block_r, _pow2(reduce)), "num_warps": 8, "num_stages": 3}
+            red_name: min(block_r, _pow2(reduce)), "num_warps": warps, "num_stages": stages}
 
 
 def _split_tokens(n_tiles: int, n_tokens: int, block_t: int, device: torch.device) -> int:
@@ -429,8 +460,22 @@ def _f32(x: float) -> float:
     return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32))
 
 
+def window_slope(window: Sequence[float]) -> float:
+    """r of the window (lo, hi, out_lo, out_hi): the spans hi - lo and out_hi - out_lo rounded to fp32 as
+    torch rounds them (computed in double), their quotient in double, rounded once to fp32. The CUDA
+    backend computes the same r from the same two spans (patch_embed3d_cuda.cu, make_window)."""
+    lo, hi, out_lo, out_hi = (float(v) for v in window)
+    return _f32(_f32(out_hi - out_lo) / _f32(hi - lo))
+
+
+def window_values(volume: torch.Tensor, window: Sequence[float]) -> torch.Tensor:
+    """The GPU backends' windowed values, written in torch: fp32, bit for bit what the kernels compute."""
+    _, lo, _, r, out_lo, out_hi = _window_args(window)
+    return torch.clamp((volume.float() - lo) * r + out_lo, out_lo, out_hi)
+
+
 def _window_args(window: Optional[Sequence[float]]) -> Tuple[bool, float, float, float, float, float]:
-    """(has_window, lo, hi - lo, out_hi - out_lo, out_lo, out_hi), each rounded to fp32."""
+    """(has_window, lo, hi, r, out_lo, out_hi), each rounded to fp32 (r: window_slope)."""
     if window is None:
         return False, 0.0, 1.0, 1.0, 0.0, 1.0
     if len(window) != 4:
@@ -438,8 +483,19 @@ def _window_args(window: Optional[Sequence[float]]) -> Tuple[bool, float, float,
     lo, hi, out_lo, out_hi = (float(v) for v in window)
     if hi == lo:
         raise ValueError(f"window needs hi != lo, got lo = hi = {lo}")
-    # Python computes hi - lo and out_hi - out_lo in double; torch rounds the scalar to fp32.
-    return True, _f32(lo), _f32(hi - lo), _f32(out_hi - out_lo), _f32(out_lo), _f32(out_hi)
+    return True, _f32(lo), _f32(hi), window_slope(window), _f32(out_lo), _f32(out_hi)
+
+
+def _vector_width(volume: torch.Tensor, g: dict, column_block: int = 1 << 20) -> int:
+    """Voxels per vector gather: the largest power of two up to 16 bytes of voxels that divides p2, S2
+    and the column block (runs of that many columns are then aligned, contiguous voxels, all inside or
+    all outside the volume: see _voxel_tile), on a 16-byte aligned volume; 1 (scalar) otherwise."""
+    if volume.data_ptr() % 16:
+        return 1
+    vec = 16 // volume.element_size()
+    while vec > 1 and (g["p2"] % vec or g["S2"] % vec or column_block % vec):
+        vec //= 2
+    return vec
 
 
 def _geometry(volume: torch.Tensor, patch: Sequence[int], grid: Sequence[int]) -> dict:
@@ -526,7 +582,7 @@ def patch_embed3d_forward(
         raise ValueError(f"weight must be (E, {g['K']}) fp32/fp16/bf16, got {tuple(weight.shape)} {weight.dtype}")
     E = int(weight.shape[0])
     device = volume.device
-    has_window, lo, den, scale, out_lo, out_hi = _window_args(window)
+    has_window, lo, hi, scale, out_lo, out_hi = _window_args(window)
     out = torch.empty(g["B"], g["N"], E, dtype=out_dtype, device=device)
     if out.numel() == 0:
         return out
@@ -541,7 +597,7 @@ def patch_embed3d_forward(
 
     op_fp32 = _fp32_operands(volume.dtype, has_window, weight.dtype)
     cfg = block_sizes("forward", g["n_tokens"], E, g["K"], torch.float32 if op_fp32 else weight.dtype,
-                      device.type != "cuda")
+                      device.type != "cuda", _vector_width(volume, g) > 1)
     if block_overrides:
         cfg.update(block_overrides)
     n_programs = triton.cdiv(g["n_tokens"], cfg["BLOCK_M"]) * triton.cdiv(E, cfg["BLOCK_N"])
@@ -549,8 +605,9 @@ def patch_embed3d_forward(
         _patch_embed3d_fwd[(n_programs,)](
             volume, weight, out if bias is None else bias, out if pos_embed is None else pos_embed, out,
             g["n_tokens"], g["N"], E, g["K"], g["P"], *_kernel_geometry(g),
-            lo, den, scale, out_lo, out_hi,
+            lo, hi, scale, out_lo, out_hi,
             WINDOW=has_window, FIELD=cfg.get("FIELD", _field_bits(g)),
+            VEC=cfg.get("VEC", _vector_width(volume, g, cfg["BLOCK_K"])),
             OFFS64=bool(cfg.get("OFFS64")) or _offsets_need_int64(g, cfg["BLOCK_M"], cfg["BLOCK_K"]),
             HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
             OP_FP32=op_fp32, DOT_PRECISION=_precision(device, op_fp32),
@@ -586,7 +643,7 @@ def patch_embed3d_grad_weight(
     E = int(grad_out.shape[-1])
     K = g["K"]
     device = volume.device
-    has_window, lo, den, scale, out_lo, out_hi = _window_args(window)
+    has_window, lo, hi, scale, out_lo, out_hi = _window_args(window)
     grad_weight = torch.empty(E, K, dtype=torch.float32, device=device)
     if grad_weight.numel() == 0:
         return grad_weight
@@ -595,7 +652,7 @@ def patch_embed3d_grad_weight(
 
     op_fp32 = _fp32_operands(volume.dtype, has_window, grad_out.dtype)
     cfg = block_sizes("grad_weight", E, K, g["n_tokens"], torch.float32 if op_fp32 else grad_out.dtype,
-                      device.type != "cuda")
+                      device.type != "cuda", _vector_width(volume, g) > 1)
     if block_overrides:
         cfg.update(block_overrides)
     n_tiles = triton.cdiv(E, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
@@ -610,8 +667,9 @@ def patch_embed3d_grad_weight(
         _patch_embed3d_grad_weight[(n_tiles * split,)](
             volume, grad_out, target,
             g["n_tokens"], tokens_per_split, g["N"], E, K, g["P"], *_kernel_geometry(g),
-            lo, den, scale, out_lo, out_hi,
+            lo, hi, scale, out_lo, out_hi,
             WINDOW=has_window, FIELD=cfg.get("FIELD", _field_bits(g)),
+            VEC=cfg.get("VEC", _vector_width(volume, g, cfg["BLOCK_N"])),
             OFFS64=bool(cfg.get("OFFS64")) or _offsets_need_int64(g, block_t, cfg["BLOCK_N"]),
             OP_FP32=op_fp32, DOT_PRECISION=_precision(device, op_fp32),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_T=block_t,
@@ -646,7 +704,7 @@ def patch_embed3d_grad_volume(
     if grad_out.shape[-1] != E:
         raise ValueError(f"grad_out has {grad_out.shape[-1]} columns, the weight {E} rows")
     device = volume.device
-    has_window, lo, den, scale, out_lo, out_hi = _window_args(window)
+    has_window, lo, hi, scale, out_lo, out_hi = _window_args(window)
     grad_volume = torch.empty_like(volume)
     if grad_volume.numel() == 0:
         return grad_volume
@@ -654,7 +712,8 @@ def patch_embed3d_grad_volume(
         return grad_volume.zero_()
 
     op_fp32 = weight.dtype == torch.float32
-    cfg = block_sizes("grad_volume", g["n_tokens"], g["K"], E, weight.dtype, device.type != "cuda")
+    cfg = block_sizes("grad_volume", g["n_tokens"], g["K"], E, weight.dtype, device.type != "cuda",
+                      _vector_width(volume, g) > 1)
     if block_overrides:
         cfg.update(block_overrides)
     n_programs = triton.cdiv(g["n_tokens"], cfg["BLOCK_M"]) * triton.cdiv(g["K"], cfg["BLOCK_N"])
@@ -662,8 +721,9 @@ def patch_embed3d_grad_volume(
         _patch_embed3d_grad_volume[(n_programs,)](
             volume, weight, grad_out, grad_volume,
             g["n_tokens"], g["N"], E, g["K"], g["P"], *_kernel_geometry(g),
-            lo, den, scale, out_lo, out_hi,
+            lo, hi, scale, out_lo, out_hi,
             WINDOW=has_window, FIELD=cfg.get("FIELD", _field_bits(g)),
+            VEC=cfg.get("VEC", _vector_width(volume, g, cfg["BLOCK_N"])),
             OFFS64=bool(cfg.get("OFFS64")) or _offsets_need_int64(g, cfg["BLOCK_M"], cfg["BLOCK_N"]),
             DOT_PRECISION=_precision(device, op_fp32),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_E=cfg["BLOCK_E"],

@@ -9,12 +9,14 @@
 //   voxel (b, c, g0*p0 + q0, g1*p1 + q1, g2*p2 + q2); outside the volume (padding) the windowed
 //   value is 0;
 //   window (has_window):  v = clip(((x - lo) / window_span) * out_span + out_lo, out_lo, out_hi)
+//                         (the CPU kernel, PyTorch's expression bit for bit; the CUDA kernel multiplies by
+//                         the precomputed slope instead: see patch_embed3d_cuda.cu)
 //   without a window:     v = x (converted to float)
 //   out[t, e] = sum_k v[t, k] * weight[e, k] + bias[e] + pos_embed[n(t), e]     (fp32 accumulation)
 //   grad_weight[e, k] = sum_t grad_out[t, e] * v[t, k]
 //   grad_volume[voxel] = dv/dx * sum_e grad_out[t, e] * weight[e, k], dv/dx = (out_hi - out_lo) / (hi - lo)
-//                        where the unclipped v lies strictly inside (out_lo, out_hi) (torch.clamp's
-//                        gradient: 0 on the bounds themselves), else 0;
+//                        where the unclipped v lies strictly inside (out_lo, out_hi) (CPU; CUDA: where
+//                        lo < x < hi), else 0: 0 on the bounds themselves;
 //                        1 without a window. Every voxel belongs to exactly one patch: no accumulation.
 #include <cstddef>
 #include <cstdint>

@@ -6,9 +6,9 @@
 //
 //   row_norms     warp per row: squared norm (fp32 accumulation) of every anchor and candidate row
 //                 into the workspace; for the cosine distance the clamped norm max(sqrt(.), 1e-12)
-//                 is stored instead. Workspace: 4 (n_anchor + n_candidate) bytes, nothing else.
+//                 is stored instead.
 //
-//   mine_tiled    batch-hard (0) and entities (2). A block owns BM = 64 anchors and sweeps the
+//   mine_tiled    batch-hard (0) and entities (2). A block owns BM = 64 anchors and sweeps its
 //                 candidates in tiles of BN = 64. Per tile: S = A_tile C_tile^T (BM x BN, fp32
 //                 accumulate) over the whole feature dimension in k-steps of BK = 32 staged in shared
 //                 memory (zero-padded past n and past dim), exactly as sigmoid_loss_cuda.cu does it:
@@ -17,26 +17,26 @@
 //                 columns t % 4 + 4 k (k < 16) of every tile, so each thread visits its candidates
 //                 in increasing index order and keeps running (value, index) extrema with strict
 //                 comparisons (lowest index wins a tie). At the end the 4 threads of a row combine
-//                 by two xor shuffles with a total order (value, then lower index), so the result is
-//                 the lowest-index extremum, deterministic run to run.
+//                 by two xor shuffles with a total order (value, then lower index).
+//                 Candidate split (grid.y, small batches): with few anchor tiles the candidates are
+//                 split into grid.y contiguous ranges of whole tiles (mining_splits: a function of the
+//                 shapes only); each block writes its extrema to the workspace and combine_splits
+//                 folds them per anchor in ascending split order with the same total order, so the
+//                 result is the unsplit one, bit for bit, on any GPU.
 //
-//   semi_hard     one block per anchor, its positive pairs in chunks of kCap = 1024 (CSR from
-//                 pair_offsets). Per chunk: pair distances (warp per pair), a bitonic sort of the
-//                 (distance, pair) keys in shared memory, a sweep over all negatives (warp per
-//                 candidate) dropping each negative j into bucket k = #{sorted positives < d_j} with
-//                 a 64-bit atomicMin on the key (ordered bits of d_j, j) — min is order-independent,
-//                 so this is deterministic, and the key order is "smaller distance, then lower
-//                 index" — then a suffix minimum over the buckets (Hillis-Steele in shared memory):
-//                 sorted positive q takes the best key of buckets > q, or the farthest negative when
-//                 there is none. Anchors with more than kCap pairs sweep the negatives once per
-//                 chunk (correct for any count; the workspace does not depend on the pairs).
+//   semi_hard_tiled  A block owns the same 64 anchors and S tiles, and runs the tile algorithm of
+//                 mining_tile.h (shared with the host emulation that the tests run): sweep 1 reads
+//                 every pair's d(i, p) out of the tiles, the pairs are sorted per anchor in shared
+//                 memory, sweep 2 drops every negative into its anchor's bucket of "positives it lies
+//                 beyond" (64-bit shared-memory atomicMin on (distance, index) keys: order-independent,
+//                 so deterministic), and a suffix minimum per anchor gives each pair its negative.
+//                 Candidates are read once per tile sweep for 64 anchors (the previous kernel read
+//                 them once per anchor), tiles computed twice per chunk of kCap = 1024 pairs.
 //
-// Distances (fp32, as the CPU kernel and the reference): squared = max(|a|^2 + |c|^2 - 2 <a,c>, 0)
-// (euclidean mines identically: sqrt changes no order); cosine = 1 - <a,c> / (max(|a|, 1e-12) *
-// max(|c|, 1e-12)), with explicit round-to-nearest intrinsics (__fmul_rn, __fadd_rn, __fdiv_rn,
-// __fsqrt_rn), so no FMA contraction or fast-math flag can change a bit: on inputs whose dot
-// products are exact, results match the reference bit for bit, ties included. Entity scores are
-// exact: the key N / D of triplet_mining.h, integers in double and one __ddiv_rn.
+// Distances (fp32, as the CPU kernel and the reference): mining::distance of mining_tile.h, with
+// explicit round-to-nearest intrinsics, so no FMA contraction or fast-math flag can change a bit: on
+// inputs whose dot products are exact, results match the reference bit for bit, ties included. Entity
+// scores are exact: the key N / D of triplet_mining.h, integers in double and one __ddiv_rn.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -49,6 +49,7 @@
 #include <string>
 #include <type_traits>
 
+#include "triplet_mining/mining_tile.h"
 #include "triplet_mining/triplet_mining.h"
 
 namespace medvl {
@@ -61,13 +62,16 @@ constexpr int kBN = 64;        // candidates per tile
 constexpr int kBK = 32;        // feature columns per k-step of S
 constexpr int kLDS = kBN + 4;  // row stride (floats) of the fp32 S tile
 
-constexpr int kCap = 1024;                                 // semi-hard: pairs per chunk (power of two)
-constexpr int kPer = (kCap + 1 + kThreads - 1) / kThreads;  // bucket entries per thread in the scan
-constexpr int kStage = 4096;                               // semi-hard: anchor features staged in shared
-constexpr unsigned long long kNoKey = ~0ull;
+// Candidate splits of mine_tiled: enough blocks for about kTargetBlocks (a few waves on a 132-SM GPU)
+// when the anchor tiles alone are fewer, each split at least kMinTilesPerSplit tiles long. Not
+// measured: settle on the GPU with bench/bench_triplet_mining.py.
+constexpr int64_t kTargetBlocks = 512;
+constexpr int64_t kMinTilesPerSplit = 4;
+constexpr int64_t kMaxSplits = 64;
 
 static_assert(kBM == 64 && kBN == 64 && kBK == 32 && kThreads == 256, "mappings below assume these");
-static_assert((kCap & (kCap - 1)) == 0, "the bitonic sort needs a power-of-two capacity");
+static_assert(kBM == mining::kRows && kBN == mining::kCols && kThreads == mining::kThreads && kLDS == mining::kLDS,
+              "the semi-hard tile algorithm shares the score tile's geometry");
 
 template <typename T>
 struct Config {
@@ -91,21 +95,12 @@ struct TiledSmem {
   static constexpr size_t kTotal = kS + align128(sizeof(float) * kBM * kLDS);
 };
 
-// Semi-hard kernel: fixed part, then min(dim, kStage) fp32 anchor features.
-struct SemiSmem {
-  static constexpr size_t kKeys = 0;                                                    // u64 [kCap]
-  static constexpr size_t kBucket = kKeys + align128(sizeof(unsigned long long) * kCap);  // u64 [kCap + 1]
-  static constexpr size_t kPairD = kBucket + align128(sizeof(unsigned long long) * (kCap + 1));  // f32 [kCap]
-  static constexpr size_t kSortedD = kPairD + align128(sizeof(float) * kCap);              // f32 [kCap]
-  static constexpr size_t kRedD = kSortedD + align128(sizeof(float) * kCap);               // f32 [kWarps]
-  static constexpr size_t kRedJ = kRedD + align128(sizeof(float) * kWarps);                // i64 [kWarps]
-  static constexpr size_t kRow = kRedJ + align128(sizeof(long long) * kWarps);             // f32 [staged]
-  static size_t total(int64_t dim) {
-    const int64_t staged = dim < kStage ? dim : kStage;
-    return kRow + align128(sizeof(float) * static_cast<size_t>(staged));
-  }
+// Semi-hard kernel: the score tile's staging, then mining_tile.h's shared state.
+template <typename T>
+struct SemiTiledSmem {
+  static constexpr size_t kMining = TiledSmem<T>::kTotal;
+  static constexpr size_t kTotal = kMining + mining::SemiHardSharedBytes::kTotal;
 };
-static_assert(SemiSmem::kRow + sizeof(float) * kStage <= 48 * 1024, "semi-hard kernel must fit in 48 KiB");
 
 struct MineParams {
   const void* a;  // anchors    [n_a, dim]
@@ -131,14 +126,11 @@ struct MineParams {
   const int64_t* pair_positive;
   int64_t* positive;
   int64_t* negative;
+  int64_t candidates_per_split;  // mine_tiled: a multiple of kBN
+  double* part_value;            // grid.y > 1: [2][splits][n_a] extrema values (float distances or keys)
+  float* part_dist;              // [2][splits][n_a] their distances (entities' tie-break)
+  int64_t* part_index;           // [2][splits][n_a] their indices
 };
-
-// The pinned distance arithmetic (see the file comment). `na`, `nc`: what row_norms stored.
-__device__ __forceinline__ float pair_distance(int distance, float dot, float na, float nc) {
-  if (distance == static_cast<int>(MiningDistance::kCosine)) return __fsub_rn(1.f, __fdiv_rn(dot, __fmul_rn(na, nc)));
-  const float sq = __fsub_rn(__fadd_rn(na, nc), __fmul_rn(2.f, dot));
-  return sq < 0.f ? 0.f : sq;  // the CPU's std::max(sq, 0.f), NaN included
-}
 
 // The exact entity score key N / D (triplet_mining.h): the integers are exact in double whatever
 // the order or contraction, and the one division rounds to nearest.
@@ -161,12 +153,6 @@ __device__ __forceinline__ double entity_key(const MineParams& p, const int32_t*
     denominator *= either;
   }
   return __ddiv_rn(numerator, denominator);
-}
-
-// Monotone map of floats to unsigned keys (-0 folded onto +0 first, so equal floats give equal keys).
-__device__ __forceinline__ unsigned ordered_bits(float v) {
-  const unsigned b = __float_as_uint(__fadd_rn(v, 0.f));
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
 // Warp per row: out[row] = sum_d x[row, d]^2 (fp32), or max(sqrt(that), 1e-12) when `cosine`.
@@ -262,7 +248,10 @@ __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
   using Value = typename std::conditional<kEntities, double, float>::type;
   Extremum<Value> first{0, 0.f, -1}, second{0, 0.f, -1};
 
-  for (int64_t b0 = 0; b0 < n_c; b0 += kBN) {
+  // This block's candidates: split blockIdx.y of whole tiles (all of them without a split).
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * p.candidates_per_split;
+  const int64_t c_end = c_begin + p.candidates_per_split < n_c ? c_begin + p.candidates_per_split : n_c;
+  for (int64_t b0 = c_begin; b0 < c_end; b0 += kBN) {
     score_tile<T>(s_s, a_s, b_s, a, a0, n_a, c, b0, n_c, dim, p.vec, wm, wn, tx, ty);
     __syncthreads();
 
@@ -272,8 +261,8 @@ __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
       for (int k = 0; k < kBN / 4; ++k) {
         const int col = eq + 4 * k;
         const int64_t j = b0 + col;
-        if (j >= n_c || (p.within && j == i)) continue;
-        const float d = pair_distance(p.distance, s_s[er * kLDS + col], na, p.c_norm[j]);
+        if (j >= c_end || (p.within && j == i)) continue;
+        const float d = mining::distance(p.distance, s_s[er * kLDS + col], na, p.c_norm[j]);
         if constexpr (kEntities) {
           const double s = entity_key(p, a_bits, p.c_bits + j * p.total_words);
           if (first.index < 0 || s > first.value || (s == first.value && d > first.dist)) first = {s, d, j};
@@ -295,165 +284,88 @@ __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
   // ---- The 4 threads of a row are adjacent lanes: combine with a total order, write once. ----
   combine4(first, true, kEntities, true);
   combine4(second, false, kEntities, false);
-  if (eq == 0 && row_ok) {
-    p.positive[i] = first.index;
-    if constexpr (kEntities)
-      p.negative[i] = (second.index >= 0 && first.index >= 0 && second.value < first.value) ? second.index : -1;
-    else
-      p.negative[i] = second.index;
+  if (eq != 0 || !row_ok) return;
+  if (gridDim.y > 1) {  // this split's extrema; combine_splits folds them
+    const int64_t at = static_cast<int64_t>(blockIdx.y) * n_a + i;
+    const int64_t other = static_cast<int64_t>(gridDim.y) * n_a;
+    p.part_value[at] = first.value;
+    p.part_dist[at] = first.dist;
+    p.part_index[at] = first.index;
+    p.part_value[other + at] = second.value;
+    p.part_dist[other + at] = second.dist;
+    p.part_index[other + at] = second.index;
+    return;
   }
+  p.positive[i] = first.index;
+  if constexpr (kEntities)
+    p.negative[i] = (second.index >= 0 && first.index >= 0 && second.value < first.value) ? second.index : -1;
+  else
+    p.negative[i] = second.index;
 }
 
-// <anchor row, candidate row> by one warp (lanes over d, xor butterfly: every lane gets the sum).
+// Thread per anchor: the splits' extrema folded in ascending split order (ascending candidates) with
+// the total order of beats(), as one unsplit sweep would have kept them.
+template <bool kEntities>
+__global__ void __launch_bounds__(kThreads) combine_splits(const MineParams p, int64_t splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= p.n_a) return;
+  Extremum<double> first{0, 0.f, -1}, second{0, 0.f, -1};
+  const int64_t other = splits * p.n_a;
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t at = s * p.n_a + i;
+    const Extremum<double> f{p.part_value[at], p.part_dist[at], p.part_index[at]};
+    const Extremum<double> g{p.part_value[other + at], p.part_dist[other + at], p.part_index[other + at]};
+    if (beats(f, first, true, kEntities, true)) first = f;
+    if (beats(g, second, false, kEntities, false)) second = g;
+  }
+  p.positive[i] = first.index;
+  if constexpr (kEntities)
+    p.negative[i] = (second.index >= 0 && first.index >= 0 && second.value < first.value) ? second.index : -1;
+  else
+    p.negative[i] = second.index;
+}
+
+// The block and score-tile policies of mining::semi_hard_tile on the GPU (the host emulation has its own).
+struct DeviceBlock {
+  __device__ __forceinline__ void sync() { __syncthreads(); }
+  template <class F>
+  __device__ __forceinline__ void each(F&& f) {
+    f(static_cast<int>(threadIdx.x));
+  }
+};
+
 template <typename T>
-__device__ __forceinline__ float warp_dot(const float* __restrict__ a_s, const T* __restrict__ a_row,
-                                          const T* __restrict__ c_row, int64_t dim, int64_t staged, int lane) {
-  float s = 0.f;
-  for (int64_t d = lane; d < dim; d += 32) {
-    const float av = d < staged ? a_s[d] : static_cast<float>(a_row[d]);
-    s = fmaf(av, static_cast<float>(c_row[d]), s);
+struct DeviceTiles {
+  float* s_s;
+  T* a_s;
+  T* b_s;
+  const T* a;
+  const T* c;
+  int64_t a0, n_a, n_c, dim;
+  bool vec;
+  int wm, wn, tx, ty;
+  __device__ __forceinline__ void compute(int64_t b0) {
+    score_tile<T>(s_s, a_s, b_s, a, a0, n_a, c, b0, n_c, dim, vec, wm, wn, tx, ty);
+    __syncthreads();
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  return s;
-}
+};
 
-// Sorts n (a power of two) keys ascending in shared memory. Callers sync before; ends synced.
-__device__ __forceinline__ void bitonic_sort(unsigned long long* keys, int n) {
-  for (int k = 2; k <= n; k <<= 1) {
-    for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int t = threadIdx.x; t < n; t += kThreads) {
-        const int u = t ^ j;
-        if (u > t) {
-          const unsigned long long x = keys[t], y = keys[u];
-          const bool up = (t & k) == 0;
-          if ((x > y) == up) {
-            keys[t] = y;
-            keys[u] = x;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
-
-// Semi-hard: one block per anchor.
+// Semi-hard: one block per 64 anchors (mining_tile.h).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) semi_hard(const MineParams p) {
+__global__ void __launch_bounds__(kThreads) semi_hard_tiled(const MineParams p) {
+  using L = TiledSmem<T>;
   extern __shared__ __align__(128) unsigned char smem[];
-  unsigned long long* keys = reinterpret_cast<unsigned long long*>(smem + SemiSmem::kKeys);
-  unsigned long long* bucket = reinterpret_cast<unsigned long long*>(smem + SemiSmem::kBucket);
-  float* pair_d = reinterpret_cast<float*>(smem + SemiSmem::kPairD);
-  float* sorted_d = reinterpret_cast<float*>(smem + SemiSmem::kSortedD);
-  float* red_d = reinterpret_cast<float*>(smem + SemiSmem::kRedD);
-  long long* red_j = reinterpret_cast<long long*>(smem + SemiSmem::kRedJ);
-  float* a_s = reinterpret_cast<float*>(smem + SemiSmem::kRow);
-
   const int tid = threadIdx.x;
   const int warp = tid / 32;
-  const int lane = tid % 32;
-  const int64_t i = blockIdx.x;
-  const int64_t n_c = p.n_c, dim = p.dim;
-  const T* __restrict__ a_row = static_cast<const T*>(p.a) + i * dim;
-  const T* __restrict__ c = static_cast<const T*>(p.c);
-  const int64_t staged = dim < kStage ? dim : kStage;
-
-  const int64_t first = p.pair_offsets[i];
-  const int64_t count = p.pair_offsets[i + 1] - first;
-  if (count <= 0) return;  // block-uniform: nothing to write
-  for (int64_t d = tid; d < staged; d += kThreads) a_s[d] = static_cast<float>(a_row[d]);
-  const float na = p.a_norm[i];
-  const int64_t label = __ldg(p.labels + i);
-  __syncthreads();
-
-  for (int64_t base = 0; base < count; base += kCap) {
-    const int cnt = static_cast<int>(count - base < kCap ? count - base : kCap);
-    const int64_t* __restrict__ pos = p.pair_positive + first + base;
-    int64_t* __restrict__ out = p.negative + first + base;
-
-    // 1. Distances of this chunk's positives (warp per pair; invalid indices get 0 and output -1).
-    for (int q = warp; q < cnt; q += kWarps) {
-      const int64_t j = pos[q];
-      const bool ok = j >= 0 && j < n_c;  // warp-uniform
-      const float dot = ok ? warp_dot(a_s, a_row, c + j * dim, dim, staged, lane) : 0.f;
-      if (lane == 0) pair_d[q] = ok ? pair_distance(p.distance, dot, na, p.c_norm[j]) : 0.f;
-    }
-    int n2 = 1;
-    while (n2 < cnt) n2 <<= 1;
-    for (int k = tid; k <= cnt; k += kThreads) bucket[k] = kNoKey;
-    __syncthreads();
-
-    // 2. Sort (distance, pair) ascending.
-    for (int q = tid; q < n2; q += kThreads)
-      keys[q] = q < cnt ? (static_cast<unsigned long long>(ordered_bits(pair_d[q])) << 32) | static_cast<unsigned>(q)
-                        : kNoKey;
-    __syncthreads();
-    bitonic_sort(keys, n2);
-    for (int q = tid; q < cnt; q += kThreads) sorted_d[q] = pair_d[keys[q] & 0xffffffffu];
-    __syncthreads();
-
-    // 3. Sweep the negatives in increasing index (per warp): farthest, and buckets.
-    float far_d = 0.f;
-    long long far_j = -1;
-    for (int64_t j = warp; j < n_c; j += kWarps) {
-      if ((p.within && j == i) || __ldg(p.c_labels + j) == label) continue;  // warp-uniform
-      const float dot = warp_dot(a_s, a_row, c + j * dim, dim, staged, lane);
-      if (lane == 0) {
-        const float d = pair_distance(p.distance, dot, na, p.c_norm[j]);
-        if (far_j < 0 || d > far_d) far_d = d, far_j = j;
-        // k = number of sorted positives with distance < d: this negative is beyond exactly those.
-        int lo = 0, hi = cnt;
-        while (lo < hi) {
-          const int mid = (lo + hi) / 2;
-          if (sorted_d[mid] < d) lo = mid + 1;
-          else hi = mid;
-        }
-        if (lo > 0)
-          atomicMin(&bucket[lo], (static_cast<unsigned long long>(ordered_bits(d)) << 32) |
-                                     static_cast<unsigned long long>(j));
-      }
-    }
-    if (lane == 0) {
-      red_d[warp] = far_d;
-      red_j[warp] = far_j;
-    }
-    __syncthreads();
-
-    // 4. Suffix minimum over bucket[0 .. cnt] (Hillis-Steele; cnt is block-uniform).
-    const int n = cnt + 1;
-    for (int off = 1; off < n; off <<= 1) {
-      unsigned long long v[kPer];
-#pragma unroll
-      for (int e = 0; e < kPer; ++e) {
-        const int k = tid + e * kThreads;
-        v[e] = kNoKey;
-        if (k + off < n) v[e] = bucket[k] < bucket[k + off] ? bucket[k] : bucket[k + off];
-      }
-      __syncthreads();
-#pragma unroll
-      for (int e = 0; e < kPer; ++e) {
-        const int k = tid + e * kThreads;
-        if (k + off < n) bucket[k] = v[e];
-      }
-      __syncthreads();
-    }
-
-    // 5. The farthest negative (largest distance, then lowest index), then the outputs.
-    float fd = 0.f;
-    long long fj = -1;
-    for (int w = 0; w < kWarps; ++w) {
-      const long long j = red_j[w];
-      if (j >= 0 && (fj < 0 || red_d[w] > fd || (red_d[w] == fd && j < fj))) fd = red_d[w], fj = j;
-    }
-    for (int q = tid; q < cnt; q += kThreads) {
-      const int local = static_cast<int>(keys[q] & 0xffffffffu);
-      const int64_t j = pos[local];
-      const unsigned long long best = bucket[q + 1];
-      out[local] = (j < 0 || j >= n_c) ? -1 : best != kNoKey ? static_cast<int64_t>(best & 0xffffffffu) : fj;
-    }
-    __syncthreads();  // the next chunk reuses every shared array
-  }
+  DeviceTiles<T> tiles{reinterpret_cast<float*>(smem + L::kS), reinterpret_cast<T*>(smem + L::kA),
+                       reinterpret_cast<T*>(smem + L::kB), static_cast<const T*>(p.a), static_cast<const T*>(p.c),
+                       static_cast<int64_t>(blockIdx.x) * kBM, p.n_a, p.n_c, p.dim, p.vec, warp % 4, warp / 4,
+                       tid % 16, tid / 16};
+  const mining::SemiHardProblem problem{p.n_a, p.n_c, p.distance, p.a_norm, p.c_norm, p.labels, p.c_labels,
+                                        p.pair_offsets, p.pair_positive, p.negative};
+  const mining::SemiHardShared shared = mining::semi_hard_shared(smem + SemiTiledSmem<T>::kMining);
+  DeviceBlock block;
+  mining::semi_hard_tile(block, tiles, tiles.s_s, problem, shared, tiles.a0);
 }
 
 void check_cuda(cudaError_t status, const char* what) {
@@ -479,12 +391,55 @@ void launch_norms(const void* x, int64_t n, int64_t dim, bool cosine, float* out
   check_cuda(cudaGetLastError(), "launching the norm kernel");
 }
 
+// Candidate splits of mine_tiled: a function of the shapes only (the result does not depend on it anyway).
+struct Splits {
+  int64_t count;
+  int64_t candidates_per_split;  // a multiple of kBN
+};
+
+Splits mining_splits(int64_t n_anchor, int64_t n_candidate) {
+  const int64_t anchor_tiles = (n_anchor + kBM - 1) / kBM;
+  const int64_t candidate_tiles = (n_candidate + kBN - 1) / kBN;
+  if (anchor_tiles == 0 || candidate_tiles == 0) return Splits{1, kBN};
+  int64_t want = (kTargetBlocks + anchor_tiles - 1) / anchor_tiles;
+  const int64_t by_length = candidate_tiles / kMinTilesPerSplit;
+  if (want > by_length) want = by_length;
+  if (want > kMaxSplits) want = kMaxSplits;
+  if (want < 1) want = 1;
+  const int64_t tiles_per_split = (candidate_tiles + want - 1) / want;
+  // Recounted so that no split is empty.
+  return Splits{(candidate_tiles + tiles_per_split - 1) / tiles_per_split, tiles_per_split * kBN};
+}
+
+// Workspace: the fp32 norms of every anchor and candidate row, then (mine_tiled with a split) the
+// splits' extrema: values (double), distances (float), indices, each [2][splits][n_anchor].
+struct Workspace {
+  size_t a_norm, c_norm, part_value, part_dist, part_index, total;
+};
+
+Workspace workspace_layout(int64_t n_anchor, int64_t n_candidate, int strategy) {
+  Workspace w{};
+  w.a_norm = 0;
+  w.c_norm = round_up(sizeof(float) * static_cast<size_t>(n_anchor));
+  w.part_value = w.c_norm + round_up(sizeof(float) * static_cast<size_t>(n_candidate));
+  size_t partials = 0;
+  if (strategy != static_cast<int>(MiningStrategy::kSemiHard)) {
+    const Splits s = mining_splits(n_anchor, n_candidate);
+    if (s.count > 1) partials = 2 * static_cast<size_t>(s.count) * static_cast<size_t>(n_anchor);
+  }
+  w.part_dist = w.part_value + round_up(sizeof(double) * partials);
+  w.part_index = w.part_dist + round_up(sizeof(float) * partials);
+  w.total = w.part_index + round_up(sizeof(int64_t) * partials);
+  return w;
+}
+
 template <typename T>
 void run(const TripletMiningArgs& args, cudaStream_t stream) {
   const bool cosine = args.distance == MiningDistance::kCosine;
-  float* a_norm = static_cast<float*>(args.workspace);
-  float* c_norm = reinterpret_cast<float*>(static_cast<char*>(args.workspace) +
-                                           round_up(sizeof(float) * static_cast<size_t>(args.n_anchor)));
+  const Workspace layout = workspace_layout(args.n_anchor, args.n_candidate, static_cast<int>(args.strategy));
+  char* workspace = static_cast<char*>(args.workspace);
+  float* a_norm = reinterpret_cast<float*>(workspace + layout.a_norm);
+  float* c_norm = reinterpret_cast<float*>(workspace + layout.c_norm);
   launch_norms<T>(args.anchors, args.n_anchor, args.dim, cosine, a_norm, stream);
   launch_norms<T>(args.candidates, args.n_candidate, args.dim, cosine, c_norm, stream);
 
@@ -516,23 +471,37 @@ void run(const TripletMiningArgs& args, cudaStream_t stream) {
   p.positive = args.positive;
   p.negative = args.negative;
 
+  const int64_t blocks = (args.n_anchor + kBM - 1) / kBM;
+  if (blocks > INT_MAX) throw std::invalid_argument("medvl: triplet_mining_cuda: too many anchors for one launch");
   if (args.strategy == MiningStrategy::kSemiHard) {
-    if (args.n_anchor > INT_MAX) throw std::invalid_argument("medvl: triplet_mining_cuda: too many anchors for one launch");
-    const size_t smem = SemiSmem::total(args.dim);
-    semi_hard<T><<<static_cast<unsigned>(args.n_anchor), kThreads, smem, stream>>>(p);
+    constexpr size_t smem = SemiTiledSmem<T>::kTotal;
+    static_assert(SemiTiledSmem<T>::kTotal <= 99 * 1024, "semi-hard tiles must fit every sm_8x/sm_90 opt-in limit");
+    check_cuda(cudaFuncSetAttribute(semi_hard_tiled<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "allowing the semi-hard kernel its shared memory");
+    semi_hard_tiled<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "launching the semi-hard kernel");
     return;
   }
-  const int64_t blocks = (args.n_anchor + kBM - 1) / kBM;
+  const Splits splits = mining_splits(args.n_anchor, args.n_candidate);
+  p.candidates_per_split = splits.candidates_per_split;
+  p.part_value = reinterpret_cast<double*>(workspace + layout.part_value);
+  p.part_dist = reinterpret_cast<float*>(workspace + layout.part_dist);
+  p.part_index = reinterpret_cast<int64_t*>(workspace + layout.part_index);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits.count));
   const size_t smem = TiledSmem<T>::kTotal;
   static_assert(TiledSmem<T>::kTotal <= 48 * 1024, "tiled kernel must fit in 48 KiB of shared memory");
+  const unsigned combine_blocks = static_cast<unsigned>((args.n_anchor + kThreads - 1) / kThreads);
   if (args.strategy == MiningStrategy::kEntities) {
-    mine_tiled<T, true><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+    mine_tiled<T, true><<<grid, kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "launching the entity-mining kernel");
+    if (splits.count > 1) combine_splits<true><<<combine_blocks, kThreads, 0, stream>>>(p, splits.count);
   } else {
-    mine_tiled<T, false><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+    mine_tiled<T, false><<<grid, kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "launching the batch-hard kernel");
+    if (splits.count > 1) combine_splits<false><<<combine_blocks, kThreads, 0, stream>>>(p, splits.count);
   }
+  if (splits.count > 1) check_cuda(cudaGetLastError(), "launching the split-combining kernel");
 }
 
 }  // namespace
@@ -543,9 +512,7 @@ size_t triplet_mining_cuda_workspace_bytes(int64_t n_anchor, int64_t n_candidate
   (void)max_pairs_per_anchor;  // semi-hard works in chunks of shared memory: no per-pair workspace
   require(strategy >= 0 && strategy <= 2, "unknown mining strategy code");
   require(n_anchor >= 0 && n_candidate >= 0, "sizes must be non-negative");
-  // The fp32 norms of every anchor and every candidate row.
-  return round_up(sizeof(float) * static_cast<size_t>(n_anchor)) +
-         round_up(sizeof(float) * static_cast<size_t>(n_candidate));
+  return workspace_layout(n_anchor, n_candidate, strategy).total;
 }
 
 void triplet_mining_cuda(const TripletMiningArgs& args, void* stream) {
@@ -558,7 +525,7 @@ void triplet_mining_cuda(const TripletMiningArgs& args, void* stream) {
   const size_t need = triplet_mining_cuda_workspace_bytes(args.n_anchor, args.n_candidate, args.dim, strategy, 0);
   require(args.workspace_bytes >= need, "workspace too small (see triplet_mining_cuda_workspace_bytes)");
   if (args.n_anchor == 0) return;  // nothing to write
-  require(args.workspace != nullptr && reinterpret_cast<uintptr_t>(args.workspace) % 4 == 0,
+  require(args.workspace != nullptr && reinterpret_cast<uintptr_t>(args.workspace) % 8 == 0,
           "null or misaligned workspace pointer");
   if (args.dim > 0) {
     require(args.anchors != nullptr, "null anchors pointer");
@@ -574,7 +541,7 @@ void triplet_mining_cuda(const TripletMiningArgs& args, void* stream) {
     case MiningStrategy::kSemiHard:
       require(args.labels != nullptr && (args.n_candidate == 0 || args.candidate_labels != nullptr),
               "semi_hard needs labels and candidate_labels");
-      require(args.pair_offsets != nullptr, "semi_hard needs pair_offsets (and pair_positive)");
+      require(args.pair_offsets != nullptr && args.pair_positive != nullptr, "semi_hard needs pair_offsets and pair_positive");
       break;
     case MiningStrategy::kEntities: {
       require(args.positive != nullptr, "entities needs the positive output");

@@ -6,7 +6,9 @@ flatten/transpose and a position-embedding add: several passes over memory and a
 volume. The fused backends read the raw volume (int16 CT in HU, say) once per pass: patches are
 gathered and windowed a tile at a time straight into the GEMM, and the backward passes gather them
 again instead of keeping an im2col matrix or a windowed copy. The arithmetic is that of
-``medvl.reference.patch_embed3d`` (MONAI's ``ScaleIntensityRange(clip=True)`` then Conv3d).
+``medvl.reference.patch_embed3d`` (MONAI's ``ScaleIntensityRange(clip=True)`` then Conv3d), except that
+the GPU backends window with a multiply by the precomputed slope instead of PyTorch's division (within
+2^-22 of the window's scale; medvl/kernels/patch_embed3d.py says how and why).
 """
 
 from __future__ import annotations
@@ -303,8 +305,11 @@ def patch_embed3d(
         bias: (E,) or None.
         pos_embed: (N, E) or (1, N, E) as MONAI stores it (N = tokens per volume), or None.
         patch_size: (p0, p1, p2) or one int; must match the weight's kernel.
-        window: (lo, hi): clip to [lo, hi] and map linearly onto ``out_range``, exactly MONAI's
-            ``ScaleIntensityRange(a_min=lo, a_max=hi, b_min, b_max, clip=True)``. None: raw values as floats.
+        window: (lo, hi): clip to [lo, hi] and map linearly onto ``out_range``, as MONAI's
+            ``ScaleIntensityRange(a_min=lo, a_max=hi, b_min, b_max, clip=True)``: bit for bit on the cpu
+            and reference backends; the GPU backends (cuda, triton) multiply by the slope
+            (b_max - b_min) / (hi - lo) instead of dividing, within 2^-22 max(|b_min|, |b_max|, b_max - b_min)
+            of it. The volume's gradient is 0 on the bounds. None: raw values as floats.
         out_range: (b_min, b_max) of the window.
         out_dtype: float32, bfloat16 or float16; default the weight's dtype. Accumulation is fp32.
             Under ``torch.autocast`` an fp32 weight is used in the autocast dtype (so is the default

@@ -55,7 +55,9 @@ def _compiled_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None)
     n_out = anchors.shape[0] if pair_positive is None else pair_positive.shape[0]
     positive = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
     negative = torch.full((n_out,), -1, dtype=torch.int64, device=anchors.device)
-    longest = 0 if pair_offsets is None else int((pair_offsets[1:] - pair_offsets[:-1]).max())
+    # The cpu kernel's workspace grows with the longest run of pairs; the CUDA one does not (and reading
+    # it would be a device sync per call).
+    longest = 0 if pair_offsets is None or on_cuda else int((pair_offsets[1:] - pair_offsets[:-1]).max())
     sizes = (anchors.shape[0], candidates.shape[0], anchors.shape[1], inputs.strategy, longest)
     threads = _core.cpu_threads()
     nbytes = (_C.triplet_mining_cuda_workspace_bytes(*sizes) if on_cuda

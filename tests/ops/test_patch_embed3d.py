@@ -182,18 +182,90 @@ def test_padding_is_zero_after_the_window():
     torch.testing.assert_close(out.flatten(), torch.tensor([8 * inside, 4 * inside]))
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+GPU_BACKENDS = ("triton", "cuda")  # the window as a multiply-add (kernels/patch_embed3d.py's docstring)
+
+
+def windowed_voxels(backend, device, volume, window, out_range):
+    """A 1x1x1 patch with weight 1 outputs the windowed voxels themselves."""
+    out = medvl.patch_embed3d(volume.to(device), torch.ones(1, 1, 1, 1, 1, device=device), patch_size=1,
+                              window=window, out_range=out_range, backend=backend)
+    return out.cpu().flatten()
+
+
+def pytorch_window(volume, window, out_range):
+    lo, hi = window
+    return torch.clamp(((volume.float() - lo) / (hi - lo)) * (out_range[1] - out_range[0]) + out_range[0],
+                       *out_range)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] not in GPU_BACKENDS])
 def test_window_matches_pytorch_bit_for_bit(backend, device):
-    # A 1x1x1 patch with weight 1 outputs the windowed voxels themselves; bounds that fp32 can't hold.
+    # The cpu backend windows as PyTorch does, division included; bounds that fp32 can't hold.
     volume = torch.randint(-1100, 1500, (1, 1, 4, 8, 8), dtype=torch.int16)
     volume.view(-1)[:3] = torch.tensor([-1000, 400, 0], dtype=torch.int16)
     window, out_range = (-1000.3, 400.7), (-0.25, 1.75)
-    out = medvl.patch_embed3d(volume.to(device), torch.ones(1, 1, 1, 1, 1, device=device), patch_size=1,
-                              window=window, out_range=out_range, backend=backend)
-    lo, hi = window
-    expected = torch.clamp(((volume.float() - lo) / (hi - lo)) * (out_range[1] - out_range[0]) + out_range[0],
-                           *out_range)
-    assert torch.equal(out.cpu().flatten(), expected.flatten())
+    out = windowed_voxels(backend, device, volume, window, out_range)
+    assert torch.equal(out, pytorch_window(volume, window, out_range).flatten())
+
+
+def window_tolerance(out_range):
+    out_lo, out_hi = out_range
+    return 2.0**-22 * max(abs(out_lo), abs(out_hi), out_hi - out_lo)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in GPU_BACKENDS])
+def test_gpu_window_is_a_multiply_add_within_the_stated_tolerance(backend, device):
+    # The GPU backends window with a multiply and an add (the slope precomputed): bit for bit
+    # kernels.patch_embed3d.window_values, within 2^-22 max(|out_lo|, |out_hi|, span) of PyTorch's
+    # division, and equal to it for power-of-two spans.
+    from medvl.kernels.patch_embed3d import window_values
+
+    volume = torch.randint(-1100, 1500, (1, 1, 4, 8, 8), dtype=torch.int16)
+    volume.view(-1)[:3] = torch.tensor([-1000, 400, 0], dtype=torch.int16)
+    for window, out_range in [((-1000.3, 400.7), (-0.25, 1.75)), ((-1000.0, 400.0), (0.0, 1.0))]:
+        out = windowed_voxels(backend, device, volume, window, out_range)
+        assert torch.equal(out, window_values(volume, (*window, *out_range)).flatten())
+        error = (out - pytorch_window(volume, window, out_range).flatten()).abs().max().item()
+        assert error <= window_tolerance(out_range), f"{window} -> {out_range}: {error:.3g}"
+    exact = torch.linspace(-3, 3, 256).reshape(1, 1, 4, 8, 8)
+    out = windowed_voxels(backend, device, exact, (-1.0, 1.0), (0.0, 1.0))
+    assert torch.equal(out, pytorch_window(exact, (-1.0, 1.0), (0.0, 1.0)).flatten())
+
+
+def test_stated_window_tolerance_holds_for_every_int16_value():
+    # The claim of the kernels' docstring, on window_values (which the GPU kernels equal bit for bit),
+    # over every int16 value: CT windows, bounds fp32 cannot hold, random windows.
+    from medvl.kernels.patch_embed3d import window_values
+
+    x = torch.arange(-32768, 32768, dtype=torch.int16)
+    g = torch.Generator().manual_seed(0)
+    windows = [((-1000.0, 400.0), (0.0, 1.0)), ((-1000.3, 400.7), (-0.25, 1.75)), ((-160.0, 240.0), (0.0, 1.0)),
+               ((-1024.0, 3071.0), (-1.0, 1.0)), ((100.0, 3000.0), (0.0, 255.0))]
+    for _ in range(40):
+        lo = float(torch.randn(1, generator=g) * 1000)
+        out_lo = float(torch.randn(1, generator=g))
+        windows.append(((lo, lo + float(torch.rand(1, generator=g)) * 3000 + 1e-3),
+                        (out_lo, out_lo + float(torch.rand(1, generator=g)) * 4 + 1e-3)))
+    worst = 0.0
+    for window, out_range in windows:
+        error = (window_values(x, (*window, *out_range)) - pytorch_window(x, window, out_range)).abs().max()
+        worst = max(worst, error.item() / window_tolerance(out_range))
+        assert error.item() <= window_tolerance(out_range), f"{window} -> {out_range}: {error.item():.3g}"
+    assert worst > 0.25, "the tolerance should be about tight (else the comparison has no teeth)"
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_volume_gradient_is_zero_on_the_window_bounds(backend, device):
+    # Float HU values exactly on a CT window's bounds get no gradient (PyTorch's rule, strictly inside),
+    # those inside get the slope, on every backend (the GPU ones decide on lo < x < hi).
+    volume = torch.tensor([-1100.0, -1000.0, -999.0, 0.0, 399.0, 400.0, 401.0, 250.5]).reshape(1, 1, 2, 2, 2)
+    leaf = volume.to(device).requires_grad_()
+    out = medvl.patch_embed3d(leaf, torch.ones(1, 1, 1, 1, 1, device=device), patch_size=1, window=(-1000, 400),
+                              backend=backend)
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    slope = 1 / 1400
+    expected = torch.tensor([0, 0, slope, slope, slope, 0, 0, slope], dtype=torch.float64)
+    torch.testing.assert_close(grad.cpu().double().flatten(), expected, rtol=1e-6, atol=0)
 
 
 def test_nan_in_the_volume_reaches_only_its_token():
@@ -457,3 +529,149 @@ def test_reference_window_gradient_does_not_follow_torch_clamp(monkeypatch):
 def test_a_weight_without_output_channels_is_refused():
     with pytest.raises(ValueError, match="no output channels.*embed_dim >= 1"):
         medvl.patch_embed3d(torch.zeros(1, 1, 4, 4, 4), torch.zeros(0, 1, 2, 2, 2), patch_size=2)
+
+
+@pytest.mark.parametrize("size,patch,dtype,expected_vec", [
+    ((8, 12, 32), (2, 3, 16), torch.int16, 8), ((8, 12, 40), (2, 3, 16), torch.int16, 8),
+    ((4, 4, 24), (2, 2, 8), torch.uint8, 8), ((4, 4, 20), (2, 2, 4), torch.float32, 4),
+    ((4, 4, 20), (2, 2, 16), torch.bfloat16, 4), ((5, 9, 7), (2, 4, 3), torch.int16, 1)])
+def test_vector_gathers_read_aligned_contiguous_runs(size, patch, dtype, expected_vec):
+    # What the Triton kernels promise the compiler (_voxel_tile's hints) whenever the host picks a vector
+    # width: in the patch matrix (tokens x columns, Conv3d's order, padding included), every aligned run
+    # of VEC columns is VEC consecutive voxel addresses starting at a multiple of VEC, or all padding.
+    from medvl.kernels.patch_embed3d import _geometry, _vector_width
+
+    volume = torch.zeros(2, 3, *size, dtype=dtype)
+    grid = [-(-s // p) for s, p in zip(size, patch)]
+    vec = _vector_width(volume, _geometry(volume, patch, grid), 32)
+    assert vec == expected_vec
+    address = torch.arange(volume.numel()).reshape(volume.shape)
+    extra = [n * p - s for n, p, s in zip(grid, patch, size)]
+    address = torch.nn.functional.pad(address, (0, extra[2], 0, extra[1], 0, extra[0]), value=-1)
+    patches = address.reshape(2, 3, grid[0], patch[0], grid[1], patch[1], grid[2], patch[2])
+    patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(-1, 3 * math.prod(patch))
+    runs = patches.reshape(patches.shape[0], -1, vec)
+    inside = runs >= 0
+    assert (inside == inside[..., :1]).all(), "a run straddles the volume's edge"
+    voxels = runs[inside[..., 0]]
+    assert (voxels[:, 0] % vec == 0).all() and (voxels - voxels[:, :1] == torch.arange(vec)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels, emulated on the host for fp32 weights: csrc/patch_embed3d/patch_embed3d_tile.cuh is
+# the kernels' code; patch_embed3d_emulation.cpp runs their phases thread by thread.
+# ---------------------------------------------------------------------------------------------
+
+VOLUME_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int16: 3, torch.uint8: 4,
+                torch.uint16: 5}
+
+
+@pytest.fixture(scope="module")
+def cuda_emulation(tmp_path_factory):
+    import os
+    import shutil
+    import subprocess
+
+    from tests.utils import REPO_ROOT
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    cuda_include = next((d for d in (os.environ.get("CUDA_HOME", "") + "/include", "/usr/local/cuda/include")
+                         if os.path.exists(f"{d}/cuda_fp16.h")), None)
+    if compiler is None or cuda_include is None:
+        pytest.skip("the host emulation needs a C++ compiler and the CUDA headers")
+    binary = tmp_path_factory.mktemp("emulation") / "patch_embed3d_emulation"
+    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
+                    f"-I{REPO_ROOT}/csrc", f"-I{cuda_include}",
+                    f"{REPO_ROOT}/csrc/patch_embed3d/patch_embed3d_emulation.cpp", "-o", str(binary)], check=True)
+
+    def run(pass_, volume, weight, bias=None, pos=None, window=None, grad_out=None, force_scalar=False):
+        import numpy
+
+        folder = binary.parent
+        B, C, *size = volume.shape
+        patch = weight.shape[2:]
+        E = weight.shape[0]
+        # window: (lo, hi) onto (0, 1), or (lo, hi, out_lo, out_hi)
+        lo, hi, out_lo, out_hi = ((*window, 0.0, 1.0) if len(window) == 2 else window) if window else (0, 1, 0, 1)
+        header = torch.tensor([pass_, VOLUME_CODES[volume.dtype], B, C, *size, *patch, E, window is not None,
+                               bias is not None, pos is not None, force_scalar, 0], dtype=torch.int64)
+        with open(folder / "in.bin", "wb") as f:
+            f.write(header.numpy().tobytes())
+            f.write(torch.tensor([lo, hi, out_lo, out_hi], dtype=torch.float64).numpy().tobytes())
+            f.write(volume.contiguous().view(torch.uint8).numpy().tobytes())
+            for t in (weight.reshape(E, -1), bias, pos, grad_out):
+                if t is not None:
+                    f.write(t.float().contiguous().numpy().tobytes())
+        report = subprocess.run([str(binary), str(folder / "in.bin"), str(folder / "out.bin")], check=True,
+                                capture_output=True, text=True).stdout
+        raw = torch.from_numpy(numpy.fromfile(folder / "out.bin", dtype=numpy.uint8))
+        out = raw.view(volume.dtype).reshape(volume.shape) if pass_ == 2 else raw.view(torch.float32)
+        return out, "vec_gather=1" in report
+
+    return run
+
+
+EMULATION_CASES = [  # (size, patch, vector gathers for 2-byte voxels)
+    ((8, 12, 32), (2, 3, 16), True),     # runs of 8 (16-bit), 16 (uint8), 4 (fp32)
+    ((9, 12, 40), (4, 3, 16), True),     # padding on every axis; uint8 falls back to scalar (40 % 16)
+    ((5, 9, 7), (2, 4, 3), False),       # scalar gathers
+]
+
+
+@pytest.mark.parametrize("volume_dtype", list(VOLUME_CODES))
+@pytest.mark.parametrize("size,patch,vectors", EMULATION_CASES)
+def test_cuda_kernels_in_host_emulation_match_the_reference(cuda_emulation, volume_dtype, size, patch, vectors):
+    for window in (WINDOWS.get(volume_dtype, (-1.0, 1.0)), None):
+        check_emulated_cuda_kernels(cuda_emulation, volume_dtype, size, patch, vectors, window)
+
+
+def check_emulated_cuda_kernels(cuda_emulation, volume_dtype, size, patch, vectors, window):
+    channels, embed = 2, 40
+    volume = make_volume(volume_dtype, (2, channels, *size), seed=3, small=window is None)
+    tokens = tokens_of(size, patch)
+    weight, bias, pos = make_params(channels, patch, embed, tokens, seed=4)
+    grad_out = torch.randn(2 * tokens, embed, generator=torch.Generator().manual_seed(6))
+    exact = volume.double().requires_grad_() if volume.is_floating_point() else volume.double()
+    leaves = [weight.double().requires_grad_(), bias.double(), pos.double()]
+    ref = reference(exact, *leaves, patch_size=patch, window=window, out_dtype=torch.float64, pad=True)
+    wanted = [leaves[0]] + ([exact] if volume.is_floating_point() else [])
+    ref_grads = torch.autograd.grad(ref, wanted, grad_out.double().reshape(ref.shape))
+    name = f"emulated CUDA {volume_dtype} {size} patch {patch} window {window}"
+
+    out, vec = cuda_emulation(0, volume, weight, bias, pos[0], window)
+    assert vec == (vectors and not (volume_dtype == torch.uint8 and size[2] % 16)), "vector gathers not as planned"
+    assert_close(out.reshape(ref.shape), ref, torch.float32, "forward", name)
+    gw, _ = cuda_emulation(1, volume, weight, window=window, grad_out=grad_out)
+    assert_close(gw.reshape(weight.shape), ref_grads[0], torch.float32, "backward", f"{name} grad weight")
+    outputs = [out, gw]
+    if volume.is_floating_point():
+        gv, _ = cuda_emulation(2, volume, weight, window=window, grad_out=grad_out)
+        assert gv.dtype == volume_dtype
+        assert_close(gv, ref_grads[1], volume_dtype if volume_dtype != torch.float32 else torch.float32, "backward",
+                     f"{name} grad volume", plain=ref_grads[1].to(volume_dtype) if volume_dtype != torch.float32
+                     else None)
+        outputs.append(gv)
+    if vec:  # the vector path gives the scalar path's bits
+        scalar = [cuda_emulation(0, volume, weight, bias, pos[0], window, force_scalar=True)[0],
+                  cuda_emulation(1, volume, weight, window=window, grad_out=grad_out, force_scalar=True)[0]]
+        if volume.is_floating_point():
+            scalar.append(cuda_emulation(2, volume, weight, window=window, grad_out=grad_out, force_scalar=True)[0])
+        for got, want in zip(outputs, scalar):
+            assert torch.equal(got, want), f"{name}: vector and scalar gathers differ"
+
+
+@pytest.mark.parametrize("volume_dtype", [torch.int16, torch.float32])
+def test_cuda_window_in_host_emulation_is_the_triton_window_bit_for_bit(cuda_emulation, volume_dtype):
+    # Patches of 8 voxels along the last axis and an identity weight: each token's output is its 8
+    # windowed voxels (vector gathers), which must be kernels.patch_embed3d.window_values exactly.
+    from medvl.kernels.patch_embed3d import window_values
+
+    volume = make_volume(volume_dtype, (1, 1, 4, 6, 16), seed=2)
+    if volume_dtype == torch.int16:
+        volume.view(-1)[:3] = torch.tensor([-1000, 400, 0], dtype=torch.int16)
+    for window, out_range in [((-1000.3, 400.7), (-0.25, 1.75)), ((-1000.0, 400.0), (0.0, 1.0)),
+                              ((-1.0, 1.0), (0.0, 1.0))]:
+        weight = torch.eye(8).reshape(8, 1, 1, 1, 8)
+        out, vec = cuda_emulation(0, volume, weight, window=(*window, *out_range))
+        assert vec
+        assert torch.equal(out, window_values(volume, (*window, *out_range)).flatten())

@@ -232,32 +232,92 @@ def test_bad_input(call, error, match):
         call(torch.randn(8, 4))
 
 
+def mine_triton_forced(strategy, x, labels, entities, overrides, candidates=None, candidate_labels=None,
+                       candidate_entities=None):
+    """The triton backend with forced tiles (and splits) on small inputs, against the reference."""
+    from medvl.ops._labels import pack_multi_hot
+    from medvl.ops.triplet_mining import _Inputs, _run_fused, _triton_per_anchor
+
+    within = candidates is None
+    if within:
+        candidates, candidate_labels, candidate_entities = x, labels, entities
+    scored = strategy == "entities"
+    bits = torch.cat([pack_multi_hot(e) for e in entities], 1) if scored else None
+    candidate_bits = torch.cat([pack_multi_hot(e) for e in candidate_entities], 1) if scored else None
+    words = [pack_multi_hot(e).shape[1] for e in entities] if scored else []
+    scoring = entity_scoring((0.85, 0.10, 0.05), (0.25, 0.6))  # the kernels take the integer form
+    inputs = _Inputs(x, candidates, None if scored else labels, None if scored else candidate_labels, bits,
+                     candidate_bits, STRATEGY_CODES[strategy], 0, words, [float(w) for w in scoring.weights],
+                     float(scoring.low), float(scoring.high), within)
+    ours = _run_fused(lambda *a: _triton_per_anchor(*a, block_overrides=overrides), inputs)
+    if scored:
+        kw = {"entities": [e.cpu() for e in entities]}
+        if not within:
+            kw["candidate_entities"] = [e.cpu() for e in candidate_entities]
+    else:
+        kw = {"labels": labels.cpu()}
+        if not within:
+            kw["candidate_labels"] = candidate_labels.cpu()
+    expected = reference_mining(x.cpu(), None if within else candidates.cpu(), strategy=strategy, **kw)
+    return ours, expected
+
+
+def triton_device():
+    if not any(p.values[0] == "triton" for p in mining_backends("batch_hard")):
+        pytest.skip("no triton backend here")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_triton_small_tiles_cross_tile_ties(strategy):
     # Several candidate tiles, D chunks and semi-hard pair slices: the cross-tile tie rule at work.
-    if not any(p.values[0] == "triton" for p in mining_backends(strategy)):
-        pytest.skip("no triton backend here")
-    from medvl.ops.triplet_mining import _Inputs, _run_fused, _triton_per_anchor
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = triton_device()
     data = make(40, 20, seed=6, device=device, classes=4)
     x = torch.cat([data["x"], data["x"][:10]])  # duplicates: exact distance ties across tiles
     labels = torch.cat([data["labels"], data["labels"][:10]])
     entities = [torch.cat([e, e[:10]]) for e in data["entities"]]
-    code = STRATEGY_CODES[strategy]
-    from medvl.ops._labels import pack_multi_hot
-
-    bits = torch.cat([pack_multi_hot(e) for e in entities], 1) if strategy == "entities" else None
-    words = [pack_multi_hot(e).shape[1] for e in entities] if strategy == "entities" else []
-    scoring = entity_scoring((0.85, 0.10, 0.05), (0.25, 0.6))  # the kernels take the integer form
-    inputs = _Inputs(x, x, None if strategy == "entities" else labels, None if strategy == "entities" else labels,
-                     bits, bits, code, 0, words, [float(w) for w in scoring.weights], float(scoring.low),
-                     float(scoring.high), True)
     small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_S=2)
-    ours = _run_fused(lambda *a: _triton_per_anchor(*a, block_overrides=small), inputs)
-    kw = {"entities": [e.cpu() for e in entities]} if strategy == "entities" else {"labels": labels.cpu()}
-    expected = reference_mining(x.cpu(), strategy=strategy, **kw)
+    ours, expected = mine_triton_forced(strategy, x, labels, entities, small)
     assert_same(ours, expected, f"triton small tiles {strategy}")
+
+
+@pytest.mark.parametrize("strategy", ["batch_hard", "entities"])
+@pytest.mark.parametrize("split", [2, 3, 7])
+def test_triton_candidate_split_matches_one_sweep(strategy, split):
+    # The streamed side split 2, 3 (uneven: 4 tiles) and 7 ways (recounted to 4, one tile each), paired
+    # and within one set, with exact ties across the splits' borders: the same triplets as unsplit.
+    device = triton_device()
+    data = make(45, 20, seed=9, device=device, classes=3, n_candidates=50)
+    x = torch.cat([data["x"], data["x"][:12]])
+    labels = torch.cat([data["labels"], data["labels"][:12]])
+    entities = [torch.cat([e, e[:12]]) for e in data["entities"]]
+    c = torch.cat([data["c"], data["c"][:14]])  # 64 candidates: four tiles of 16
+    candidate_labels = torch.cat([data["candidate_labels"], data["candidate_labels"][:14]])
+    candidate_entities = [torch.cat([e, e[:14]]) for e in data["candidate_entities"]]
+    forced = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT=split)
+    ours, expected = mine_triton_forced(strategy, x, labels, entities, forced)
+    assert_same(ours, expected, f"triton {strategy} split {split} within")
+    ours, expected = mine_triton_forced(strategy, x, labels, entities, forced, c, candidate_labels,
+                                        candidate_entities)
+    assert_same(ours, expected, f"triton {strategy} split {split} paired")
+
+
+@pytest.mark.parametrize("block_s", [1, 4, 16])
+def test_triton_semi_hard_many_positives_in_pair_chunks(block_s):
+    # Two classes: about 20 positives per anchor, in chunks of 1, 4 or 16 slots, pair distances read from
+    # four candidate tiles; duplicated rows make exact ties between d(i, p) and the negatives' distances.
+    device = triton_device()
+    data = make(36, 6, seed=11, device=device, classes=2, n_candidates=30)
+    x = torch.cat([data["x"], data["x"][:8]])
+    labels = torch.cat([data["labels"], data["labels"][:8]])
+    forced = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_S=block_s)
+    ours, expected = mine_triton_forced("semi_hard", x, labels, None, forced)
+    assert ours[0].numel() > 36 * 15, "the case should have many pairs per anchor"
+    assert_same(ours, expected, f"triton semi_hard BLOCK_S={block_s} within")
+    c = torch.cat([data["c"], x[:10]])  # candidates equal to anchors: d(i, p) ties with d(i, j) exactly
+    candidate_labels = torch.cat([data["candidate_labels"], 1 - labels[:10]])
+    ours, expected = mine_triton_forced("semi_hard", x, labels, None, forced, c, candidate_labels)
+    assert_same(ours, expected, f"triton semi_hard BLOCK_S={block_s} paired")
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,3 +508,76 @@ def test_the_reference_never_returns_an_index_out_of_range():
     mined = reference_mining(x, labels=torch.tensor([0, 0, 1, 1, 0]))
     for t in mined:
         assert ((t >= 0) & (t < 5)).all(), mined
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA semi-hard tile algorithm, emulated on the host: csrc/triplet_mining/mining_tile.h is the
+# code the kernel runs; semi_hard_emulation.cpp runs its phases thread by thread.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def semi_hard_emulation(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    from tests.utils import REPO_ROOT
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler for the host emulation")
+    binary = tmp_path_factory.mktemp("emulation") / "semi_hard_emulation"
+    csrc = f"{REPO_ROOT}/csrc"
+    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", f"-I{csrc}",
+                    f"{csrc}/triplet_mining/semi_hard_emulation.cpp", "-o", str(binary)], check=True)
+
+    def run(x, c, labels, candidate_labels, offsets, positive, distance):
+        import numpy
+
+        folder = binary.parent
+        sizes = torch.tensor([x.shape[0], c.shape[0], x.shape[1], DISTANCES.index(distance), positive.numel()])
+        with open(folder / "in.bin", "wb") as f:
+            for t in (sizes, x.float(), c.float(), labels, candidate_labels, offsets, positive):
+                f.write(t.contiguous().numpy().tobytes())
+        subprocess.run([str(binary), str(folder / "in.bin"), str(folder / "out.bin")], check=True)
+        return torch.from_numpy(numpy.fromfile(folder / "out.bin", dtype=numpy.int64))
+
+    return run
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("case", ["within-2-classes", "paired-7-classes", "one-class", "shuffled-pairs"])
+def test_cuda_semi_hard_tile_algorithm_in_host_emulation(semi_hard_emulation, distance, case):
+    # 150 rows in two classes: ~75 positives per anchor, ~4800 pairs per 64-anchor tile, so chunks of
+    # 1024 pairs end inside anchors' pair ranges; 150 and 131 are not multiples of the 64-wide tiles;
+    # duplicated rows tie d(i, p) with negatives' distances exactly.
+    from medvl.ops._labels import same_label_pairs
+
+    classes = {"within-2-classes": 2, "paired-7-classes": 7, "one-class": 1, "shuffled-pairs": 3}[case]
+    data = make(140, 9, seed=21, classes=classes, n_candidates=121)
+    x = torch.cat([data["x"], data["x"][:10]])
+    labels = torch.cat([data["labels"], data["labels"][:10]])
+    within = case != "paired-7-classes"
+    c = x if within else torch.cat([data["c"], x[:10]])
+    candidate_labels = labels if within else torch.cat([data["candidate_labels"], labels[:10]])
+    offsets, pair_anchor, pair_positive = same_label_pairs(labels, candidate_labels, within)
+    if case == "shuffled-pairs":  # the kernel takes any order of an anchor's pairs
+        order = torch.cat([offsets[i] + torch.randperm(int(offsets[i + 1] - offsets[i]),
+                                                       generator=torch.Generator().manual_seed(i))
+                           for i in range(x.shape[0])])
+        pair_anchor, pair_positive = pair_anchor[order], pair_positive[order]
+    negative = semi_hard_emulation(x, c, labels, candidate_labels, offsets, pair_positive, distance)
+    assert (negative >= -1).all(), "a pair's output was never written"
+    expected = reference_mining(x, None if within else c, labels=labels,
+                                candidate_labels=None if within else candidate_labels, strategy="semi_hard",
+                                distance=distance)
+    if case == "one-class":
+        assert (negative == -1).all() and expected.anchor.numel() == 0
+        return
+    assert pair_positive.numel() > (1024 if classes <= 3 else 0)
+    keep = negative >= 0
+    ours = (pair_anchor[keep], pair_positive[keep], negative[keep])
+    if case == "shuffled-pairs":  # back to the reference's (anchor, positive) order
+        order = torch.argsort(ours[0] * c.shape[0] + ours[1])
+        ours = tuple(t[order] for t in ours)
+    assert_same(ours, expected, f"host emulation of the CUDA semi-hard tile, {case}, {distance}")
