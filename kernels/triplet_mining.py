@@ -51,7 +51,7 @@ code). The anchors' and candidates' norms arrive from the caller
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -548,28 +548,34 @@ def candidate_splits(n_anchor: int, n_candidate: int, block_m: int, block_n: int
     return max(1, min(want, triton.cdiv(n_candidate, block_n) // MIN_TILES_PER_SPLIT))
 
 
-def triplet_mining_forward(inputs, anchor_norms: torch.Tensor, candidate_norms: torch.Tensor,
+def triplet_mining_forward(*, anchors: torch.Tensor, candidates: torch.Tensor, labels: Optional[torch.Tensor],
+                           candidate_labels: Optional[torch.Tensor], anchor_bits: Optional[torch.Tensor],
+                           candidate_bits: Optional[torch.Tensor], strategy: int, distance: int,
+                           entity_words: Sequence[int], weights: Sequence[float], lo: float, hi: float, within: bool,
+                           anchor_norms: torch.Tensor, candidate_norms: torch.Tensor,
                            pair_offsets: Optional[torch.Tensor] = None, pair_positive: Optional[torch.Tensor] = None,
-                           *, block_overrides: Optional[dict] = None):
+                           block_overrides: Optional[dict] = None):
     """(positive, negative) int64 on the inputs' device, -1 for none.
 
     batch_hard / entities: positive[n_anchor], negative[n_anchor]. semi_hard: positive is empty and
     negative[P] follows pair_positive, with pair_offsets [n_anchor + 1] in CSR form: the pairs of anchor
     i must be all its positives (same label; j != i within one set) in ascending candidate order, as
     medvl.ops._labels.same_label_pairs makes them (the kernel finds a pair's slot by counting).
-    `inputs` is medvl.ops.triplet_mining._Inputs (validated there); anchor_norms / candidate_norms are
-    float32 [n]: squared norms, or max(|x|, 1e-12) for the cosine distance. `block_overrides` replaces
+    The inputs as medvl.ops.triplet_mining validates them (keyword arguments: this layer imports
+    nothing of medvl): entity weights and the range lo, hi are the exact integer form (times one
+    denominator); anchor_norms / candidate_norms are float32 [n]: squared norms, or max(|x|, 1e-12)
+    for the cosine distance. `block_overrides` replaces
     entries of block_sizes(), and SPLIT the candidate split (tests force several tiles and splits on
     small inputs).
     """
-    strategy, distance = int(inputs.strategy), int(inputs.distance)
+    strategy, distance = int(strategy), int(distance)
     if strategy not in SUPPORTED_STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(SUPPORTED_STRATEGIES)}, got {strategy!r}")
     if distance not in (DISTANCE_EUCLIDEAN, DISTANCE_SQUARED, DISTANCE_COSINE):
         raise ValueError(f"distance must be 0, 1 or 2, got {distance!r}")
-    anchors = inputs.anchors.contiguous()
-    within = bool(inputs.within)
-    candidates = anchors if within else inputs.candidates.contiguous()
+    anchors = anchors.contiguous()
+    within = bool(within)
+    candidates = anchors if within else candidates.contiguous()
     if candidates.dtype != anchors.dtype or candidates.shape[1] != anchors.shape[1]:
         raise ValueError("anchors and candidates must share dtype and dim")
     n_anchor, dim = anchors.shape
@@ -601,8 +607,8 @@ def triplet_mining_forward(inputs, anchor_norms: torch.Tensor, candidate_norms: 
         if pair_positive.numel() == 0:
             return positive, negative
         pair_distance = torch.empty(pair_positive.shape[0], dtype=torch.float32, device=device)
-        labels = inputs.labels.to(torch.int64).contiguous()
-        candidate_labels = labels if within else inputs.candidate_labels.to(torch.int64).contiguous()
+        labels = labels.to(torch.int64).contiguous()
+        candidate_labels = labels if within else candidate_labels.to(torch.int64).contiguous()
         with device_ctx:
             _mine_semi_hard[(n_anchor_tiles,)](
                 anchors, candidates, a_norm, c_norm, labels, candidate_labels, pair_offsets, pair_distance,
@@ -616,16 +622,16 @@ def triplet_mining_forward(inputs, anchor_norms: torch.Tensor, candidate_norms: 
     positive = torch.empty(n_anchor, dtype=torch.int64, device=device)
     negative = torch.empty(n_anchor, dtype=torch.int64, device=device)
     words = [0, 0, 0]
-    weights = [0, 0, 0]
+    integer_weights = [0, 0, 0]
     if strategy == STRATEGY_BATCH_HARD:
-        labels = inputs.labels.to(torch.int64).contiguous()
-        candidate_labels = labels if within else inputs.candidate_labels.to(torch.int64).contiguous()
+        labels = labels.to(torch.int64).contiguous()
+        candidate_labels = labels if within else candidate_labels.to(torch.int64).contiguous()
         bits = candidate_bits = labels  # never read
     else:
-        bits = inputs.anchor_bits.to(torch.int32).contiguous()
-        candidate_bits = bits if within else inputs.candidate_bits.to(torch.int32).contiguous()
-        words = [int(w) for w in inputs.entity_words] + [0] * (3 - len(inputs.entity_words))
-        weights = [int(w) for w in inputs.weights] + [0] * (3 - len(inputs.weights))
+        bits = anchor_bits.to(torch.int32).contiguous()
+        candidate_bits = bits if within else candidate_bits.to(torch.int32).contiguous()
+        words = [int(w) for w in entity_words] + [0] * (3 - len(entity_words))
+        integer_weights = [int(w) for w in weights] + [0] * (3 - len(weights))
         if bits.shape[1] != sum(words) or candidate_bits.shape[1] != sum(words):
             raise ValueError(f"entity bits have {bits.shape[1]} / {candidate_bits.shape[1]} words, "
                              f"entity_words say {sum(words)}")
@@ -647,7 +653,7 @@ def triplet_mining_forward(inputs, anchor_norms: torch.Tensor, candidate_norms: 
         _mine_per_anchor[(n_anchor_tiles, split)](
             anchors, candidates, a_norm, c_norm, labels, candidate_labels, bits, candidate_bits, out_pos, out_neg,
             part_d, part_s, n_anchor, n_candidate, per_split, dim, words[0], words[1], words[2],
-            weights[0], weights[1], weights[2], int(inputs.lo), int(inputs.hi),
+            integer_weights[0], integer_weights[1], integer_weights[2], int(lo), int(hi),
             STRATEGY=strategy, DISTANCE=distance, WITHIN=within, SINGLE_K=single_k, DOT_PRECISION=precision,
             SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             **launch,

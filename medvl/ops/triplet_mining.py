@@ -87,8 +87,9 @@ def _triton_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None, b
     cosine = inputs.distance == DISTANCE_CODES["cosine"]
     anchor_norms = reference.row_norms(inputs.anchors, cosine)
     candidate_norms = anchor_norms if inputs.within else reference.row_norms(inputs.candidates, cosine)
-    return triton_kernels.triplet_mining_forward(inputs, anchor_norms, candidate_norms, pair_offsets, pair_positive,
-                                                 block_overrides=block_overrides)
+    return triton_kernels.triplet_mining_forward(**vars(inputs), anchor_norms=anchor_norms,
+                                                 candidate_norms=candidate_norms, pair_offsets=pair_offsets,
+                                                 pair_positive=pair_positive, block_overrides=block_overrides)
 
 
 def _run_fused(kernel, inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
