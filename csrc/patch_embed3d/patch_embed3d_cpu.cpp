@@ -47,35 +47,8 @@ struct Plan {
 
 }  // namespace detail
 
-namespace scalar {
-using namespace detail;
-using Vec = cpu::scalar::Vec;
-constexpr int kMR = 4;
-constexpr int kNV = 4;
-#include "patch_embed3d/patch_embed3d_cpu_kernels.h"
-}  // namespace scalar
-
-#if MEDVL_X86
-MEDVL_TARGET_AVX2_BEGIN
-namespace avx2 {
-using namespace detail;
-using Vec = cpu::avx2::Vec;
-constexpr int kMR = 6;
-constexpr int kNV = 2;
-#include "patch_embed3d/patch_embed3d_cpu_kernels.h"
-}  // namespace avx2
-MEDVL_TARGET_AVX2_END
-
-MEDVL_TARGET_AVX512_BEGIN
-namespace avx512 {
-using namespace detail;
-using Vec = cpu::avx512::Vec;
-constexpr int kMR = 12;
-constexpr int kNV = 2;
-#include "patch_embed3d/patch_embed3d_cpu_kernels.h"
-}  // namespace avx512
-MEDVL_TARGET_AVX512_END
-#endif  // MEDVL_X86
+#define MEDVL_CPU_KERNELS "patch_embed3d/patch_embed3d_cpu_kernels.h"
+#include "common/cpu_isa_instances.h"
 
 namespace detail {
 

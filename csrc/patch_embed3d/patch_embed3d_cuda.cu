@@ -227,11 +227,7 @@ __global__ void __launch_bounds__(kThreads) patch_embed3d_reduce_splits_kernel(c
 // Host side.
 // ------------------------------------------------------------------------------------------------
 
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("medvl: patch_embed3d_cuda: ") + what + ": " + cudaGetErrorName(status) +
-                             " (" + cudaGetErrorString(status) + ")");
-}
+void check_cuda(cudaError_t status, const char* what) { medvl::check_cuda(status, "patch_embed3d_cuda", what); }
 
 template <typename Kernel>
 void launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const Params& p, const char* what) {

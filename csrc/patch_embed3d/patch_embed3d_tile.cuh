@@ -19,6 +19,7 @@
 #include <string>
 #include <type_traits>
 
+#include "common/cuda_check.h"
 #include "patch_embed3d/patch_embed3d.h"
 
 #ifdef __CUDA_ARCH__
@@ -624,9 +625,7 @@ __host__ __device__ __forceinline__ void grad_volume_epilogue(const float* c_s, 
 // Host side: validation and the kernels' parameters.
 // ------------------------------------------------------------------------------------------------
 
-inline void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument("medvl: patch_embed3d_cuda: " + message);
-}
+inline void require(bool ok, const std::string& message) { medvl::require(ok, "patch_embed3d_cuda", message); }
 
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 

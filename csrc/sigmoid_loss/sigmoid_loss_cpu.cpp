@@ -56,44 +56,8 @@ using cpu::convert_scalar;
 
 }  // namespace detail
 
-// ===============================================================================================
-// Portable C++: W = 1, a 4 x 4 scalar tile (compilers may vectorise it for the baseline ISA).
-// ===============================================================================================
-namespace scalar {
-using namespace detail;
-using Vec = cpu::scalar::Vec;
-constexpr int kMR = 4;
-constexpr int kNV = 4;
-#include "sigmoid_loss/sigmoid_loss_cpu_kernels.h"
-}  // namespace scalar
-
-#if MEDVL_X86
-// ===============================================================================================
-// AVX2 + FMA: W = 8, a 6 x 16 tile (12 accumulators of 16 ymm registers).
-// ===============================================================================================
-MEDVL_TARGET_AVX2_BEGIN
-namespace avx2 {
-using namespace detail;
-using Vec = cpu::avx2::Vec;
-constexpr int kMR = 6;
-constexpr int kNV = 2;
-#include "sigmoid_loss/sigmoid_loss_cpu_kernels.h"
-}  // namespace avx2
-MEDVL_TARGET_AVX2_END
-
-// ===============================================================================================
-// AVX-512: W = 16, a 12 x 32 tile (24 accumulators of 32 zmm registers).
-// ===============================================================================================
-MEDVL_TARGET_AVX512_BEGIN
-namespace avx512 {
-using namespace detail;
-using Vec = cpu::avx512::Vec;
-constexpr int kMR = 12;
-constexpr int kNV = 2;
-#include "sigmoid_loss/sigmoid_loss_cpu_kernels.h"
-}  // namespace avx512
-MEDVL_TARGET_AVX512_END
-#endif  // MEDVL_X86
+#define MEDVL_CPU_KERNELS "sigmoid_loss/sigmoid_loss_cpu_kernels.h"
+#include "common/cpu_isa_instances.h"
 
 namespace detail {
 

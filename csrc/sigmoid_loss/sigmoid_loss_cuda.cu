@@ -53,11 +53,17 @@
 #include <string>
 #include <type_traits>
 
+#include "common/cuda_check.h"
 #include "sigmoid_loss/sigmoid_loss.h"
 #include "sigmoid_loss/sigmoid_loss_target.h"
 
 namespace medvl {
 namespace {
+
+// Errors name this entry point (common/cuda_check.h).
+constexpr const char* kEntry = "sigmoid_loss_cuda";
+void require(bool ok, const std::string& message) { medvl::require(ok, kEntry, message); }
+void check_cuda(cudaError_t status, const char* what) { medvl::check_cuda(status, kEntry, what); }
 
 constexpr int kThreads = 256;  // 8 warps; every index mapping below assumes exactly this
 constexpr int kWarps = kThreads / 32;
@@ -293,11 +299,6 @@ __global__ void __launch_bounds__(kThreads) sigmoid_pass(const PassParams p) {
   }
 }
 
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("medvl: sigmoid_loss_cuda: ") + what + ": " + cudaGetErrorName(status) +
-                             " (" + cudaGetErrorString(status) + ")");
-}
 
 template <typename T, bool kRow, bool kGrad>
 void launch_pass(const PassParams& p, cudaStream_t stream) {
@@ -309,8 +310,7 @@ void launch_pass(const PassParams& p, cudaStream_t stream) {
                "cannot reserve shared memory for the kernel");
   const int64_t blocks_x = (p.n_a + kBM - 1) / kBM;
   const int64_t blocks_y = kGrad ? (p.dim + C::kDC - 1) / C::kDC : 1;
-  if (blocks_x > INT_MAX || blocks_y > 65535)
-    throw std::invalid_argument("medvl: sigmoid_loss_cuda: batch or feature dimension too large for one launch");
+  require(blocks_x <= INT_MAX && blocks_y <= 65535, "batch or feature dimension too large for one launch");
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y));
   sigmoid_pass<T, kRow, kGrad><<<grid, kThreads, smem, stream>>>(p);
   check_cuda(cudaGetLastError(), kRow ? "launching the row pass" : "launching the column pass");
@@ -353,9 +353,6 @@ void run(const SigmoidLossArgs& args, cudaStream_t stream) {
   launch_pass<T, false, true>(col, stream);
 }
 
-void require(bool ok, const char* message) {
-  if (!ok) throw std::invalid_argument(std::string("medvl: sigmoid_loss_cuda: ") + message);
-}
 
 }  // namespace
 

@@ -49,11 +49,17 @@
 #include <string>
 #include <type_traits>
 
+#include "common/cuda_check.h"
 #include "triplet_mining/mining_tile.h"
 #include "triplet_mining/triplet_mining.h"
 
 namespace medvl {
 namespace {
+
+// Errors name this entry point (common/cuda_check.h).
+constexpr const char* kEntry = "triplet_mining_cuda";
+void require(bool ok, const std::string& message) { medvl::require(ok, kEntry, message); }
+void check_cuda(cudaError_t status, const char* what) { medvl::check_cuda(status, kEntry, what); }
 
 constexpr int kThreads = 256;  // 8 warps; every index mapping below assumes exactly this
 constexpr int kWarps = kThreads / 32;
@@ -368,15 +374,7 @@ __global__ void __launch_bounds__(kThreads) semi_hard_tiled(const MineParams p) 
   mining::semi_hard_tile(block, tiles, tiles.s_s, problem, shared, tiles.a0);
 }
 
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("medvl: triplet_mining_cuda: ") + what + ": " + cudaGetErrorName(status) +
-                             " (" + cudaGetErrorString(status) + ")");
-}
 
-void require(bool ok, const char* message) {
-  if (!ok) throw std::invalid_argument(std::string("medvl: triplet_mining_cuda: ") + message);
-}
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
@@ -386,7 +384,7 @@ template <typename T>
 void launch_norms(const void* x, int64_t n, int64_t dim, bool cosine, float* out, cudaStream_t stream) {
   if (n == 0) return;
   const int64_t blocks = (n + kWarps - 1) / kWarps;
-  if (blocks > INT_MAX) throw std::invalid_argument("medvl: triplet_mining_cuda: batch too large for one launch");
+  require(blocks <= INT_MAX, "batch too large for one launch");
   row_norms<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(static_cast<const T*>(x), n, dim, cosine, out);
   check_cuda(cudaGetLastError(), "launching the norm kernel");
 }
@@ -472,7 +470,7 @@ void run(const TripletMiningArgs& args, cudaStream_t stream) {
   p.negative = args.negative;
 
   const int64_t blocks = (args.n_anchor + kBM - 1) / kBM;
-  if (blocks > INT_MAX) throw std::invalid_argument("medvl: triplet_mining_cuda: too many anchors for one launch");
+  require(blocks <= INT_MAX, "too many anchors for one launch");
   if (args.strategy == MiningStrategy::kSemiHard) {
     constexpr size_t smem = SemiTiledSmem<T>::kTotal;
     static_assert(SemiTiledSmem<T>::kTotal <= 99 * 1024, "semi-hard tiles must fit every sm_8x/sm_90 opt-in limit");
