@@ -72,25 +72,27 @@ def _compiled(pass_, volume, weight2d, bias, pos, patch, window, out_dtype=None,
     has_window, window4 = _window_args(window)
     code = _core.DTYPE_CODES
 
-    def call(entry, workspace, nbytes, *extra):
-        return entry(
-            volume.data_ptr(), VOLUME_DTYPE_CODES[volume.dtype], list(volume.shape), list(patch), list(grid), embed,
-            weight2d.data_ptr(), code[weight2d.dtype], _core.pointer(bias), _core.pointer(pos), has_window, window4,
-            _core.pointer(out), code[out.dtype] if out is not None else 0, _core.pointer(grad_out),
-            code[grad_out.dtype] if grad_out is not None else 0, _core.pointer(grad_weight),
-            _core.pointer(grad_volume), workspace, nbytes, pass_, *extra)
-
+    arguments = dict(
+        volume=volume.data_ptr(), volume_type=VOLUME_DTYPE_CODES[volume.dtype], shape=list(volume.shape),
+        patch=list(patch), grid=list(grid), embed_dim=embed, weight=weight2d.data_ptr(),
+        weight_type=code[weight2d.dtype], bias=_core.pointer(bias), pos_embed=_core.pointer(pos),
+        has_window=has_window, window=window4, out=_core.pointer(out),
+        out_type=code[out.dtype] if out is not None else 0, grad_out=_core.pointer(grad_out),
+        grad_out_type=code[grad_out.dtype] if grad_out is not None else 0, grad_weight=_core.pointer(grad_weight),
+        grad_volume=_core.pointer(grad_volume), workspace=0, workspace_bytes=0,
+    )
     if on_cuda:
-        nbytes = call(_C.patch_embed3d_cuda_workspace_bytes, 0, 0)
+        nbytes = _C.patch_embed3d_cuda_workspace_bytes(pass_, **arguments)
         scratch = _core.workspace(nbytes, volume.device)
+        arguments.update(workspace=scratch.data_ptr(), workspace_bytes=scratch.numel())
         with torch.cuda.device(volume.device):
-            call(_C.patch_embed3d_cuda, scratch.data_ptr(), scratch.numel(),
-                 torch.cuda.current_stream(volume.device).cuda_stream)
+            _C.patch_embed3d_cuda(pass_, torch.cuda.current_stream(volume.device).cuda_stream, **arguments)
     else:
         threads = _core.cpu_threads()
-        nbytes = call(_C.patch_embed3d_cpu_workspace_bytes, 0, 0, threads)
+        nbytes = _C.patch_embed3d_cpu_workspace_bytes(pass_, threads, **arguments)
         scratch = _core.workspace(nbytes, volume.device)
-        call(_C.patch_embed3d_cpu, scratch.data_ptr(), scratch.numel(), threads)
+        arguments.update(workspace=scratch.data_ptr(), workspace_bytes=scratch.numel())
+        _C.patch_embed3d_cpu(pass_, threads, **arguments)
         del scratch
     if pass_ == FORWARD:
         return out if out.dtype == out_dtype else out.to(out_dtype)

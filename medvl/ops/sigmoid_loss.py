@@ -59,20 +59,23 @@ def _run_compiled(image, text, logit_scale, logit_bias, target, diagonal_is_pair
               else _C.sigmoid_loss_cpu_workspace_bytes(n_image, n_text, dim, compute_grad, threads))
     scratch = _core.workspace(nbytes, image.device)
     is_label, is_jaccard = target == "label", target == "jaccard"
-    args = (
-        image.data_ptr(), text.data_ptr(), n_image, n_text, dim, _core.DTYPE_CODES[image.dtype],
-        logit_scale.data_ptr(), logit_bias.data_ptr(), TARGETS.index(target), diagonal_is_pair,
-        _core.pointer(image_labels if is_label else None), _core.pointer(text_labels if is_label else None),
-        _core.pointer(image_labels if is_jaccard else None), _core.pointer(text_labels if is_jaccard else None),
-        _label_words(target, image_labels), compute_grad,
-        row_loss.data_ptr(), _core.pointer(row_gsum), _core.pointer(grad_image), _core.pointer(grad_text),
-        scratch.data_ptr(), scratch.numel(),
+    arguments = dict(
+        image=image.data_ptr(), text=text.data_ptr(), n_image=n_image, n_text=n_text, dim=dim,
+        dtype=_core.DTYPE_CODES[image.dtype], logit_scale=logit_scale.data_ptr(), logit_bias=logit_bias.data_ptr(),
+        target=TARGETS.index(target), diagonal_is_pair=diagonal_is_pair,
+        image_labels=_core.pointer(image_labels if is_label else None),
+        text_labels=_core.pointer(text_labels if is_label else None),
+        image_bits=_core.pointer(image_labels if is_jaccard else None),
+        text_bits=_core.pointer(text_labels if is_jaccard else None),
+        label_words=_label_words(target, image_labels), compute_grad=compute_grad,
+        row_loss=row_loss.data_ptr(), row_gsum=_core.pointer(row_gsum), grad_image=_core.pointer(grad_image),
+        grad_text=_core.pointer(grad_text), workspace=scratch.data_ptr(), workspace_bytes=scratch.numel(),
     )
     if on_cuda:
         with torch.cuda.device(image.device):
-            _C.sigmoid_loss_cuda(*args, torch.cuda.current_stream(image.device).cuda_stream)
+            _C.sigmoid_loss_cuda(torch.cuda.current_stream(image.device).cuda_stream, **arguments)
     else:
-        _C.sigmoid_loss_cpu(*args, threads)
+        _C.sigmoid_loss_cpu(threads, **arguments)
     return row_loss, row_gsum, grad_image, grad_text
 
 

@@ -65,19 +65,22 @@ def _compiled_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None)
     scratch = _core.workspace(nbytes, anchors.device)
     words = inputs.entity_words + [0] * (3 - len(inputs.entity_words))
     weights = inputs.weights + [0.0] * (3 - len(inputs.weights))
-    args = (
-        anchors.data_ptr(), candidates.data_ptr(), anchors.shape[0], candidates.shape[0], anchors.shape[1],
-        _core.DTYPE_CODES[anchors.dtype], inputs.strategy, inputs.distance, inputs.within,
-        _core.pointer(inputs.labels), _core.pointer(inputs.candidate_labels),
-        _core.pointer(inputs.anchor_bits), _core.pointer(inputs.candidate_bits), words, weights,
-        inputs.lo, inputs.hi, _core.pointer(pair_offsets), _core.pointer(pair_positive),
-        positive.data_ptr(), negative.data_ptr(), scratch.data_ptr(), scratch.numel(),
+    arguments = dict(
+        anchors=anchors.data_ptr(), candidates=candidates.data_ptr(), n_anchor=anchors.shape[0],
+        n_candidate=candidates.shape[0], dim=anchors.shape[1], dtype=_core.DTYPE_CODES[anchors.dtype],
+        strategy=inputs.strategy, distance=inputs.distance, within=inputs.within,
+        labels=_core.pointer(inputs.labels), candidate_labels=_core.pointer(inputs.candidate_labels),
+        anchor_bits=_core.pointer(inputs.anchor_bits), candidate_bits=_core.pointer(inputs.candidate_bits),
+        entity_words=words, entity_weights=weights, score_low=inputs.lo, score_high=inputs.hi,
+        pair_offsets=_core.pointer(pair_offsets), pair_positive=_core.pointer(pair_positive),
+        positive=positive.data_ptr(), negative=negative.data_ptr(), workspace=scratch.data_ptr(),
+        workspace_bytes=scratch.numel(),
     )
     if on_cuda:
         with torch.cuda.device(anchors.device):
-            _C.triplet_mining_cuda(*args, torch.cuda.current_stream(anchors.device).cuda_stream)
+            _C.triplet_mining_cuda(torch.cuda.current_stream(anchors.device).cuda_stream, **arguments)
     else:
-        _C.triplet_mining_cpu(*args, threads)
+        _C.triplet_mining_cpu(threads, **arguments)
     return positive, negative
 
 

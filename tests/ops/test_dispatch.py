@@ -82,3 +82,26 @@ def test_an_unmeasured_device_class_says_whose_order_it_takes(caplog):
 def test_cpu_tensors_go_to_the_cpu_backend_then_the_reference():
     assert _dispatch.automatic_order("sigmoid_loss", torch.device("cpu")) == ("cpu", "reference")
     assert _dispatch.automatic_order("sigmoid_loss", torch.device("meta")) == ("reference",)
+
+
+def test_compiled_entries_name_a_missing_or_unexpected_argument():
+    # medvl._C takes its arguments by keyword, read in one place per op for the CPU and CUDA entries:
+    # a name that Python gets wrong is an error that says which, never an argument silently left at 0.
+    import pytest
+
+    if _core._C is None:
+        pytest.skip("medvl._C is not built")
+    with pytest.raises(ValueError, match="sigmoid_loss_cpu: missing argument 'image'"):
+        _core._C.sigmoid_loss_cpu(1)
+    with pytest.raises(ValueError, match="triplet_mining_cpu: missing argument"):
+        _core._C.triplet_mining_cpu(1, anchors=0)
+    from medvl.ops.patch_embed3d import VOLUME_DTYPE_CODES
+
+    volume, weight = torch.zeros(1, 1, 4, 4, 4), torch.zeros(3, 8)
+    kwargs = dict(volume=volume.data_ptr(), volume_type=VOLUME_DTYPE_CODES[volume.dtype], shape=[1, 1, 4, 4, 4],
+                  patch=[2, 2, 2], grid=[2, 2, 2], embed_dim=3, weight=weight.data_ptr(), weight_type=0, bias=0,
+                  pos_embed=0, has_window=False, window=[0.0] * 6, out=0, out_type=0, grad_out=0, grad_out_type=0,
+                  grad_weight=0, grad_volume=0, workspace=0, workspace_bytes=0)
+    assert _core._C.patch_embed3d_cpu_workspace_bytes(0, 1, **kwargs) >= 0
+    with pytest.raises(ValueError, match="patch_embed3d_cpu_workspace_bytes: unexpected argument 'windw'"):
+        _core._C.patch_embed3d_cpu_workspace_bytes(0, 1, windw=1, **kwargs)
