@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Build inputs: the editable install rebuilds medvl._C when one of these changes.
 CORE := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+# The editable install maps every Python module to its file when it is made: a module added, moved or
+# removed needs it made again. This file lists them, and changes only when the list does.
+MODULES := build/python-modules.txt
+$(shell mkdir -p build && find medvl kernels -name '*.py' | sort > $(MODULES).new && \
+  (cmp -s $(MODULES).new $(MODULES) || mv $(MODULES).new $(MODULES)); rm -f $(MODULES).new)
 
 # Every version the two commands install, written by `make lock`.
 LOCK := requirements-lock.txt
@@ -18,7 +23,7 @@ BUILD_TOOLS := scikit-build-core pybind11 cmake ninja
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: $(CORE) $(LOCK)
+$(VENV)/.installed: $(CORE) $(LOCK) $(MODULES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -c $(LOCK) $(TORCH) $(BUILD_TOOLS)
 	$(PIP) install --quiet -c $(LOCK) --no-build-isolation -e ".[test]"

@@ -19,13 +19,14 @@ import os
 import pytest
 import torch
 
-from medvl import bench
+from medvl.bench import harness
+from medvl.bench import patch_embed3d as op_bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
 SMALL_GPU_CASES = [(2, (128, 128, 128), patch, 768, torch.int16, torch.bfloat16) for patch in ((16, 16, 16), (4, 16, 16))]
-CASES = bench.patch_embed3d_cases(DEVICE) + (SMALL_GPU_CASES if GPU else [])
-METHODS = list(bench.patch_embed3d_methods(DEVICE))
+CASES = op_bench.patch_embed3d_cases(DEVICE) + (SMALL_GPU_CASES if GPU else [])
+METHODS = list(op_bench.patch_embed3d_methods(DEVICE))
 FORWARD_CASES = [c for c in CASES if c[4] == torch.int16] if GPU else []
 
 
@@ -37,23 +38,23 @@ def _case_id(case):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_patch_embed3d_forward_backward(benchmark, method, case):
-    inputs = bench.patch_embed3d_inputs(case, DEVICE)
-    inner = bench.patch_embed3d_step(bench.patch_embed3d_methods(DEVICE)[method], inputs)
+    inputs = op_bench.patch_embed3d_inputs(case, DEVICE)
+    inner = op_bench.patch_embed3d_step(op_bench.patch_embed3d_methods(DEVICE)[method], inputs)
 
     def step():
         inner()
-        bench._sync(DEVICE)
+        harness.sync(DEVICE)
 
     benchmark.pedantic(step, rounds=7, iterations=1, warmup_rounds=1)
-    with bench.peak_memory(DEVICE) as peak:
+    with harness.peak_memory(DEVICE) as peak:
         step()
     median = benchmark.stats.stats.median
-    limit = bench.patch_embed3d_gemm_seconds(inputs["tokens"], inputs["columns"], inputs["embed"],
+    limit = op_bench.patch_embed3d_gemm_seconds(inputs["tokens"], inputs["columns"], inputs["embed"],
                                              inputs["weight"].dtype, DEVICE, 3)
     volume = inputs["volume"]
     benchmark.extra_info.update(peak_mib=peak["mib"], gflops=inputs["flops"] / median / 1e9, gemm_limit_s=limit,
                                 of_limit=limit / median, volume_gbps=volume.numel() * volume.element_size() / median / 1e9,
-                                device=bench.machine_name(DEVICE))
+                                device=harness.machine_name(DEVICE))
 
 
 def _forward_methods():
@@ -61,11 +62,11 @@ def _forward_methods():
     import medvl
     import torch.nn.functional as F
 
-    lo, hi = bench.CT_WINDOW
+    lo, hi = op_bench.CT_WINDOW
 
     def fused(name):
         def make(volume, weight, bias, pos, patch):
-            return lambda: medvl.patch_embed3d(volume, weight, bias, pos, patch_size=patch, window=bench.CT_WINDOW,
+            return lambda: medvl.patch_embed3d(volume, weight, bias, pos, patch_size=patch, window=op_bench.CT_WINDOW,
                                                backend=name)
         return make
 
@@ -88,23 +89,23 @@ def _forward_methods():
 @pytest.mark.parametrize("method", list(_forward_methods()) if GPU else [])
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=[_case_id(c) for c in FORWARD_CASES])
 def test_patch_embed3d_forward(benchmark, method, case):
-    inputs = bench.patch_embed3d_inputs(case, DEVICE)
+    inputs = op_bench.patch_embed3d_inputs(case, DEVICE)
     params = [inputs[k].detach() for k in ("weight", "bias", "pos")]
     inner = _forward_methods()[method](inputs["volume"], *params, inputs["patch"])
 
     def step():
         with torch.no_grad():
             inner()
-        bench._sync(DEVICE)
+        harness.sync(DEVICE)
 
     benchmark.pedantic(step, rounds=7, iterations=1, warmup_rounds=1)
-    with bench.peak_memory(DEVICE) as peak:
+    with harness.peak_memory(DEVICE) as peak:
         step()
     median = benchmark.stats.stats.median
     volume = inputs["volume"]
     benchmark.extra_info.update(peak_mib=peak["mib"], gflops=inputs["flops"] / 2 / median / 1e9,
                                 volume_gbps=volume.numel() * volume.element_size() / median / 1e9,
-                                device=bench.machine_name(DEVICE))
+                                device=harness.machine_name(DEVICE))
 
 
 # Alternatives around GPU_TILES, per kernel ((BLOCK_M, BLOCK_N, reduction block, warps, stages); each fits
@@ -127,10 +128,10 @@ def test_triton_tile_sweep(kind):
     from medvl.kernels import patch_embed3d as kernels
 
     reduce_name = {"forward": "BLOCK_K", "grad_weight": "BLOCK_T", "grad_volume": "BLOCK_E"}[kind]
-    window = (*bench.CT_WINDOW, 0.0, 1.0)
+    window = (*op_bench.CT_WINDOW, 0.0, 1.0)
     results = []
     for case in [c for c in CASES if c[4] == torch.int16]:
-        inputs = bench.patch_embed3d_inputs(case, DEVICE)
+        inputs = op_bench.patch_embed3d_inputs(case, DEVICE)
         volume, patch = inputs["volume"], inputs["patch"]
         if kind == "grad_volume":
             volume = volume.to(torch.bfloat16)  # only float volumes have a gradient
@@ -156,7 +157,7 @@ def test_triton_tile_sweep(kind):
         print(f"\n{kind} {case}:")
         for r in sorted((r for r in results if r["case"] == case), key=lambda r: r["ms"]):
             print(f"  {r['ms']:8.3f} ms  {r['config']}")
-    path = os.path.join(os.path.dirname(__file__), "results", f"triton-tiles-patch_embed3d-{bench.machine_name(DEVICE)}.json")
+    path = os.path.join(os.path.dirname(__file__), "results", f"triton-tiles-patch_embed3d-{harness.machine_name(DEVICE)}.json")
     records = json.load(open(path)) if os.path.exists(path) else {}
     records[kind] = results
     with open(path, "w") as f:

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvl import bench
+from medvl.bench import harness
+from medvl.bench import sigmoid_loss as op_bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cuda":
@@ -20,7 +21,7 @@ if DEVICE.type == "cuda":
 else:
     CASES = [(1024, 512), (4096, 512), (16384, 512)]
     DTYPE = torch.float32
-METHODS = list(bench.sigmoid_loss_methods(DEVICE))
+METHODS = list(op_bench.sigmoid_loss_methods(DEVICE))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -28,7 +29,7 @@ METHODS = list(bench.sigmoid_loss_methods(DEVICE))
 def test_sigmoid_loss_forward_backward(benchmark, method, n, dim):
     if method == "reference" and DEVICE.type == "cuda" and n > 16384:
         pytest.skip("the eager reference's B x B buffers at this size only measure the allocator")
-    loss_fn = bench.sigmoid_loss_methods(DEVICE)[method]
+    loss_fn = op_bench.sigmoid_loss_methods(DEVICE)[method]
     generator = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(DEVICE, DTYPE).requires_grad_()
     t = F.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(DEVICE, DTYPE).requires_grad_()
@@ -39,14 +40,14 @@ def test_sigmoid_loss_forward_backward(benchmark, method, n, dim):
         for v in (x, t, s, b):
             v.grad = None
         loss_fn(x, t, s, b).backward()
-        bench._sync(DEVICE)
+        harness.sync(DEVICE)
 
     rounds = 3 if n >= 16384 else 5
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
-    with bench.peak_memory(DEVICE) as peak:
+    with harness.peak_memory(DEVICE) as peak:
         step()
     flops = 6.0 * n * n * dim
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        peak_mib=peak["mib"], gflops=flops / median / 1e9, device=bench.machine_name(DEVICE), dtype=str(DTYPE),
+        peak_mib=peak["mib"], gflops=flops / median / 1e9, device=harness.machine_name(DEVICE), dtype=str(DTYPE),
     )

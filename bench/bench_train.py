@@ -1,6 +1,6 @@
 """Training step (forward, SigLIP loss, backward, AdamW step) of the CLIP model: medvl's fused ops against the
 plain path (MONAI window + PatchEmbeddingBlock(conv) + open_clip SigLipLoss, same weights), and the largest
-batch each path fits in a memory budget (see medvl.train.throughput).
+batch each path fits in a memory budget (see medvl.bench.throughput).
 
 CPU: vit3d-tiny, batch 16 of 1x64x64x32 int16 volumes, fp32; largest batch in 512 MiB. GPU (when visible):
 vit3d-base (ViT-B, 1960 tokens), batch 8 of 1x224x224x160 int16 volumes, bf16 autocast; largest batch in
@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 
-from medvl import bench
-from medvl.train import throughput
+from medvl.bench import harness
+from medvl.bench import throughput
 
 CPU = dict(model="vit3d-tiny", size=(64, 64, 32), batch=16, precision="fp32", budgets=("512",), cap=512)
 GPU = dict(model="vit3d-base", size=(224, 224, 160), batch=8, precision="bf16", budgets=("40960", "full"),
@@ -51,7 +51,7 @@ def _train_step(benchmark, path, device, case, rounds):
     benchmark.extra_info.update(volumes_per_s=case["batch"] / median, peak_mib=measured["peak_mib"],
                                 state_mib=measured["state_mib"], batch=case["batch"], model=case["model"],
                                 volume="x".join(map(str, (1, *case["size"]))), precision=case["precision"],
-                                device=bench.machine_name(device))
+                                device=harness.machine_name(device))
 
 
 def _largest_batch(benchmark, path, budget, device, case):
@@ -62,7 +62,7 @@ def _largest_batch(benchmark, path, budget, device, case):
                                rounds=1, iterations=1)
     benchmark.extra_info.update(largest_batch=found["batch"], capped=found["capped"], budget_mib=found["budget_mib"],
                                 probes=found["probes"], model=case["model"], precision=case["precision"],
-                                volume="x".join(map(str, (1, *case["size"]))), device=bench.machine_name(device))
+                                volume="x".join(map(str, (1, *case["size"]))), device=harness.machine_name(device))
 
 
 @pytest.mark.parametrize("path", throughput.PATHS)

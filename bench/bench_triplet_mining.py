@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 
-from medvl import bench
+from medvl.bench import harness
+from medvl.bench import triplet_mining as op_bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
@@ -26,7 +27,7 @@ if GPU:
              + [(n, 512, dtype) for n in (8192, 32768) for dtype in (torch.bfloat16, torch.float32)])
 else:
     CASES = [(n, 256, torch.float32) for n in (1024, 4096, 16384)]
-METHODS = list(bench.triplet_mining_methods(DEVICE))
+METHODS = list(op_bench.triplet_mining_methods(DEVICE))
 STRATEGY_CASES = [(n, 256) for n in (1024, 8192, 32768)]
 ENTITY_WIDTHS = ((18, 0.15), (9, 0.3), (11, 0.3))
 
@@ -44,18 +45,18 @@ def _inputs(n, dim, dtype, seed=0):
 def test_batch_hard_mining(benchmark, method, n, dim, dtype):
     if method in ("reference", "pytorch-metric-learning") and dtype == torch.bfloat16:
         pytest.skip("the peers mine in the embeddings' dtype; compared in float32")
-    miner = bench.triplet_mining_methods(DEVICE)[method]
+    miner = op_bench.triplet_mining_methods(DEVICE)[method]
     x, labels, _ = _inputs(n, dim, dtype)
 
     def step():
         miner(x, labels)
-        bench._sync(DEVICE)
+        harness.sync(DEVICE)
 
     benchmark.pedantic(step, rounds=3 if n >= 16384 else 5, iterations=1, warmup_rounds=1)
-    with bench.peak_memory(DEVICE) as peak:
+    with harness.peak_memory(DEVICE) as peak:
         step()
     benchmark.extra_info.update(peak_mib=peak["mib"], gflops=2.0 * n * n * dim / benchmark.stats.stats.median / 1e9,
-                                device=bench.machine_name(DEVICE), dtype=str(dtype))
+                                device=harness.machine_name(DEVICE), dtype=str(dtype))
 
 
 def _gpu_backends():
@@ -75,16 +76,16 @@ def test_mining_strategies(benchmark, backend, strategy, n, dim):
 
     def step():
         medvl.triplet_mining(x, strategy=strategy, backend=backend, **kw)
-        bench._sync(DEVICE)
+        harness.sync(DEVICE)
 
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-    with bench.peak_memory(DEVICE) as peak:
+    with harness.peak_memory(DEVICE) as peak:
         step()
-    rate = bench.gemm_rate(n, dim, torch.bfloat16, DEVICE)
+    rate = harness.gemm_rate(n, dim, torch.bfloat16, DEVICE)
     flops = 2.0 * n * n * dim * (2 if strategy == "semi_hard" else 1)  # semi-hard computes the tiles twice
     benchmark.extra_info.update(peak_mib=peak["mib"], gflops=flops / benchmark.stats.stats.median / 1e9,
                                 of_gemm_rate=2.0 * n * n * dim / benchmark.stats.stats.median / rate,
-                                device=bench.machine_name(DEVICE), strategy=strategy)
+                                device=harness.machine_name(DEVICE), strategy=strategy)
 
 
 # Alternatives around GPU_TILES (each must fit the shared memory of an H100/H200; ptxas counts in the
@@ -146,7 +147,7 @@ def test_triton_tile_sweep(strategy):
         print(f"\n{strategy} B={n} D=256 bf16:")
         for r in ranked:
             print(f"  {r['ms']:8.3f} ms  {r['config']}{'' if r['same_as_table'] else '  (other triplets)'}")
-    path = os.path.join(os.path.dirname(__file__), "results", f"triton-tiles-mining-{bench.machine_name(DEVICE)}.json")
+    path = os.path.join(os.path.dirname(__file__), "results", f"triton-tiles-mining-{harness.machine_name(DEVICE)}.json")
     records = json.load(open(path)) if os.path.exists(path) else {}
     records[strategy] = results
     with open(path, "w") as f:

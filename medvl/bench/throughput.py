@@ -27,8 +27,8 @@ A train step is forward, loss, backward and an AdamW step. Figures:
 Precision: "fp32"; "bf16" runs the model under bf16 autocast with fp32 parameters (the trainer's bf16);
 "bf16-params" holds the parameters in bf16. The loss always takes fp32 features.
 
-    python -m medvl.train.throughput --model vit3d-tiny --size 64,64,32 --device cpu --budget-mib 2048 --json OUT
-    python -m medvl.train.throughput --model vit3d-base --size 224,224,160 --device cuda --budget-mib 40960,full
+    python -m medvl.bench.throughput --model vit3d-tiny --size 64,64,32 --device cpu --budget-mib 2048 --json OUT
+    python -m medvl.bench.throughput --model vit3d-base --size 224,224,160 --device cuda --budget-mib 40960,full
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from medvl.bench import append_record
+from medvl.bench.harness import append_record
 from medvl.models.volume_encoder import VolumeEncoder
 
 __all__ = ["PATHS", "PRECISIONS", "MonaiPatchEmbedding", "PlainVolumeEncoder", "plain_volume_path", "plain_loss",
@@ -63,7 +63,7 @@ HU_RANGE = (-1024, 2000)
 REPORTS = ("No pleural effusion. Lungs are clear.", "Small left pleural effusion.",
            "A 6 mm nodule in the right upper lobe.", "Cardiomegaly without effusion.")
 # What the library-loading server imports once for the measurement processes.
-_PRELOAD = ("medvl.train.throughput", "medvl.models", "medvl.nn", "monai.networks.blocks", "monai.transforms",
+_PRELOAD = ("medvl.bench.throughput", "medvl.models", "medvl.nn", "monai.networks.blocks", "monai.transforms",
             "open_clip.loss", "transformers")
 
 
@@ -188,7 +188,7 @@ def indexed(device) -> torch.device:
     return device
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -257,7 +257,7 @@ class TrainStep:
         loss.backward()
         self.optimizer.step()
         del out, loss
-        _sync(self.device)
+        sync(self.device)
 
     def close(self) -> None:
         if self.optimizer is not None:
@@ -275,7 +275,7 @@ def measure_step(model, loss_fn, batch_size: int, volume_shape: Sequence[int], s
     RSS growth, in this process), state_mib (parameters and buffers) and threads (CPU). The batch and the
     optimizer are made inside the measured window; the gradients are dropped at the end.
     """
-    from medvl.bench import peak_memory
+    from medvl.bench.harness import peak_memory
 
     if int(steps) < 1 or int(warmup) < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps}, {warmup}")
@@ -289,7 +289,7 @@ def measure_step(model, loss_fn, batch_size: int, volume_shape: Sequence[int], s
         step = TrainStep(model, loss_fn, batch_size, volume_shape, device, precision, lr, seed)
         try:
             for i in range(int(warmup) + int(steps)):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 step()
                 if i >= warmup:
@@ -326,7 +326,7 @@ class _Zygote:
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(medvl.__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        code = "from medvl.train.throughput import _serve; _serve()"
+        code = "from medvl.bench.throughput import _serve; _serve()"
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         env=env, text=True, bufsize=1)
 
@@ -431,7 +431,7 @@ def _time_interleaved(paths: Sequence[str], model_name: str, volume_size: Sequen
     try:
         for i in range(int(warmup) + int(steps)):
             for path, step in steps_by_path.items():
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 step()
                 if i >= warmup:
@@ -649,7 +649,7 @@ def compare(model_name: str = "vit3d-tiny", volume_size: Sequence[int] = (64, 64
             measured["largest_batch"][spec] = found
         results.append(measured)
         log(f"  {path}: {measured['volumes_per_s']:.2f} volumes/s, peak {measured['peak_mib']:.0f} MiB")
-    from medvl.bench import environment
+    from medvl.bench.harness import environment
 
     record = {"environment": environment(device),
               "config": {"model": model_name, "volume": [1, *[int(s) for s in volume_size]], "volume_dtype": "int16",
@@ -700,7 +700,7 @@ def format_table(record: Dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m medvl.train.throughput", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m medvl.bench.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit3d-tiny")
     parser.add_argument("--size", default=None, help="volume X,Y,Z (default: the model's img_size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -747,6 +747,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from medvl.train.throughput import main as _main  # the importable module, so the workers unpickle it
+    from medvl.bench.throughput import main as _main  # the importable module, so the workers unpickle it
 
     sys.exit(_main())

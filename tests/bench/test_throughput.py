@@ -1,4 +1,4 @@
-"""medvl.train.throughput: the plain path is the same model as the fused one (features, loss, gradients), the
+"""medvl.bench.throughput: the plain path is the same model as the fused one (features, loss, gradients), the
 largest-batch search finds the right answer against fake memory functions, and a CPU measurement runs."""
 
 import math
@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from medvl.train import throughput
-from medvl.train.throughput import build_path, make_batch, plain_loss, plain_volume_path, search_largest
+from medvl.bench import throughput
+from medvl.bench.throughput import build_path, make_batch, plain_loss, plain_volume_path, search_largest
 
 SIZE = (32, 32, 16)
 
