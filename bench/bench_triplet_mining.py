@@ -113,7 +113,7 @@ def test_triton_tile_sweep(strategy):
     import triton.testing
 
     from medvl.ops._labels import pack_multi_hot
-    from medvl.ops.triplet_mining import STRATEGY_CODES, _Inputs, _run_fused, _triton_per_anchor
+    from medvl.ops.triplet_mining import _Inputs, _run_fused, _triton_per_anchor
     from medvl.reference.triplet_mining import entity_scoring
 
     results = []
@@ -123,7 +123,7 @@ def test_triton_tile_sweep(strategy):
         bits = torch.cat([pack_multi_hot(e) for e in entities], 1) if scored else None
         scoring = entity_scoring((0.85, 0.10, 0.05), (0.25, 0.6))
         inputs = _Inputs(x, x, None if scored else labels, None if scored else labels, bits, bits,
-                         STRATEGY_CODES[strategy], 0, [pack_multi_hot(e).shape[1] for e in entities] if scored else [],
+                         strategy, "euclidean", [pack_multi_hot(e).shape[1] for e in entities] if scored else [],
                          [float(w) for w in scoring.weights], float(scoring.low), float(scoring.high), True)
         configs = [None] + SWEEP[strategy]  # None: the table's own choice
         splits = [None] if strategy == "semi_hard" else [None, 1, 2, 4, 8]

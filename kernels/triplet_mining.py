@@ -61,9 +61,12 @@ from ._common import fp32_dot_precision, popcount32
 
 __all__ = ["SUPPORTED_STRATEGIES", "GPU_TILES", "triplet_mining_forward", "block_sizes", "candidate_splits"]
 
-STRATEGY_BATCH_HARD, STRATEGY_SEMI_HARD, STRATEGY_ENTITIES = 0, 1, 2
-DISTANCE_EUCLIDEAN, DISTANCE_SQUARED, DISTANCE_COSINE = 0, 1, 2
-SUPPORTED_STRATEGIES = {STRATEGY_BATCH_HARD, STRATEGY_SEMI_HARD, STRATEGY_ENTITIES}
+# Strategies and distances by name, as medvl.ops passes them; their index is the kernels' code.
+STRATEGY_NAMES = ("batch_hard", "semi_hard", "entities")
+DISTANCE_NAMES = ("euclidean", "squared_euclidean", "cosine")
+STRATEGY_BATCH_HARD, STRATEGY_SEMI_HARD, STRATEGY_ENTITIES = range(len(STRATEGY_NAMES))
+DISTANCE_EUCLIDEAN, DISTANCE_SQUARED, DISTANCE_COSINE = range(len(DISTANCE_NAMES))
+SUPPORTED_STRATEGIES = set(STRATEGY_NAMES)
 
 _NO_INDEX = tl.constexpr(2147483647)  # "no column" in the index reductions (int32 max; candidates < 2^31)
 
@@ -550,7 +553,7 @@ def candidate_splits(n_anchor: int, n_candidate: int, block_m: int, block_n: int
 
 def triplet_mining_forward(*, anchors: torch.Tensor, candidates: torch.Tensor, labels: Optional[torch.Tensor],
                            candidate_labels: Optional[torch.Tensor], anchor_bits: Optional[torch.Tensor],
-                           candidate_bits: Optional[torch.Tensor], strategy: int, distance: int,
+                           candidate_bits: Optional[torch.Tensor], strategy: str, distance: str,
                            entity_words: Sequence[int], weights: Sequence[float], lo: float, hi: float, within: bool,
                            anchor_norms: torch.Tensor, candidate_norms: torch.Tensor,
                            pair_offsets: Optional[torch.Tensor] = None, pair_positive: Optional[torch.Tensor] = None,
@@ -568,11 +571,11 @@ def triplet_mining_forward(*, anchors: torch.Tensor, candidates: torch.Tensor, l
     entries of block_sizes(), and SPLIT the candidate split (tests force several tiles and splits on
     small inputs).
     """
-    strategy, distance = int(strategy), int(distance)
-    if strategy not in SUPPORTED_STRATEGIES:
-        raise ValueError(f"strategy must be one of {sorted(SUPPORTED_STRATEGIES)}, got {strategy!r}")
-    if distance not in (DISTANCE_EUCLIDEAN, DISTANCE_SQUARED, DISTANCE_COSINE):
-        raise ValueError(f"distance must be 0, 1 or 2, got {distance!r}")
+    if strategy not in STRATEGY_NAMES:
+        raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGY_NAMES))}, got {strategy!r}")
+    if distance not in DISTANCE_NAMES:
+        raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCE_NAMES))}, got {distance!r}")
+    strategy, distance = STRATEGY_NAMES.index(strategy), DISTANCE_NAMES.index(distance)
     anchors = anchors.contiguous()
     within = bool(within)
     candidates = anchors if within else candidates.contiguous()

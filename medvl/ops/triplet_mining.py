@@ -24,8 +24,6 @@ from medvl.reference import triplet_mining as reference
 from medvl.reference.triplet_mining import DISTANCES, STRATEGIES, Triplets
 
 OP = "triplet_mining"
-STRATEGY_CODES = {name: code for code, name in enumerate(STRATEGIES)}
-DISTANCE_CODES = {name: code for code, name in enumerate(DISTANCES)}
 ENTITY_KINDS = ("disease", "adjective", "direction")
 
 
@@ -58,7 +56,9 @@ def _compiled_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None)
     # The cpu kernel's workspace grows with the longest run of pairs; the CUDA one does not (and reading
     # it would be a device sync per call).
     longest = 0 if pair_offsets is None or on_cuda else int((pair_offsets[1:] - pair_offsets[:-1]).max())
-    sizes = (anchors.shape[0], candidates.shape[0], anchors.shape[1], inputs.strategy, longest)
+    # Names become the codes of csrc/triplet_mining/triplet_mining.h here, at the compiled boundary.
+    strategy, distance = STRATEGIES.index(inputs.strategy), DISTANCES.index(inputs.distance)
+    sizes = (anchors.shape[0], candidates.shape[0], anchors.shape[1], strategy, longest)
     threads = _core.cpu_threads()
     nbytes = (_C.triplet_mining_cuda_workspace_bytes(*sizes) if on_cuda
               else _C.triplet_mining_cpu_workspace_bytes(*sizes, threads))
@@ -68,7 +68,7 @@ def _compiled_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None)
     arguments = dict(
         anchors=anchors.data_ptr(), candidates=candidates.data_ptr(), n_anchor=anchors.shape[0],
         n_candidate=candidates.shape[0], dim=anchors.shape[1], dtype=_core.DTYPE_CODES[anchors.dtype],
-        strategy=inputs.strategy, distance=inputs.distance, within=inputs.within,
+        strategy=strategy, distance=distance, within=inputs.within,
         labels=_core.pointer(inputs.labels), candidate_labels=_core.pointer(inputs.candidate_labels),
         anchor_bits=_core.pointer(inputs.anchor_bits), candidate_bits=_core.pointer(inputs.candidate_bits),
         entity_words=words, entity_weights=weights, score_low=inputs.lo, score_high=inputs.hi,
@@ -87,7 +87,7 @@ def _compiled_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None)
 def _triton_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None, block_overrides=None):
     from medvl.kernels import triplet_mining as triton_kernels
 
-    cosine = inputs.distance == DISTANCE_CODES["cosine"]
+    cosine = inputs.distance == "cosine"
     anchor_norms = reference.row_norms(inputs.anchors, cosine)
     candidate_norms = anchor_norms if inputs.within else reference.row_norms(inputs.candidates, cosine)
     return triton_kernels.triplet_mining_forward(**vars(inputs), anchor_norms=anchor_norms,
@@ -97,7 +97,7 @@ def _triton_per_anchor(inputs: _Inputs, pair_offsets=None, pair_positive=None, b
 
 def _run_fused(kernel, inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     arange = torch.arange(inputs.anchors.shape[0], device=inputs.anchors.device)
-    if inputs.strategy != STRATEGY_CODES["semi_hard"]:
+    if inputs.strategy != "semi_hard":
         positive, negative = kernel(inputs)
         keep = (positive >= 0) & (negative >= 0)
         return arange[keep], positive[keep], negative[keep]
@@ -110,9 +110,8 @@ def _run_fused(kernel, inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, tor
 
 
 def _run_reference(inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    strategy = STRATEGIES[inputs.strategy]
     entities = candidate_entities = None
-    if strategy == "entities":
+    if inputs.strategy == "entities":
         def split(bits):
             sets, start = [], 0
             for width in inputs.entity_words:
@@ -125,7 +124,7 @@ def _run_reference(inputs: _Inputs) -> Tuple[torch.Tensor, torch.Tensor, torch.T
         inputs.anchors, None if inputs.within else inputs.candidates,
         labels=inputs.labels, candidate_labels=None if inputs.within else inputs.candidate_labels,
         entities=entities, candidate_entities=None if inputs.within else candidate_entities,
-        strategy=strategy, distance=DISTANCES[inputs.distance], entity_weights=inputs.weights,
+        strategy=inputs.strategy, distance=inputs.distance, entity_weights=inputs.weights,
         score_range=(inputs.lo, inputs.hi),
     )
     return tuple(mined)
@@ -172,8 +171,8 @@ def triplet_mining_op(
     candidate_labels: Optional[torch.Tensor],
     anchor_bits: Optional[torch.Tensor],
     candidate_bits: Optional[torch.Tensor],
-    strategy: int,
-    distance: int,
+    strategy: str,
+    distance: str,
     entity_words: List[int],
     entity_weights: List[float],
     score_low: float,
@@ -382,11 +381,10 @@ def triplet_mining(
         else:
             raise ValueError("candidate_labels are needed when candidates and anchors differ in size")
 
-    code = STRATEGY_CODES[strategy]
-    chosen = _dispatch.choose_backend(OP, BACKENDS, backend, device, anchors, code)
+    chosen = _dispatch.choose_backend(OP, BACKENDS, backend, device, anchors, strategy)
     with torch.no_grad():
         mined = torch.ops.medvl.triplet_mining(
-            anchors.detach(), candidates.detach(), labels_in, candidate_labels_in, bits, candidate_bits, code,
-            DISTANCE_CODES[distance], words, weights, low, high, within, chosen,
+            anchors.detach(), candidates.detach(), labels_in, candidate_labels_in, bits, candidate_bits, strategy,
+            distance, words, weights, low, high, within, chosen,
         )
     return Triplets(*mined)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import medvl
-from medvl.ops.triplet_mining import BACKENDS as MINING_BACKENDS, STRATEGY_CODES
+from medvl.ops.triplet_mining import BACKENDS as MINING_BACKENDS
 from medvl.reference.triplet_mining import (entity_score_keys, entity_scoring, pairwise_distance, sqrt_rn,
                                             triplet_mining as reference_mining)
 from tests.utils import available_backends, run_script
@@ -20,7 +20,7 @@ INTERPRETED_SIZES = [(1, 3), (2, 5), (29, 17)]
 def mining_backends(strategy: str):
     params = []
     for name, device in available_backends():
-        why = MINING_BACKENDS[name].reasons(torch.empty(1, 1, device=device), STRATEGY_CODES[strategy])
+        why = MINING_BACKENDS[name].reasons(torch.empty(1, 1, device=device), strategy)
         if not why:
             params.append(pytest.param(name, device, id=f"{name}-{device}"))
     return params
@@ -165,7 +165,7 @@ def test_entity_rule_by_hand():
                                             if not (p.values[0] == "triton" and p.values[1] == "cpu")])
 def test_opcheck(backend, device):
     data = make(9, 8, seed=1, device=device)
-    args = (data["x"], data["x"], data["labels"], data["labels"], None, None, 0, 0, [], [], 0.0, 1.0, True, backend)
+    args = (data["x"], data["x"], data["labels"], data["labels"], None, None, "batch_hard", "euclidean", [], [], 0.0, 1.0, True, backend)
     torch.library.opcheck(torch.ops.medvl.triplet_mining.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -247,7 +247,7 @@ def mine_triton_forced(strategy, x, labels, entities, overrides, candidates=None
     words = [pack_multi_hot(e).shape[1] for e in entities] if scored else []
     scoring = entity_scoring((0.85, 0.10, 0.05), (0.25, 0.6))  # the kernels take the integer form
     inputs = _Inputs(x, candidates, None if scored else labels, None if scored else candidate_labels, bits,
-                     candidate_bits, STRATEGY_CODES[strategy], 0, words, [float(w) for w in scoring.weights],
+                     candidate_bits, strategy, "euclidean", words, [float(w) for w in scoring.weights],
                      float(scoring.low), float(scoring.high), within)
     ours = _run_fused(lambda *a: _triton_per_anchor(*a, block_overrides=overrides), inputs)
     if scored:
