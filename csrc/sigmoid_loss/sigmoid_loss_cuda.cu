@@ -385,12 +385,7 @@ void sigmoid_loss_cuda(const SigmoidLossArgs& args, void* stream) {
     default: require(false, "unknown target code");
   }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case DType::kFloat32: run<float>(args, s); return;
-    case DType::kFloat16: run<__half>(args, s); return;
-    case DType::kBFloat16: run<__nv_bfloat16>(args, s); return;
-  }
-  require(false, "unknown dtype");
+  with_cuda_type(args.dtype, kEntry, [&](auto element) { run<decltype(element)>(args, s); });
 }
 
 }  // namespace medvl
