@@ -27,14 +27,14 @@ def patch_embed3d_cases(device: torch.device):
 
 def patch_embed3d_methods(device: torch.device) -> Dict[str, Callable]:
     """name -> make(volume, weight, bias, pos, patch) -> step() running forward + backward (parameter grads)."""
-    import medvl
+    from medvl.ops import patch_embed3d
     import torch.nn.functional as F
     from medvl.ops.patch_embed3d import BACKENDS
 
     def fused(name):
         def make(volume, weight, bias, pos, patch):
             def step():
-                out = medvl.patch_embed3d(volume, weight, bias, pos, patch_size=patch, window=CT_WINDOW, backend=name)
+                out = patch_embed3d(volume, weight, bias, pos, patch_size=patch, window=CT_WINDOW, backend=name)
                 out.backward(torch.ones_like(out))
             return step
         return make

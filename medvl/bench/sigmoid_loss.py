@@ -11,7 +11,7 @@ from medvl.bench.harness import BENCH_LABELS, Measurement, measure, with_environ
 
 def sigmoid_loss_methods(device: torch.device) -> Dict[str, Callable]:
     """name -> loss function(image, text, scale, bias) for every method runnable here."""
-    import medvl
+    from medvl.ops import sigmoid_loss
     from medvl.ops.sigmoid_loss import BACKENDS
     from medvl.reference.sigmoid_loss import sigmoid_loss as reference_loss
 
@@ -20,10 +20,10 @@ def sigmoid_loss_methods(device: torch.device) -> Dict[str, Callable]:
         if not BACKENDS[name].reasons(torch.empty(1, 1, device=device), torch.empty(1, 1, device=device)):
             if name == "triton" and device.type == "cpu":
                 continue  # the interpreter is a test tool, not a benchmark
-            methods[f"medvl-{name}"] = lambda x, t, s, b, name=name: medvl.sigmoid_loss(x, t, s, b, backend=name)
+            methods[f"medvl-{name}"] = lambda x, t, s, b, name=name: sigmoid_loss(x, t, s, b, backend=name)
             if name == "triton":  # the other strategy of the Triton backend (the default is chunked)
                 methods["medvl-triton-fused"] = with_environment(
-                    {"MEDVL_SIGMOID_STRATEGY": "fused"}, lambda x, t, s, b: medvl.sigmoid_loss(x, t, s, b, backend="triton"))
+                    {"MEDVL_SIGMOID_STRATEGY": "fused"}, lambda x, t, s, b: sigmoid_loss(x, t, s, b, backend="triton"))
     methods["reference"] = reference_loss
     try:
         from open_clip.loss import SigLipLoss
@@ -47,7 +47,7 @@ def bench_sigmoid_loss(n: int, dim: int, dtype: torch.dtype, device: torch.devic
                        target: str = "pair") -> List[Measurement]:
     """Forward + backward of every method at B_img = n against B_txt = n_text (default n). Targets
     other than "pair" (class labels, Jaccard of multi-hot labels) run on medvl's backends only."""
-    import medvl
+    from medvl.ops import sigmoid_loss
 
     n_text = n if n_text is None else n_text
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -75,7 +75,7 @@ def bench_sigmoid_loss(n: int, dim: int, dtype: torch.dtype, device: torch.devic
             if not name.startswith("medvl-"):
                 continue
             backend = name.removeprefix("medvl-").removesuffix("-fused")
-            loss_fn = lambda x, t, s, b, backend=backend: medvl.sigmoid_loss(  # noqa: E731
+            loss_fn = lambda x, t, s, b, backend=backend: sigmoid_loss(  # noqa: E731
                 x, t, s, b, target=target, backend=backend, **labels)
             if name.endswith("-fused"):
                 loss_fn = with_environment({"MEDVL_SIGMOID_STRATEGY": "fused"}, loss_fn)

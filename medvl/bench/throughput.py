@@ -322,9 +322,8 @@ class _Zygote:
     def __init__(self):
         import subprocess
 
-        import medvl
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(medvl.__file__)))
+        # The folder that holds the medvl package (this file is medvl/bench/throughput.py).
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         code = "from medvl.bench.throughput import _serve; _serve()"
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

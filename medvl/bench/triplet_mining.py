@@ -15,7 +15,7 @@ from medvl.bench.harness import BENCH_LABELS, Measurement, measure
 
 def triplet_mining_methods(device: torch.device) -> Dict[str, Callable]:
     """name -> miner(embeddings, labels) for batch-hard mining, every method runnable here."""
-    import medvl
+    from medvl.ops import triplet_mining
     from medvl.ops.triplet_mining import BACKENDS
     from medvl.reference.triplet_mining import triplet_mining as reference_mining
 
@@ -23,7 +23,7 @@ def triplet_mining_methods(device: torch.device) -> Dict[str, Callable]:
     probe = torch.empty(1, 1, device=device)
     for name in ("cuda", "triton", "cpu"):
         if not BACKENDS[name].reasons(probe, 0) and not (name == "triton" and device.type == "cpu"):
-            methods[f"medvl-{name}"] = lambda x, y, name=name: medvl.triplet_mining(x, labels=y, backend=name)
+            methods[f"medvl-{name}"] = lambda x, y, name=name: triplet_mining(x, labels=y, backend=name)
     methods["reference"] = lambda x, y: reference_mining(x, labels=y)
     try:
         from pytorch_metric_learning import distances, miners
