@@ -21,6 +21,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Set, Union
 import torch
 from torch import nn
 
+from medvl.models.standardize import FeatureStandardizer
+
 __all__ = ["TextEncoder", "TINY_CONFIG", "MINILM_ALIASES", "minilm_path"]
 
 TINY_CONFIG: Dict[str, Any] = {
@@ -80,6 +82,9 @@ class TextEncoder(nn.Module):
     path to a local Hugging Face checkpoint directory. ``tiny_config`` overrides entries of
     :data:`TINY_CONFIG`; ``tokenizer`` replaces the tokenizer that would be loaded.
     ``pool`` is ``"cls"`` (first token's hidden state) or ``"mean"`` (attention-masked mean).
+    ``standardize``: standardise the projected embedding per feature (``self.standardizer``, a
+    :class:`~medvl.models.standardize.FeatureStandardizer`: stored statistics here, the batch's reports' in
+    the training losses, for every text: reports, prompts, snippets).
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class TextEncoder(nn.Module):
         max_length: int = 128,
         tiny_config: Optional[Mapping[str, Any]] = None,
         tokenizer: Any = None,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if pool not in _POOLS:
@@ -134,6 +140,15 @@ class TextEncoder(nn.Module):
         self.hidden_size = int(encoder.config.hidden_size)
         self.output_dim = int(output_dim)
         self.proj = nn.Linear(self.hidden_size, self.output_dim, bias=False)
+        self.standardizer = FeatureStandardizer(self.output_dim) if standardize else None
+        if standardize:
+            # The last layer's LayerNorm bias shifts every text's pooled feature by one vector, which the
+            # standardisation removes: its gradient is rounding noise, which Adam would turn into lr-sized
+            # steps. Frozen (BERT-family encoders; other architectures keep theirs).
+            last = getattr(getattr(getattr(encoder, "encoder", None), "layer", [None])[-1], "output", None)
+            norm = getattr(last, "LayerNorm", None)
+            if isinstance(norm, nn.LayerNorm) and norm.bias is not None:
+                norm.bias.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------
     def tokenize(self, texts: Union[str, Sequence[str]]) -> Dict[str, torch.Tensor]:
@@ -151,7 +166,9 @@ class TextEncoder(nn.Module):
     def forward(self, texts_or_batch: Union[str, Sequence[str], Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Encode a list of strings or an already tokenized batch.
 
-        Returns ``{"embedding": (B, output_dim), "pooled": (B, hidden)}``.
+        Returns ``{"embedding": (B, output_dim), "projected": (B, output_dim), "pooled": (B, hidden)}``:
+        ``projected`` is the projection of ``pooled``, ``embedding`` the same standardised with the stored
+        statistics when ``standardize`` (else equal to ``projected``).
         """
         if isinstance(texts_or_batch, Mapping):
             batch = dict(texts_or_batch)
@@ -170,7 +187,9 @@ class TextEncoder(nn.Module):
         else:
             m = mask.to(hidden.dtype).unsqueeze(-1)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return {"embedding": self.proj(pooled), "pooled": pooled}
+        projected = self.proj(pooled)
+        embedding = projected if self.standardizer is None else self.standardizer(projected)
+        return {"embedding": embedding, "projected": projected, "pooled": pooled}
 
     # ------------------------------------------------------------------------------------------
     def no_weight_decay(self) -> Set[str]:
