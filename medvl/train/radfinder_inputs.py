@@ -90,14 +90,21 @@ class RadFinderInputs:
         return texts
 
     def loss_outputs(self, outputs: Dict[str, Any], batch: Mapping[str, Any]) -> Dict[str, Any]:
-        """``outputs`` with the per-sample prompt pairs, snippet features and depth targets the loss reads."""
+        """``outputs`` with the per-sample prompt pairs, snippet features and depth targets the loss reads
+        (the unstandardised projections when the model gives them: ``prompt_embeddings``)."""
         outputs = dict(outputs)
+        # a model that standardises hands over the unstandardised projections too: the loss standardises
+        # those with the batch's statistics (medvl.train.recipes)
+        raw = outputs.get("prompt_embeddings") is not None
         if self.prompts:
-            encoded = outputs.pop("prompt_features")
+            encoded = outputs.pop("prompt_embeddings") if raw else outputs["prompt_features"]
+            outputs.pop("prompt_features")
             table = encoded.reshape(len(self.templates), 2, len(self.findings), encoded.shape[-1])
             chosen = table[batch["prompt_template"].to(encoded.device)]                # (B, 2, F, D)
             outputs["prompt_positive"], outputs["prompt_negative"] = chosen[:, 0], chosen[:, 1]
         if self.localization:
+            if raw:
+                outputs["snippet_features"] = outputs.pop("snippet_embeddings")
             outputs["depth_target"] = batch["depth_target"].to(outputs["image_features"].device)
         return outputs
 

