@@ -21,7 +21,7 @@ Keys:
   :func:`medvl.data.volume_cache.source_fingerprint`), the transform (volume size, and a file
   dataset's transform description) and :data:`CACHE_FORMAT`. A record with none of these is keyed
   by the sha256 of its transformed volume (it has to be loaded to be keyed).
-* a text: sha256 of its UTF-8 bytes.
+* a text: sha256 of its UTF-8 bytes (and of its kind, for a prompt or a snippet).
 
 Storage: safetensors shards under ``<root>/<model key>/`` (one shard per encoding call, holding every
 item that call encoded, tensor names ``"<item key>/<field>"``); nothing is pickled. Shards are
@@ -54,11 +54,13 @@ _SUFFIX = ".safetensors"
 _VOLUME_FIELDS = ("image_features", "pooled", "depth")
 
 
-def text_key(text: str) -> str:
-    """sha256 hex digest of the text's UTF-8 bytes."""
+def text_key(text: str, kind: str = "text") -> str:
+    """sha256 hex digest of the text's UTF-8 bytes (prefixed by its kind when it is not "text": a sentence
+    encoded as a prompt or a snippet is standardised with that kind's statistics, so it is another entry)."""
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    payload = text if kind == "text" else f"{kind}\x00{text}"
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def volume_key(descriptor: Mapping[str, Any]) -> str:
@@ -339,16 +341,22 @@ class CachedEncoder:
             standardizer = copy.deepcopy(standardizer).to("cpu")
         return _fold(weight, standardizer)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """(..., W) pre-projection volume features into the text space (..., D), normalised: through
-        RadFinder's prompt head when there is one, else through the model's ``visual.proj``, each followed by
-        its standardisation when the model has one."""
+    @property
+    def model_standardizes(self) -> bool:
+        """Whether the model's towers standardise their embeddings (``CLIPModel.standardizes``)."""
+        return bool(getattr(self.model, "standardizes", False))
+
+    def project(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(..., W) pre-projection volume features into the text space (..., D), normalised unless told not:
+        through RadFinder's prompt head when there is one, else through the model's ``visual.proj``, each
+        followed by its standardisation when the model has one."""
         weight, bias = self._projection()
         if features.shape[-1] != weight.shape[1]:
             raise ValueError(f"features of width {features.shape[-1]} do not fit the projection "
                              f"{tuple(weight.shape)}")
         projected = features.to(torch.float32) @ weight.t()
-        return F.normalize(projected if bias is None else projected + bias, dim=-1)
+        projected = projected if bias is None else projected + bias
+        return F.normalize(projected, dim=-1) if normalize else projected
 
     # ----------------------------------------------------------------------------------------------
     # volumes
@@ -403,14 +411,16 @@ class CachedEncoder:
     # ----------------------------------------------------------------------------------------------
     # texts
 
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(M, D) normalised features of ``texts`` (duplicates encoded once), from the cache where stored."""
+    def encode_texts(self, texts: Sequence[str], kind: str = "text") -> torch.Tensor:
+        """(M, D) normalised features of ``texts`` (duplicates encoded once), from the cache where stored.
+        ``kind``: what the texts are ("text": paired with volumes; "prompt", "snippet"), whose statistics
+        standardise them when the model standardises (``medvl.models.text_encoder.TEXT_KINDS``)."""
         if isinstance(texts, str):
             raise TypeError("texts: expected a sequence of strings, got one str; wrap it in a list")
         texts = list(texts)
         if not texts:
             raise ValueError("texts: empty, nothing to encode")
-        keys = [text_key(t) for t in texts]
+        keys = [text_key(t, kind) for t in texts]
         unique = dict.fromkeys(keys)
         found = self.cache.get_many(unique)
         todo = [(k, t) for k, t in dict(zip(keys, texts)).items() if k not in found]
@@ -420,7 +430,7 @@ class CachedEncoder:
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             with torch.inference_mode():
-                features = self.model.encode_text([t for _, t in chunk])
+                features = self.model.encode_text([t for _, t in chunk], kind=kind)
             for (k, _), row in zip(chunk, features):
                 new[k] = {"features": row.float()}
             self.texts_encoded += len(chunk)

@@ -304,7 +304,7 @@ def zeroshot_task(encoder, data, *, templates=None, seed: int = 0) -> Dict[str, 
     prompts = disease_prompts(names, templates)
     n_templates = len(prompts[names[0]][0])
     texts = [p for f in names for p in prompts[f][0]] + [p for f in names for p in prompts[f][1]]
-    features = encoder.encode_texts(texts)
+    features = encoder.encode_texts(texts, kind="prompt")
     half = len(names) * n_templates
     positive = features[:half].reshape(len(names), n_templates, -1)
     negative = features[half:].reshape(len(names), n_templates, -1)
@@ -546,7 +546,9 @@ def localization_task(encoder, data, *, seed: int = 0) -> Dict[str, Any]:
         raise ValueError(reason)
     patch_z = encoder.patch_size[2]
     rows = [(i, s) for i, m in enumerate(data.metas) for s in (m.get("snippets") or [])]
-    depth = encoder.project(data.volumes(encoder).depth)  # (N, n_z, D)
+    depth = encoder.project(data.volumes(encoder).depth, normalize=False)  # (N, n_z, D)
+    if encoder.model_standardizes:
+        depth = depth - depth.mean(1, keepdim=True)  # as in training (medvl.train.losses.center_depth)
     n_z = int(depth.shape[1])
     if n_z < 2:
         raise NotEnoughData(f"task 'localization': the volumes have {n_z} depth bin (Z {data.size[2]} / patch_z "
@@ -554,7 +556,7 @@ def localization_task(encoder, data, *, seed: int = 0) -> Dict[str, Any]:
     sample = np.asarray([i for i, _ in rows], dtype=np.int64)
     finding = [s["finding"] for _, s in rows]
     target = np.asarray([min(int(s["depth_index"]) // patch_z, n_z - 1) for _, s in rows], dtype=np.int64)
-    snippets = encoder.encode_texts([s["text"] for _, s in rows])
+    snippets = encoder.encode_texts([s["text"] for _, s in rows], kind="snippet")
     predicted = predict_depth(_np(snippets), _np(depth[torch.as_tensor(sample)]))
     bin_mm = patch_z * _slice_thickness_mm(data, int(sample[0]))
 

@@ -46,8 +46,10 @@ class CLIPModel(torch.nn.Module):
         features = self.visual(volume)["embedding"]
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, text: Union[Sequence[str], Dict[str, torch.Tensor]], normalize: bool = True) -> torch.Tensor:
-        features = self.text(text)["embedding"]
+    def encode_text(self, text: Union[Sequence[str], Dict[str, torch.Tensor]], normalize: bool = True, *,
+                    kind: str = "text") -> torch.Tensor:
+        """Text features of ``kind`` ("text": paired with volumes; "prompt", "snippet": see ``TEXT_KINDS``)."""
+        features = self.text(text, kind=kind)["embedding"]
         return F.normalize(features, dim=-1) if normalize else features
 
     @property
@@ -63,7 +65,8 @@ class CLIPModel(torch.nn.Module):
 
         ``extra_texts``: name -> strings encoded by the text tower in the same call (so that
         DistributedDataParallel sees one forward), returned normalised as ``<name>_features``; the
-        trainer passes disease prompts and report snippets this way. ``return_depth`` adds the volume
+        trainer passes disease prompts and report snippets this way. A name is the texts' kind
+        (``medvl.models.text_encoder.TEXT_KINDS``: "prompt", "snippet"), whose statistics standardise them. ``return_depth`` adds the volume
         tower's ``volume_embeddings`` (pooled, before the projection) and ``depth_features``
         (B, n_z, width): what RadFinder's prompt and localization terms read.
 
@@ -84,7 +87,7 @@ class CLIPModel(torch.nn.Module):
         texts = {} if text is None else {"text": text}
         texts.update({name: list(t) for name, t in (extra_texts or {}).items() if t})
         for name, value in texts.items():
-            encoded = self.text(value)
+            encoded = self.text(value, kind=name)
             out[f"{name}_features"] = F.normalize(encoded["embedding"], dim=-1)
             if raw:
                 out[f"{name}_embeddings"] = encoded["projected"]

@@ -25,7 +25,7 @@ from torch import nn
 from medvl.models.standardize import standardize
 
 __all__ = [
-    "DiseasePromptLoss", "LocalizationLoss", "MultiPositiveContrastiveLoss",
+    "DiseasePromptLoss", "LocalizationLoss", "MultiPositiveContrastiveLoss", "center_depth",
     "prompt_pos_weight", "gaussian_bin_targets", "gather_with_grad",
     "reference_disease_prompt_loss", "reference_localization_loss", "reference_multi_positive_loss",
 ]
@@ -202,6 +202,16 @@ def reference_disease_prompt_loss(volume_embeddings, positive_prompts, negative_
 # uniform guess, so the term barely says where a finding is; sigma = 0.5 gives (0.11, 0.79, 0.11) around the
 # true bin: most of the mass on it, a little on its neighbours, which a finding that spans a bin edge touches.
 LOCALIZATION_SIGMA_BINS = 0.5
+
+
+def center_depth(depth: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, n_z, D) depth features minus each volume's mean over its valid depth bins (``mask`` (B, n_z) bool,
+    all valid when None); invalid bins are left as they are."""
+    if mask is None:
+        return depth - depth.mean(1, keepdim=True)
+    weights = mask.to(device=depth.device, dtype=depth.dtype).unsqueeze(-1)
+    mean = (depth * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
+    return torch.where(weights > 0, depth - mean, depth)
 
 
 def gaussian_bin_targets(target: torch.Tensor, mask: torch.Tensor, sigma: float = LOCALIZATION_SIGMA_BINS,

@@ -40,12 +40,13 @@ Keys read from ``batch`` (as :func:`medvl.data.collate` returns them):
 
 Standardisation across the batch (:mod:`medvl.models.standardize`): when ``outputs`` holds
 ``image_embeddings`` / ``text_embeddings``, every term reads embeddings standardised with the statistics of
-this batch before normalising them: the volumes' own statistics for ``image_features``; the reports' for
-``text_features`` and for every other text (``prompt_positive`` / ``prompt_negative`` / ``snippet_features``,
-which then hold unstandardised projections); and, for RadFinder's prompt head, the statistics of the head's
-projection of ``volume_embeddings``, for the volumes and their ``depth_features`` alike. The statistics are
-those of the whole batch the loss sees: the joined micro-batches of a gradient-accumulation step and, with a
-process group, every rank (all-reduced with gradient), so the guarantees of the losses hold unchanged.
+their own kind in this batch before normalising them: the volumes' for ``image_features``; the paired texts'
+for ``text_features``; the snippets' for ``snippet_features`` (which then holds unstandardised projections);
+and, for RadFinder's prompt head, the statistics of the head's projection of ``volume_embeddings``, for the
+volumes and their ``depth_features`` alike. (``prompt_positive`` / ``prompt_negative`` come standardised with
+the prompt set's statistics: :class:`medvl.train.radfinder_inputs.RadFinderInputs`.) The statistics are those
+of the whole batch the loss sees: the joined micro-batches of a gradient-accumulation step and, with a process
+group, every rank (all-reduced with gradient), so the guarantees of the losses hold unchanged.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from medvl.models.standardize import FeatureStandardizer, batch_statistics, stan
 from medvl.nn.sigmoid_loss import SigLIPLoss
 from medvl.nn.triplet_loss import MedTrimLoss
 from medvl.train.losses import LOCALIZATION_SIGMA_BINS, DiseasePromptLoss, LocalizationLoss, \
-    MultiPositiveContrastiveLoss
+    MultiPositiveContrastiveLoss, center_depth
 
 __all__ = ["Recipe", "RECIPES", "LOSS_TERMS", "get_recipe", "create_loss", "RecipeLoss"]
 
@@ -240,11 +241,10 @@ class RecipeLoss(nn.Module):
         if image is not None:
             out["image_features"] = F.normalize(standardize(image, *batch_statistics(image, self.group)), dim=-1)
         if text is not None:
-            statistics = batch_statistics(text, self.group)
-            out["text_features"] = F.normalize(standardize(text, *statistics), dim=-1)
-            for key in ("prompt_positive", "prompt_negative", "snippet_features"):
-                if outputs.get(key) is not None:
-                    out[key] = standardize(outputs[key], *statistics)  # the terms normalise them
+            out["text_features"] = F.normalize(standardize(text, *batch_statistics(text, self.group)), dim=-1)
+        snippets = outputs.get("snippet_features")
+        if snippets is not None:  # unstandardised here; the term normalises
+            out["snippet_features"] = standardize(snippets, *batch_statistics(snippets, self.group))
         return out
 
     def forward(self, outputs: Mapping[str, Any], batch: Optional[Mapping[str, Any]] = None) -> Dict[str, torch.Tensor]:
@@ -288,7 +288,11 @@ class RecipeLoss(nn.Module):
         if kind == "siglip" and w.get("localization"):
             depth = self.prompts.project(_need("depth_features", "localization", outputs))
             if head_statistics is not None:
+                # Which depth of its own volume a snippet describes depends only on how the depth features
+                # differ along the volume: each volume's mean over its valid depth bins is removed (a part
+                # all bins share, which would otherwise dominate every cosine), the head's scale kept.
                 depth = standardize(depth, *head_statistics)
+                depth = center_depth(depth, _optional("depth_mask", outputs, batch))
             terms["localization"] = self.localization(
                 _need("snippet_features", "localization", outputs), depth,
                 _need("depth_target", "localization", outputs, batch),

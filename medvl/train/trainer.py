@@ -589,7 +589,8 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
                     f"{record['volumes_per_s']:.1f} vol/s  peak {peak:.0f} MiB")
             if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 if main_rank:
-                    calibrate_standardizers(core, loss_fn, dataset, device=device, autocast_dtype=autocast_dtype)
+                    calibrate_standardizers(core, loss_fn, dataset, device=device, autocast_dtype=autocast_dtype,
+                                            prompts=side.prompt_texts if side and side.prompts else None)
                     last_checkpoint = _save_checkpoint(out, step, core, loss_fn, optimizer, scheduler, position,
                                                        run_config)
                 else:
