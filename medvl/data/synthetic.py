@@ -49,6 +49,7 @@ import numpy as np
 from medvl.data.metadata import MR_METADATA_KEYS
 
 __all__ = [
+    "HELD_OUT_SEED",
     "CT_FINDINGS",
     "CT_SURFACE_FORMS",
     "CT_TISSUES",
@@ -60,12 +61,17 @@ __all__ = [
     "MR_SEQUENCES",
     "MR_TISSUES",
     "MR_TISSUE_PARAMS",
+    "MR_IMAGE_INDEPENDENT_TAGS",
     "MR_METADATA_KEYS",
     "MRPhantom",
     "make_mr_phantom",
     "mr_signal",
     "make_phantom_set",
 ]
+
+#: The seed of held-out phantom sets (evaluation, the trainer's diagnostics): phantom i of a set comes from
+#: (seed, i), and training runs use small seeds, so no held-out phantom is ever trained on.
+HELD_OUT_SEED = 100_000
 
 # ------------------------------------------------------------------------------------------------
 # CT: vocabulary
@@ -104,6 +110,10 @@ CT_SURFACE_FORMS: dict[str, tuple[str, ...]] = {
 }
 
 SIDES = ("left", "right", "bilateral")
+
+# Nodule diameters (mm) by size word. Large enough to cover voxels at the default 64 x 64 x 32 input
+# (3.5 x 3.5 x 5 mm): a 7 mm nodule changed about 5 voxels there, below what any model learns to see.
+_NODULE_MM = {"small": (14.0, 18.0), "moderate": (20.0, 26.0), "large": (28.0, 36.0)}
 LOBES = ("upper lobe", "middle lobe", "lower lobe", "lingula")
 SIZES = ("small", "moderate", "large")
 SEVERITIES = ("mild", "moderate", "severe")
@@ -480,6 +490,12 @@ class _CTCanvas:
             if flat.size:
                 yi, xi = np.unravel_index(int(rng.choice(flat)), cand.shape)
                 return zi, int(yi), int(xi)
+        # no aerated lung left (another finding filled the lobe): any voxel of the lobe's lung
+        for zi in rng.permutation(np.arange(i0, i1)).tolist():
+            flat = np.flatnonzero(lab[zi] == _LUNG[side])
+            if flat.size:
+                yi, xi = np.unravel_index(int(rng.choice(flat)), lab[zi].shape)
+                return int(zi), int(yi), int(xi)
         raise RuntimeError(f"no lung voxels in the {side} {lobe}; volume too small?")
 
     def paint(self, sl, mask, value, allowed=None, mode="set"):
@@ -510,10 +526,11 @@ class _CTCanvas:
     # Finding routines -----------------------------------------------------------------------
     def lung_nodule(self, f: Finding) -> Finding:
         rng = self.rng
-        d = {"small": rng.uniform(7, 9), "moderate": rng.uniform(10, 16), "large": rng.uniform(20, 28)}[f.size]
+        d = {"small": rng.uniform(*_NODULE_MM["small"]), "moderate": rng.uniform(*_NODULE_MM["moderate"]),
+             "large": rng.uniform(*_NODULE_MM["large"])}[f.size]
         c = self.lobe_center(f.side, f.lobe)
         sl, m = self.A.ellipsoid(c, (d / 2,) * 3)
-        mask = self.paint(sl, m, rng.uniform(20, 60), allowed=[_LUNG[f.side]])
+        mask = self.paint(sl, m, rng.uniform(30, 60), allowed=[_LUNG[f.side]])
         return dataclasses.replace(self.finish(f, mask, c), diameter_mm=round(float(d), 1))
 
     def _lobar_blob(self, f: Finding, rxy, rz, value_fn, posterior=False) -> Finding:
@@ -529,19 +546,30 @@ class _CTCanvas:
 
     def consolidation(self, f: Finding) -> Finding:
         hu = self.rng.uniform(25, 45)
-        return self._lobar_blob(f, (16, 30), (12, 25), lambda old: np.full_like(old, hu))
+        # lobar: most of the lobe (a consolidation the size of a patch row of the 64 x 64 x 32 input)
+        return self._lobar_blob(f, (26, 44), (18, 30), lambda old: np.full_like(old, hu))
 
     def lung_opacity(self, f: Finding) -> Finding:
         hu = self.rng.uniform(-600, -450)
-        return self._lobar_blob(f, (15, 32), (10, 22), lambda old: hu + 0.5 * (old + 850.0))
+        return self._lobar_blob(f, (24, 42), (16, 28), lambda old: hu + 0.5 * (old + 850.0))
 
     def atelectasis(self, f: Finding) -> Finding:
         rng, A = self.rng, self.A
-        c = self.lobe_center(f.side, f.lobe, posterior=True)
-        r = (max(4.0, 0.5 * A.spacing[0]), rng.uniform(4, 6), rng.uniform(20, 32))
-        sl, m = A.ellipsoid(c, r)
-        mask = self.paint(sl, m, rng.uniform(10, 40), allowed=[_LUNG[f.side]])
-        return self.finish(f, mask, c)
+        # two or three plate-like (subsegmental) bands in the posterior lobe, each thick enough to cover
+        # voxels at 5 mm slices: one band of a few mm changed about 30 voxels of the 64 x 64 x 32 input
+        i0, i1 = A.lobes[(f.side, f.lobe)]
+        hu = rng.uniform(10, 40)
+        mask = np.zeros(A.shape, bool)
+        first = None
+        for _ in range(int(rng.integers(2, 4))):
+            c = self.lobe_center(f.side, f.lobe, posterior=True)
+            r = (max(6.0, 0.75 * A.spacing[0]), rng.uniform(6, 9), rng.uniform(30, 45))
+            sl, m = A.ellipsoid(c, r)
+            zr = np.arange(sl[0].start, sl[0].stop)
+            m = m & ((zr >= i0) & (zr < i1))[:, None, None]
+            mask |= self.paint(sl, m, hu, allowed=[_LUNG[f.side]])
+            first = first or c
+        return self.finish(f, mask, first)
 
     def pleural_effusion(self, f: Finding) -> Finding:
         A, rng = self.A, self.rng
@@ -557,14 +585,14 @@ class _CTCanvas:
 
     def emphysema(self, f: Finding) -> Finding:
         A, rng = self.A, self.rng
-        n = {"mild": 12, "moderate": 28, "severe": 56}[f.severity]
+        n = {"mild": 30, "moderate": 55, "severe": 90}[f.severity]
         mask = np.zeros(A.shape, bool)
         for k in range(n):
             cand = A.emph_candidates["right" if k % 2 == 0 else "left"]
             c = np.unravel_index(int(rng.choice(cand)), A.shape)
-            rxy = rng.uniform(4, 9)
-            sl, m = A.ellipsoid(c, (max(rxy, 0.5 * A.spacing[0]), rxy, rxy))
-            mask |= self.paint(sl, m, rng.uniform(-990, -955), allowed=[_LUNG_R, _LUNG_L])
+            rxy = rng.uniform(6, 12)
+            sl, m = A.ellipsoid(c, (max(rxy, 0.75 * A.spacing[0]), rxy, rxy))
+            mask |= self.paint(sl, m, rng.uniform(-1000, -975), allowed=[_LUNG_R, _LUNG_L])
         return self.finish(f, mask)
 
     def _heart_ellipsoid(self, scale, extra_mm=0.0):
@@ -576,7 +604,7 @@ class _CTCanvas:
         return c, A.ellipsoid(c, r)
 
     def cardiomegaly(self, f: Finding) -> Finding:
-        k = {"mild": 1.15, "moderate": 1.27, "severe": 1.4}[f.severity]
+        k = {"mild": 1.2, "moderate": 1.32, "severe": 1.45}[f.severity]
         self.heart_scale = np.array([1.1, k, k])
         c, (sl, m) = self._heart_ellipsoid(self.heart_scale)
         mask = self.paint(sl, m, self.hu[_HEART], allowed=[_LUNG_R, _LUNG_L, _MEDFAT])
@@ -597,15 +625,15 @@ class _CTCanvas:
         sites = [  # (z, y, x) reference mm: paratracheal, prevascular, AP window, subcarinal, hila
             (85, -8, -17), (95, -55, 0), (100, -5, 14), (128, 12, 0), (135, 5, -40), (135, 5, 42)
         ]
-        pick = rng.choice(len(sites), size=int(rng.integers(2, 5)), replace=False)
+        pick = rng.choice(len(sites), size=int(rng.integers(3, 6)), replace=False)
         mask = np.zeros(A.shape, bool)
         best = (-1.0, None)
         for i in pick:
             z, y, x = sites[int(i)]
             c = A.index_of_mm((z * A.kz, y * A.kxy, x * A.kxy))
-            d = rng.uniform(12, 24)  # short axis > 10 mm: enlarged
+            d = rng.uniform(15, 26)  # short axis > 10 mm: enlarged
             sl, m = A.ellipsoid(c, (0.65 * d, d / 2, d / 2))
-            mask |= self.paint(sl, m, rng.uniform(35, 55), allowed=[_MEDFAT, _LUNG_R, _LUNG_L])
+            mask |= self.paint(sl, m, rng.uniform(40, 60), allowed=[_MEDFAT, _LUNG_R, _LUNG_L])
             if d > best[0]:
                 best = (d, c)
         out = self.finish(f, mask, best[1])
@@ -613,19 +641,30 @@ class _CTCanvas:
 
     def arterial_wall_calcification(self, f: Finding) -> Finding:
         A, rng = self.A, self.rng
-        n = {"mild": 3, "moderate": 7, "severe": 14}[f.severity]
+        # Plaques: arcs of the descending aorta's wall, a few mm thick and 10-20 mm long, so that each covers
+        # voxels at 3.5 x 3.5 x 5 mm (a point-like calcification vanishes into one partial voxel there).
+        n = {"mild": 4, "moderate": 8, "severe": 12}[f.severity]
         ra = A.aorta_radius
+        cy, cx = A.aorta_desc
         zs = np.sort(rng.uniform(A.aorta_z[1] + 5, A.shape[0] * A.spacing[0] - 10, n))
+        y2, x2 = A.y1[:, None] - cy, A.x1[None, :] - cx
+        radius, angle = np.sqrt(y2**2 + x2**2), np.arctan2(y2, x2)
+        wall = (radius >= ra - max(1.5, 0.4 * A.spacing[1])) & (radius <= ra + max(3.0, 0.9 * A.spacing[1]))
         mask = np.zeros(A.shape, bool)
         centers = []
         for zmm in zs:
-            th = rng.uniform(0, 2 * np.pi)
-            cy, cx = A.aorta_desc
-            c = A.index_of_mm((zmm, cy + ra * np.sin(th), cx + ra * np.cos(th)))
-            r = max(2.5, 0.5 * max(A.spacing[1:]))
-            sl, m = A.ellipsoid(c, (0.5 * A.spacing[0], r, r))
-            mask |= self.paint(sl, m, rng.uniform(500, 1000), mode="max")
-            centers.append(c)
+            th, half = rng.uniform(-np.pi, np.pi), rng.uniform(0.8, 1.3)  # arc of 90-150 degrees
+            arc = wall & (np.abs(np.angle(np.exp(1j * (angle - th)))) <= half)
+            hz = max(rng.uniform(8, 14), 0.5 * A.spacing[0])
+            zsel = np.abs(A.z1 - zmm) <= hz
+            plaque = zsel[:, None, None] & arc[None]
+            if not plaque.any():
+                continue
+            sl = (slice(None),) * 3
+            mask |= self.paint(sl, plaque, rng.uniform(500, 1000), mode="max")
+            zi = int(np.argmin(np.abs(A.z1 - zmm)))
+            yy, xx = np.nonzero(arc)
+            centers.append((zi, int(round(yy.mean())), int(round(xx.mean()))))
         return self.finish(f, mask, centers[len(centers) // 2])
 
 
@@ -929,6 +968,13 @@ _MODELS = {
     },
 }
 _PLANE_ABBR = {"axial": "AX", "sagittal": "SAG", "coronal": "COR"}
+
+#: Metadata of the MR phantom that its image does not depend on: the scanner's maker and model are drawn
+#: independently of the sequence, timings, field strength and plane that shape the image (as on real
+#: scanners, where they leave no mark a model could read). Every other tag is determined by the image,
+#: directly (timings, field strength, plane, contrast agent) or through the sequence (ScanningSequence,
+#: SequenceVariant, ScanOptions, MRAcquisitionType).
+MR_IMAGE_INDEPENDENT_TAGS: tuple[str, ...] = ("Manufacturer", "ManufacturerModelName")
 
 
 @dataclass

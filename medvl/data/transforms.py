@@ -73,6 +73,7 @@ __all__ = [
     "ToChannelFirstMetaTensord",
     "affine_from_spacing",
     "ct_transforms",
+    "light_augment",
     "metatensor_to_volume",
     "mr_transforms",
     "volume_to_metatensor",
@@ -260,6 +261,41 @@ def window_value(hu: float, window: Sequence[float], out_range: Sequence[float] 
         return b_lo
     value = (float(hu) - lo) / (hi - lo) * (b_hi - b_lo) + b_lo
     return float(np.clip(value, min(b_lo, b_hi), max(b_lo, b_hi)))
+
+
+# Light augmentation: bounds of the draws (see light_augment).
+AUGMENT_MAX_SHIFT_VOXELS = 3
+AUGMENT_HU_SCALE = (0.97, 1.03)
+AUGMENT_HU_OFFSET = (-15.0, 15.0)
+
+
+def light_augment(volume_zyx: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A lightly augmented copy of a raw (z, y, x) volume, keeping everything a report says true.
+
+    In-plane translation by up to :data:`AUGMENT_MAX_SHIFT_VOXELS` voxels along y and x (the uncovered
+    border filled with the background: air for CT, 0 for MR); CT only: HU scaled about air (-1000 HU
+    stays air) by a factor in :data:`AUGMENT_HU_SCALE` and offset by :data:`AUGMENT_HU_OFFSET`, as
+    calibration differs between scanners. Never flipped (reports name the side) nor moved along z
+    (reports and depth targets name the slice). ``kind``: "ct" (int16 HU) or "mr" (float signal).
+    Deterministic given ``rng``.
+    """
+    if kind not in ("ct", "mr"):
+        raise ValueError(f"kind must be 'ct' or 'mr', got {kind!r}")
+    volume = np.asarray(volume_zyx)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be (z, y, x), got shape {volume.shape}")
+    background = AIR_HU if kind == "ct" else 0.0
+    out = np.full(volume.shape, background, dtype=np.float32)
+    dy, dx = (int(v) for v in rng.integers(-AUGMENT_MAX_SHIFT_VOXELS, AUGMENT_MAX_SHIFT_VOXELS + 1, 2))
+    ny, nx = volume.shape[1:]
+    src_y, dst_y = slice(max(0, -dy), ny - max(0, dy)), slice(max(0, dy), ny - max(0, -dy))
+    src_x, dst_x = slice(max(0, -dx), nx - max(0, dx)), slice(max(0, dx), nx - max(0, -dx))
+    out[:, dst_y, dst_x] = volume[:, src_y, src_x]
+    if kind == "mr":
+        return out.astype(volume.dtype, copy=False)
+    scale, offset = rng.uniform(*AUGMENT_HU_SCALE), rng.uniform(*AUGMENT_HU_OFFSET)
+    out = (out + 1000.0) * np.float32(scale) - 1000.0 + np.float32(offset)
+    return np.clip(np.rint(out), _INT16_MIN, _INT16_MAX).astype(np.int16)
 
 
 def _check_triple(name: str, value, kind=float):

@@ -21,7 +21,7 @@ Keys:
   :func:`medvl.data.volume_cache.source_fingerprint`), the transform (volume size, and a file
   dataset's transform description) and :data:`CACHE_FORMAT`. A record with none of these is keyed
   by the sha256 of its transformed volume (it has to be loaded to be keyed).
-* a text: sha256 of its UTF-8 bytes.
+* a text: sha256 of its UTF-8 bytes (and of its kind, for a prompt or a snippet).
 
 Storage: safetensors shards under ``<root>/<model key>/`` (one shard per encoding call, holding every
 item that call encoded, tensor names ``"<item key>/<field>"``); nothing is pickled. Shards are
@@ -32,18 +32,19 @@ rounding (a cache filled on a GPU is reused on the CPU).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import tempfile
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CACHE_FORMAT", "CachedEncoder", "EmbeddingCache", "VolumeEmbeddings", "model_fingerprint",
+__all__ = ["CACHE_FORMAT", "CachedEncoder", "EmbeddingCache", "VolumeEmbeddings", "head_tensors", "model_fingerprint",
            "text_key", "volume_ids", "volume_key"]
 
 # Bump when what an entry holds changes (fields, normalisation, preprocessing): old entries are then
@@ -53,11 +54,13 @@ _SUFFIX = ".safetensors"
 _VOLUME_FIELDS = ("image_features", "pooled", "depth")
 
 
-def text_key(text: str) -> str:
-    """sha256 hex digest of the text's UTF-8 bytes."""
+def text_key(text: str, kind: str = "text") -> str:
+    """sha256 hex digest of the text's UTF-8 bytes (prefixed by its kind when it is not "text": a sentence
+    encoded as a prompt or a snippet is standardised with that kind's statistics, so it is another entry)."""
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    payload = text if kind == "text" else f"{kind}\x00{text}"
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def volume_key(descriptor: Mapping[str, Any]) -> str:
@@ -247,22 +250,40 @@ class VolumeEmbeddings:
         return int(self.image_features.shape[0])
 
 
-def _as_head_weight(prompt_head: Any) -> Optional[torch.Tensor]:
-    """A (D, W) weight from a tensor, an nn.Linear, or a loss holding ``prompts.head``; None passes."""
+def _fold(weight: torch.Tensor, standardizer) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A bias-free projection followed by a calibrated standardiser, as one affine map (weight, bias)."""
+    if standardizer is None or int(standardizer.num_samples) == 0:
+        return weight, None
+    return standardizer.fold(weight)
+
+
+def _as_head(prompt_head: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A (D, W) weight and optional (D,) bias from a tensor, an nn.Linear, or a recipe loss holding
+    ``prompts.head`` (and the standardiser of its projection, folded in); (None, None) passes."""
     if prompt_head is None:
-        return None
+        return None, None
+    bias = None
     if isinstance(prompt_head, torch.Tensor):
         weight = prompt_head
     elif isinstance(prompt_head, torch.nn.Linear):
-        weight = prompt_head.weight
+        weight, bias = prompt_head.weight, prompt_head.bias
     elif getattr(getattr(prompt_head, "prompts", None), "head", None) is not None:
-        weight = prompt_head.prompts.head.weight
+        weight, bias = _fold(prompt_head.prompts.head.weight, getattr(prompt_head, "prompt_standardizer", None))
     else:
         raise TypeError("prompt_head: expected a (D, W) tensor, an nn.Linear or a recipe loss with a "
                         f"prompts.head (RadFinder's), got {type(prompt_head).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"prompt_head: expected a (D, W) weight, got shape {tuple(weight.shape)}")
-    return weight.detach().to("cpu", torch.float32)
+    weight = weight.detach().to("cpu", torch.float32)
+    return weight, None if bias is None else bias.detach().to("cpu", torch.float32)
+
+
+def head_tensors(prompt_head: Any) -> Optional[Dict[str, torch.Tensor]]:
+    """What identifies a prompt head in a cache key (:func:`model_fingerprint`'s ``extra``); None without one."""
+    weight, bias = _as_head(prompt_head)
+    if weight is None:
+        return None
+    return {"head": weight} if bias is None else {"head": weight, "head_bias": bias}
 
 
 class CachedEncoder:
@@ -273,8 +294,9 @@ class CachedEncoder:
         cache: where encodings are kept; default a memory-only cache keyed by :func:`model_fingerprint`.
         device: where the model runs (it is moved there).
         batch_size: volumes per forward pass (texts: 8x as many).
-        prompt_head: RadFinder's prompt projection (``loss.prompts.head.weight`` of a checkpoint), a
-            (D, W) tensor, nn.Linear or recipe loss; None: the model's own ``visual.proj``.
+        prompt_head: RadFinder's prompt projection (``loss.prompts.head.weight`` of a checkpoint, with the
+            standardisation of its output folded in as a bias when the model standardises), a (D, W) tensor,
+            nn.Linear or recipe loss; None: the model's own ``visual.proj`` (and its standardiser).
 
     Counters: ``volumes_encoded`` / ``volumes_cached`` and ``texts_encoded`` / ``texts_cached`` count
     items run through the model and items served from the cache (memory or disk).
@@ -289,9 +311,9 @@ class CachedEncoder:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.head_weight = _as_head_weight(prompt_head)
+        self.head_weight, self.head_bias = _as_head(prompt_head)
         self.cache = cache if cache is not None else EmbeddingCache(
-            None, model_fingerprint(model, None if self.head_weight is None else {"head": self.head_weight}))
+            None, model_fingerprint(model, head_tensors(prompt_head)))
         self.batch_size = int(batch_size)
         self.volumes_encoded = self.volumes_cached = self.texts_encoded = self.texts_cached = 0
 
@@ -310,19 +332,31 @@ class CachedEncoder:
     # ----------------------------------------------------------------------------------------------
     # projections of the cached pre-projection features
 
-    def _projection(self) -> torch.Tensor:
+    def _projection(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.head_weight is not None:
-            return self.head_weight
-        return self.model.visual.proj.weight.detach().to("cpu", torch.float32)
+            return self.head_weight, self.head_bias
+        weight = self.model.visual.proj.weight.detach().to("cpu", torch.float32)
+        standardizer = getattr(self.model.visual, "standardizer", None)
+        if standardizer is not None:
+            standardizer = copy.deepcopy(standardizer).to("cpu")
+        return _fold(weight, standardizer)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """(..., W) pre-projection volume features into the text space (..., D), normalised: through
-        RadFinder's prompt head when there is one, else through the model's ``visual.proj``."""
-        weight = self._projection()
+    @property
+    def model_standardizes(self) -> bool:
+        """Whether the model's towers standardise their embeddings (``CLIPModel.standardizes``)."""
+        return bool(getattr(self.model, "standardizes", False))
+
+    def project(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(..., W) pre-projection volume features into the text space (..., D), normalised unless told not:
+        through RadFinder's prompt head when there is one, else through the model's ``visual.proj``, each
+        followed by its standardisation when the model has one."""
+        weight, bias = self._projection()
         if features.shape[-1] != weight.shape[1]:
             raise ValueError(f"features of width {features.shape[-1]} do not fit the projection "
                              f"{tuple(weight.shape)}")
-        return F.normalize(features.to(torch.float32) @ weight.t(), dim=-1)
+        projected = features.to(torch.float32) @ weight.t()
+        projected = projected if bias is None else projected + bias
+        return F.normalize(projected, dim=-1) if normalize else projected
 
     # ----------------------------------------------------------------------------------------------
     # volumes
@@ -377,14 +411,16 @@ class CachedEncoder:
     # ----------------------------------------------------------------------------------------------
     # texts
 
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(M, D) normalised features of ``texts`` (duplicates encoded once), from the cache where stored."""
+    def encode_texts(self, texts: Sequence[str], kind: str = "text") -> torch.Tensor:
+        """(M, D) normalised features of ``texts`` (duplicates encoded once), from the cache where stored.
+        ``kind``: what the texts are ("text": paired with volumes; "prompt", "snippet"), whose statistics
+        standardise them when the model standardises (``medvl.models.text_encoder.TEXT_KINDS``)."""
         if isinstance(texts, str):
             raise TypeError("texts: expected a sequence of strings, got one str; wrap it in a list")
         texts = list(texts)
         if not texts:
             raise ValueError("texts: empty, nothing to encode")
-        keys = [text_key(t) for t in texts]
+        keys = [text_key(t, kind) for t in texts]
         unique = dict.fromkeys(keys)
         found = self.cache.get_many(unique)
         todo = [(k, t) for k, t in dict(zip(keys, texts)).items() if k not in found]
@@ -394,7 +430,7 @@ class CachedEncoder:
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             with torch.inference_mode():
-                features = self.model.encode_text([t for _, t in chunk])
+                features = self.model.encode_text([t for _, t in chunk], kind=kind)
             for (k, _), row in zip(chunk, features):
                 new[k] = {"features": row.float()}
             self.texts_encoded += len(chunk)

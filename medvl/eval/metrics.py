@@ -26,7 +26,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 __all__ = [
-    "retrieval_metrics", "precision_at_r", "zero_shot_scores", "zero_shot_auc",
+    "RELEVANCE_MODES", "retrieval_metrics", "precision_at_r", "zero_shot_scores", "zero_shot_auc", "probe_auc",
     "predict_depth", "localization_metrics", "qc_auc", "cosine_distance",
 ]
 
@@ -220,19 +220,33 @@ def retrieval_metrics(similarity: ArrayLike, relevance: Optional[ArrayLike] = No
     return result
 
 
-def _label_relevance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-    """(q, G) relevance: equal int labels, or multi-hot rows sharing a positive / both all-negative."""
+#: How a gallery item counts for a query in :func:`precision_at_r` (multi-hot findings; int labels are
+#: relevant when equal, whatever the mode):
+#: "shared": 1 when the two share a positive finding (or both are normal), else 0;
+#: "identical": 1 when their finding sets are identical (two normals included), else 0;
+#: "jaccard": the Jaccard index of the two finding sets, |a & b| / |a | b| (1 for two normals): graded.
+RELEVANCE_MODES = ("shared", "identical", "jaccard")
+
+
+def _label_relevance(query: np.ndarray, gallery: np.ndarray, mode: str = "shared") -> np.ndarray:
+    """(q, G) relevance in [0, 1] (see :data:`RELEVANCE_MODES`)."""
     if query.ndim == 1:
-        return query[:, None] == gallery[None, :]
-    shared = (query.astype(np.float64) @ gallery.T.astype(np.float64)) > 0
+        return (query[:, None] == gallery[None, :]).astype(np.float64)
+    q, g = query.astype(np.float64), gallery.astype(np.float64)
+    both = q @ g.T
     both_normal = (~query.any(axis=1))[:, None] & (~gallery.any(axis=1))[None, :]
-    return shared | both_normal
+    if mode == "shared":
+        return ((both > 0) | both_normal).astype(np.float64)
+    either = q.sum(1)[:, None] + g.sum(1)[None, :] - both
+    if mode == "identical":
+        return ((both == either) | both_normal).astype(np.float64)
+    return np.where(both_normal, 1.0, both / np.maximum(either, 1.0))
 
 
 def precision_at_r(similarity: ArrayLike, query_labels: ArrayLike, gallery_labels: ArrayLike,
                    rs: Union[int, Sequence[int]] = (1, 10, 20, 50), *,
-                   class_names: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
-    """MedTrim's precision@R: the fraction of relevant items among the top R of each query's ranking.
+                   class_names: Optional[Sequence[Any]] = None, relevance: str = "shared") -> Dict[str, Any]:
+    """MedTrim's precision@R: the (mean) relevance of the top R items of each query's ranking.
 
     Args:
         similarity: (Q, G), higher is closer; finite. Query i and gallery i are usually a
@@ -246,10 +260,16 @@ def precision_at_r(similarity: ArrayLike, query_labels: ArrayLike, gallery_label
         class_names: optional names. Int labels: indexed by the label value (labels must lie in
             ``[0, len(class_names))``). Multi-hot: one name per column (F of them). The key
             ``"normal"`` is reserved for all-negative multi-hot queries.
+        relevance: for multi-hot labels, one of :data:`RELEVANCE_MODES`: "shared" (share a finding, the
+            relevance above), "identical" (identical finding sets) or "jaccard" (graded: an item
+            counts by the Jaccard index of the two finding sets, so P@R is the mean Jaccard index of
+            the top R). Int labels: relevant when equal, whatever the mode.
 
     Returns:
-        ``{"P@R": mean over all queries, ..., "n_queries": Q,
-        "per_class": {class: {"P@R": ..., "n_queries": ...}}, "macro": {"P@R": ...}}``.
+        ``{"P@R": mean over all queries, ..., "n_queries": Q, "relevance": mode,
+        "chance": mean relevance of the gallery to a query, averaged over the queries (the expected
+        P@R of a random ranking, for every R), "per_class": {class: {"P@R": ..., "n_queries": ...}},
+        "macro": {"P@R": ...}}``.
 
         ``per_class`` groups the queries that have the class: int labels, the queries with that
         label; multi-hot, the queries positive for that finding, plus ``"normal"`` for the
@@ -261,6 +281,8 @@ def precision_at_r(similarity: ArrayLike, query_labels: ArrayLike, gallery_label
     sim = _as_float(similarity, "similarity", (2,), "a (Q, G) similarity matrix")
     n_query, n_gallery = sim.shape
     cutoffs = _as_cutoffs(rs, "rs")
+    if relevance not in RELEVANCE_MODES:
+        raise ValueError(f"relevance: expected one of {', '.join(map(repr, RELEVANCE_MODES))}, got {relevance!r}")
     q_raw, g_raw = _to_numpy(query_labels, "query_labels"), _to_numpy(gallery_labels, "gallery_labels")
     if q_raw.ndim != g_raw.ndim or q_raw.ndim not in (1, 2):
         raise ValueError(f"query_labels and gallery_labels: expected both 1-D int labels ((Q,), (G,)) or both 2-D "
@@ -282,14 +304,16 @@ def precision_at_r(similarity: ArrayLike, query_labels: ArrayLike, gallery_label
         raise ValueError(f"gallery_labels: expected {n_gallery} rows (the G of similarity {_shape(sim)}), "
                          f"got shape {_shape(g_lab)}")
 
-    # Per query: the number of relevant items within the top R (clipped) for each R.
+    # Per query: the summed relevance of the top R (clipped) for each R, and of the whole gallery.
     clipped = [min(r, n_gallery) for r in cutoffs]
     hits = np.empty((n_query, len(cutoffs)), dtype=np.float64)
+    chance = np.empty(n_query, dtype=np.float64)
     for start in range(0, n_query, _ROW_CHUNK):
         stop = start + _ROW_CHUNK
-        ranked = _ranked_relevance(sim[start:stop], _label_relevance(q_lab[start:stop], g_lab))
-        cum = np.cumsum(ranked, axis=1)
+        rel = _label_relevance(q_lab[start:stop], g_lab, relevance)
+        cum = np.cumsum(_ranked_relevance(sim[start:stop], rel), axis=1)
         hits[start:stop] = cum[:, [c - 1 for c in clipped]]
+        chance[start:stop] = rel.mean(axis=1)
     precision = hits / np.asarray(clipped, dtype=np.float64)
 
     # Query groups for the per-class breakdown.
@@ -327,6 +351,7 @@ def precision_at_r(similarity: ArrayLike, query_labels: ArrayLike, gallery_label
         per_class[key] = {**by_cutoff(precision[members].mean(axis=0)), "n_queries": int(members.sum())}
     macro_values = np.mean([[per_class[key][f"P@{r}"] for r in cutoffs] for key in per_class], axis=0)
     return {**by_cutoff(precision.mean(axis=0)), "n_queries": int(n_query),
+            "relevance": relevance if multi_hot else "equal labels", "chance": float(chance.mean()),
             "per_class": per_class, "macro": by_cutoff(macro_values)}
 
 
@@ -472,6 +497,57 @@ def _threshold_metrics(y: np.ndarray, s: np.ndarray, n_pos: int, n_neg: int) -> 
     sensitivity, specificity = tp / n_pos, tn / n_neg
     return {"f1": 2 * tp / (2 * tp + fp + fn), "balanced_accuracy": (sensitivity + specificity) / 2,
             "sensitivity": sensitivity, "specificity": specificity, "threshold": threshold}
+
+
+def probe_auc(features: ArrayLike, labels: ArrayLike, class_names: Optional[Sequence[str]] = None, *,
+              folds: int = 4, seed: int = 0, C: float = 1.0) -> Dict[str, Dict[str, Any]]:
+    """The supervised ceiling of zero-shot classification: per class, the cross-validated ROC AUC of a
+    logistic regression on the same (frozen) features.
+
+    Args:
+        features: (N, W) per-sample features (e.g. the pooled volume features).
+        labels: (N, F) in {1, 0, -1}; -1 entries are left out for that class.
+        class_names: F names (default "0", "1", ...).
+        folds: stratified folds (fewer when a class has fewer members; a class needs at least two
+            positives and two negatives, else its values are None).
+        seed: the folds' shuffle. C: inverse L2 strength. Features are standardised with the training
+            folds' statistics.
+
+    Returns ``{name: {"auc", "n_pos", "n_neg"}, ..., "macro": {"auc", "n_classes"}}``: the AUC of the
+    out-of-fold scores (each sample scored by the model that did not see it).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    x = _as_float(features, "features", (2,), "(N, W) features")
+    y_all = _to_numpy(labels, "labels")
+    _check_ndim(y_all, "labels", (2,), "(N, F) labels in {1, 0, -1}")
+    if y_all.shape[0] != x.shape[0]:
+        raise ValueError(f"labels: expected {x.shape[0]} rows (the N of features), got shape {_shape(y_all)}")
+    y_all = y_all.astype(np.int64)
+    names = _class_names(class_names, y_all.shape[1], "column of labels")
+    names = [str(j) for j in range(y_all.shape[1])] if names is None else names
+    if isinstance(folds, bool) or not isinstance(folds, numbers.Integral) or folds < 2:
+        raise ValueError(f"folds: expected an int >= 2, got {folds!r}")
+    result: Dict[str, Dict[str, Any]] = {}
+    for j, name in enumerate(names):
+        known = y_all[:, j] >= 0
+        y, xs = y_all[known, j], x[known]
+        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+        entry: Dict[str, Any] = {"auc": None, "n_pos": n_pos, "n_neg": n_neg}
+        k = min(int(folds), n_pos, n_neg)
+        if k >= 2:
+            scores = np.empty(y.shape[0], dtype=np.float64)
+            for train, test in StratifiedKFold(k, shuffle=True, random_state=int(seed)).split(xs, y):
+                scaler = StandardScaler().fit(xs[train])
+                model = LogisticRegression(C=float(C), max_iter=1000).fit(scaler.transform(xs[train]), y[train])
+                scores[test] = model.decision_function(scaler.transform(xs[test]))
+            entry["auc"] = float(roc_auc_score(y, scores))
+        result[name] = entry
+    defined = [e["auc"] for e in result.values() if e["auc"] is not None]
+    result["macro"] = {"auc": float(np.mean(defined)) if defined else None, "n_classes": len(defined)}
+    return result
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,12 +21,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["reproduce", "main", "SEEDS", "SETTINGS"]
+from medvl.data.synthetic import HELD_OUT_SEED as DEFAULT_EVAL_SEED
+
+__all__ = ["reproduce", "main", "floors", "format_summary", "SEEDS", "SETTINGS"]
 
 SEEDS = ("mrclip", "medtrim", "radfinder")
 
@@ -108,7 +110,8 @@ def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     from medvl.train.data import build_dataset
 
     checkpoint = _train("mrclip", out / "mrclip", "mrclip", run, log=log)
-    results = _evaluate(checkpoint, out / "mrclip" / "eval", ("qc", "probe", "fewshot"), run["eval_n"], log)
+    results = _evaluate(checkpoint, out / "mrclip" / "eval", ("qc", "probe", "fewshot", "collapse"), run["eval_n"],
+                        log)
     qc = results["qc"]["by_case"]
     # the CNN sees the volumes of the very split and shots the few-shot probe saw
     dataset, _ = build_dataset("synthetic-mr", "mr", n=run["eval_n"], seed=DEFAULT_EVAL_SEED, size=run["size"])
@@ -120,13 +123,44 @@ def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     log(f"[mrclip] supervised 3D CNN on the same shots (k = {ks}, {len(FEWSHOT_SEEDS)} draws each)")
     cnn = few_shot(volumes[train], y[train], volumes[test], y[test], ks=ks, seeds=FEWSHOT_SEEDS,
                    fit=lambda *a: cnn_fit(*a, epochs=run["cnn_epochs"]))
+
+    def split(case):
+        entry = qc[case]
+        return {"all": entry["auc"], "image_determined": (entry.get("image_determined") or {}).get("auc"),
+                "image_independent": (entry.get("image_independent") or {}).get("auc"),
+                "n_corrupted": entry["n_corrupted"], "n_text_unchanged": entry.get("n_text_unchanged"),
+                "by_tag": entry.get("by_tag", {})}
+
     return {
-        "qc_auc": {"missing_tag": qc["missing_tag@0.5"]["auc"], "numeric_error": qc["numeric_error@0.5"]["auc"]},
+        "qc_auc": {"missing_tag": split("missing_tag@0.5"), "numeric_error": split("numeric_error@0.5"),
+                   "wrong_tag": split("wrong_tag@0.5")},
         "probe_accuracy": results["probe"]["accuracy"],
         "probe_majority_accuracy": results["probe"]["majority_accuracy"],
         "fewshot": {"clip_linear_probe": results["fewshot"]["by_k"], "supervised_cnn": cnn},
+        "collapse": _spread(results), "diagnostics": _diagnostics(checkpoint),
         "checkpoint": str(checkpoint), "eval": str(out / "mrclip" / "eval"),
     }
+
+
+def _spread(results: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    c = results.get("collapse")
+    if c is None:
+        return None
+    return {"image_offdiagonal_cosine": c["image_offdiagonal_cosine"]["mean"],
+            "text_offdiagonal_cosine": (c.get("text_offdiagonal_cosine") or {}).get("mean"),
+            "matched_cosine": c.get("matched_cosine"), "unmatched_cosine": c.get("unmatched_cosine"),
+            "collapsed": c["collapsed"]}
+
+
+def _diagnostics(checkpoint: Path) -> Optional[Dict[str, Any]]:
+    """The training run's collapse diagnostics (``diagnostics.json`` beside the checkpoint), condensed."""
+    path = Path(checkpoint).parent / "diagnostics.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    return {"loss": d.get("loss"), "train_R@5": (d.get("train") or {}).get("R@5"),
+            "held_out_R@5": (d.get("held_out") or {}).get("R@5"), "gap_R@5": (d.get("gap") or {}).get("R@5"),
+            "collapsed": d.get("collapsed"), "not_learned": d.get("not_learned"), "warnings": d.get("warnings", [])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,13 +174,16 @@ def _medtrim(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
         "siglip": ("siglip", {"prompts": 0.0, "localization": 0.0}, None),
     }
     precision: Dict[str, Any] = {}
+    collapse: Dict[str, Any] = {}
     for name, (recipe, weights, options) in variants.items():
         checkpoint = _train(f"medtrim/{name}", out / "medtrim" / name, recipe, run, log=log,
                             loss_weights=weights, loss_options=options)
-        results = _evaluate(checkpoint, out / "medtrim" / name / "eval", ("precision",), run["eval_n"], log)
-        precision[name] = {k: v for k, v in results["precision"].items() if k.startswith("P@")}
-        precision[name]["macro"] = results["precision"].get("macro")
-    return {"precision_at_r": precision}
+        results = _evaluate(checkpoint, out / "medtrim" / name / "eval", ("precision", "collapse"), run["eval_n"], log)
+        by_relevance = results["precision"]["by_relevance"]
+        precision[name] = {mode: {k: v for k, v in values.items() if k.startswith("P@") or k == "chance"}
+                           for mode, values in by_relevance.items()}
+        collapse[name] = {"held_out": _spread(results), "training": _diagnostics(checkpoint)}
+    return {"precision_at_r": precision, "collapse": collapse}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,21 +191,31 @@ def _medtrim(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
 
 
 def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
-    runs = {}
+    runs, checkpoints = {}, {}
     for name, weight in (("with_localization", 1.0), ("without_localization", 0.0)):
-        checkpoint = _train(f"radfinder/{name}", out / "radfinder" / name, "siglip", run, log=log,
-                            loss_weights={"localization": weight})
-        runs[name] = _evaluate(checkpoint, out / "radfinder" / name / "eval",
-                               ("localization", "retrieval", "zeroshot"), run["eval_n"], log)
+        checkpoints[name] = _train(f"radfinder/{name}", out / "radfinder" / name, "siglip", run, log=log,
+                                   loss_weights={"localization": weight})
+        runs[name] = _evaluate(checkpoints[name], out / "radfinder" / name / "eval",
+                               ("localization", "retrieval", "zeroshot", "collapse"), run["eval_n"], log)
     with_term = runs["with_localization"]["localization"]
     baselines = with_term["baselines"]
 
-    def summary(r):
+    def summary(name):
+        r = runs[name]
+        retrieval = r["retrieval"]["volume_to_text"]
+        n = r["retrieval"]["n"]
+        zeroshot = r["zeroshot"]
         return {"localization_mae_mm": r["localization"]["model"]["mae_mm"],
                 "within_one_bin": r["localization"]["model"]["within_one_bin"],
-                "zeroshot_macro_auc": r["zeroshot"]["macro"]["auc"],
-                "retrieval_volume_to_text_R@1": r["retrieval"]["volume_to_text"]["R@1"],
-                "retrieval_volume_to_text_class_R@1": r["retrieval"].get("volume_to_text_class", {}).get("R@1")}
+                "zeroshot_macro_auc": zeroshot["macro"]["auc"],
+                "zeroshot_auc": {k: v["auc"] for k, v in zeroshot["per_class"].items()},
+                "probe_macro_auc": zeroshot["probe"]["macro"]["auc"],
+                "probe_auc": {k: v["auc"] for k, v in zeroshot["probe"]["per_class"].items()},
+                "retrieval_volume_to_text": {k: retrieval[k] for k in ("R@1", "R@5", "R@10")},
+                "retrieval_chance": {f"R@{k}": min(1.0, k / n) for k in (1, 5, 10)},
+                "retrieval_volume_to_text_R@1": retrieval["R@1"],
+                "retrieval_volume_to_text_class_R@1": r["retrieval"].get("volume_to_text_class", {}).get("R@1"),
+                "collapse": _spread(r), "diagnostics": _diagnostics(checkpoints[name])}
 
     names = {"centre_mae_mm": "middle", "random_mae_mm": "random", "mean_depth_mae_mm": "finding_mean"}
     base = {}
@@ -176,9 +223,130 @@ def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
         match = [v for k, v in baselines.items() if label in k]
         base[key] = match[0]["mae_mm"] if match else None
     return {"localization_mae_mm": with_term["model"]["mae_mm"], **base,
-            "with_localization": summary(runs["with_localization"]),
-            "without_localization": summary(runs["without_localization"]),
+            "with_localization": summary("with_localization"),
+            "without_localization": summary("without_localization"),
             "baseline_names": sorted(baselines)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The floors of issue 17, checked on a run's results
+
+
+def _floor(text: str, value: Optional[float], threshold: Optional[float], met: Optional[bool]) -> Dict[str, Any]:
+    return {"floor": text, "value": value, "threshold": threshold, "met": bool(met) if met is not None else False}
+
+
+def floors(results: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The floors a seed's run is held to (what issue 17 asks of ``medvl reproduce``), each with its value, its
+    threshold and whether it is met. Chance levels are part of the thresholds."""
+    seed, out = results["seed"], []
+    if seed == "radfinder":
+        r = results["with_localization"]
+        out.append(_floor("zero-shot macro AUC over all findings >= 0.80 (chance 0.5)", r["zeroshot_macro_auc"], 0.80,
+                          (r["zeroshot_macro_auc"] or 0) >= 0.80))
+        for k in ("R@5", "R@10"):
+            chance = r["retrieval_chance"][k]
+            value = r["retrieval_volume_to_text"][k]
+            out.append(_floor(f"volume->text {k} >= 3 x chance ({chance:.3f})", value, 3 * chance, value >= 3 * chance))
+        mae, middle, prior = results["localization_mae_mm"], results["centre_mae_mm"], results["mean_depth_mae_mm"]
+        out.append(_floor("localization MAE <= half the middle-of-range guess", mae, None if middle is None else middle / 2,
+                          middle is not None and mae <= middle / 2))
+        out.append(_floor("localization MAE < the per-finding mean-depth baseline", mae, prior,
+                          prior is not None and mae < prior))
+        collapsed = [name for name in ("with_localization", "without_localization")
+                     if (results[name]["collapse"] or {}).get("collapsed")
+                     or (results[name]["diagnostics"] or {}).get("warnings")]
+        out.append(_floor("no collapse (held-out embeddings, training loss)", float(len(collapsed)), 0.0, not collapsed))
+    elif seed == "medtrim":
+        p = results["precision_at_r"]
+        for mode in ("jaccard", "identical", "shared"):
+            if mode not in p["entities"]:
+                continue
+            entities, others = p["entities"][mode]["P@10"], [p[v][mode]["P@10"] for v in ("batch_hard", "siglip")]
+            out.append(_floor(f"entity mining P@10 above batch-hard and SigLIP ({mode} relevance, chance "
+                              f"{p['entities'][mode]['chance']:.3f})", entities, max(others), entities > max(others)))
+    elif seed == "mrclip":
+        qc = results["qc_auc"]
+        missing = qc["missing_tag"]["image_determined"]
+        numeric = qc["numeric_error"]["all"]
+        out.append(_floor("QC AUC, missing image-determined tags >= 0.97 (chance 0.5)", missing, 0.97,
+                          missing is not None and missing >= 0.97))
+        out.append(_floor("QC AUC, numeric errors >= 0.90 (chance 0.5)", numeric, 0.90,
+                          numeric is not None and numeric >= 0.90))
+    return out
+
+
+def format_summary(results: Mapping[str, Any]) -> str:
+    """The human-readable summary of a seed's run (what bench/results/reproduce-*.txt records)."""
+    seed, run = results["seed"], results["settings"]
+    lines = [f"{seed} ({run['steps']} steps of {run['batch_size']}, {run['n_train'] or 'one new phantom per sample'}"
+             f" training phantoms, eval n={run['eval_n']}, {results['wall_s']:.0f} s):"]
+    if seed == "radfinder":
+        r, w = results["with_localization"], results["without_localization"]
+        lines.append(f"  zero-shot macro AUC {r['zeroshot_macro_auc']:.3f} (without the localization term "
+                     f"{w['zeroshot_macro_auc']:.3f}); supervised ceiling (linear probe) {r['probe_macro_auc']:.3f}; "
+                     "chance 0.5")
+        lines.append("    per finding, zero-shot / probe: " + ", ".join(
+            f"{k} {v:.2f}/{(r['probe_auc'].get(k) or float('nan')):.2f}" for k, v in r["zeroshot_auc"].items()
+            if v is not None))
+        chance = r["retrieval_chance"]
+        lines.append("  volume->text retrieval: " + ", ".join(
+            f"{k} {r['retrieval_volume_to_text'][k]:.3f} (chance {chance[k]:.3f})" for k in ("R@1", "R@5", "R@10")))
+        lines.append(f"  localization MAE (mm): with the term {results['localization_mae_mm']:.1f}, without "
+                     f"{w['localization_mae_mm']:.1f}; middle of the range {results['centre_mae_mm']:.1f}, random "
+                     f"{results['random_mae_mm']:.1f}, finding's mean depth {results['mean_depth_mae_mm']:.1f}")
+        for name in ("with_localization", "without_localization"):
+            lines.append(f"  collapse ({name}): " + _collapse_text(results[name]["collapse"],
+                                                                   results[name]["diagnostics"]))
+    elif seed == "medtrim":
+        p = results["precision_at_r"]
+        for mode in ("jaccard", "identical", "shared"):
+            first = next(iter(p.values()))[mode]
+            cut = [k for k in first if k.startswith("P@")]
+            lines.append(f"  Precision@R, {mode} relevance (chance {first['chance']:.3f}):")
+            for name, values in p.items():
+                lines.append(f"    {name:<10} " + "  ".join(f"{k} {values[mode][k]:.3f}" for k in cut))
+        for name, c in results["collapse"].items():
+            lines.append(f"  collapse ({name}): " + _collapse_text(c["held_out"], c["training"]))
+    elif seed == "mrclip":
+        qc = results["qc_auc"]
+        for kind, entry in qc.items():
+            tags = ", ".join(f"{t} {v['auc']:.2f} ({v['n']})" for t, v in entry["by_tag"].items()
+                             if v["auc"] is not None)
+            lines.append(f"  QC AUC {kind} at 50 %: all {_num(entry['all'])}, image-determined "
+                         f"{_num(entry['image_determined'])}, image-independent {_num(entry['image_independent'])}; "
+                         f"{entry['n_text_unchanged']} of {entry['n_corrupted']} left the sentence unchanged; by tag: "
+                         f"{tags}")
+        lines.append(f"  linear probe (sequence): {results['probe_accuracy']:.3f} (majority class "
+                     f"{results['probe_majority_accuracy']:.3f})")
+        clip, cnn = results["fewshot"]["clip_linear_probe"], results["fewshot"]["supervised_cnn"]
+        for k in clip:
+            lines.append(f"    k={k:>2}: CLIP embeddings + logistic regression {clip[k]['mean']:.3f} +- "
+                         f"{clip[k]['std']:.3f}   3D CNN from scratch {cnn[k]['mean']:.3f} +- {cnn[k]['std']:.3f}")
+        lines.append("  collapse: " + _collapse_text(results["collapse"], results["diagnostics"]))
+    lines.append("  floors:")
+    for f in results.get("floors", []):
+        lines.append(f"    [{'met' if f['met'] else 'NOT MET'}] {f['floor']}: {_num(f['value'])}"
+                     + ("" if f["threshold"] is None else f" (threshold {_num(f['threshold'])})"))
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _collapse_text(spread: Optional[Mapping[str, Any]], training: Optional[Mapping[str, Any]]) -> str:
+    parts = []
+    if spread:
+        parts.append(f"held-out cosine between two volumes {spread['image_offdiagonal_cosine']:.3f}, own text "
+                     f"{_num(spread['matched_cosine'])} vs others {_num(spread['unmatched_cosine'])}")
+    if training and training.get("loss") and training["loss"].get("final") is not None:
+        loss = training["loss"]
+        parts.append(f"final contrastive loss {loss['final']:.3f} vs collapsed {_num(loss['collapsed_level'])}")
+    if training and training.get("gap_R@5") is not None:
+        parts.append(f"R@5 train {training['train_R@5']:.3f} / held-out {training['held_out_R@5']:.3f}")
+    warned = bool(spread and spread.get("collapsed")) or bool(training and training.get("warnings"))
+    return "; ".join(parts) + ("; WARNING" if warned else "; no warning")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,10 +370,12 @@ def reproduce(seed: str, out="runs/reproduce", log: Optional[Callable[[str], Non
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = {"mrclip": _mrclip, "medtrim": _medtrim, "radfinder": _radfinder}[seed](out, run, log)
-    results = {"seed": seed, "settings": {**run, "eval_seed": 100_000}, **results,
+    results = {"seed": seed, "settings": {**run, "eval_seed": DEFAULT_EVAL_SEED}, **results,
                "wall_s": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
+    results["floors"] = floors(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    log(f"[{seed}] done in {results['wall_s']:.0f} s: {out / 'results.json'}")
+    (out / "summary.txt").write_text(format_summary(results) + "\n")
+    log(f"[{seed}] done in {results['wall_s']:.0f} s: {out / 'results.json'}, {out / 'summary.txt'}")
     return results
 
 
@@ -215,8 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default runs/reproduce-<seed>)")
     args = parser.parse_args(argv)
     results = reproduce(args.seed, args.out or f"runs/reproduce-{args.seed}", log=lambda m: print(m, flush=True))
-    shown = {k: v for k, v in results.items() if k not in ("settings",)}
-    print(json.dumps(shown, indent=2, default=str))
+    print(format_summary(results))
     return 0
 
 

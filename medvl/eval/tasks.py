@@ -50,9 +50,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from medvl.eval.cache import CachedEncoder, EmbeddingCache, VolumeEmbeddings, model_fingerprint, volume_ids
-from medvl.eval.metrics import (cosine_distance, localization_metrics, precision_at_r, predict_depth, qc_auc,
-                                retrieval_metrics, zero_shot_auc, zero_shot_scores)
+from medvl.data.synthetic import HELD_OUT_SEED
+from medvl.eval.cache import CachedEncoder, EmbeddingCache, VolumeEmbeddings, head_tensors, model_fingerprint, \
+    volume_ids
+from medvl.eval.metrics import (cosine_distance, localization_metrics, precision_at_r, predict_depth, probe_auc,
+                                qc_auc, retrieval_metrics, zero_shot_auc, zero_shot_scores)
 from medvl.eval.probe import few_shot, linear_probe
 
 __all__ = [
@@ -62,8 +64,8 @@ __all__ = [
     "task_requirement", "zeroshot_task",
 ]
 
-# Phantom i of a set comes from (seed, i): training runs use small seeds, so this one is held out.
-DEFAULT_EVAL_SEED = 100_000
+# The held-out phantoms (training runs use small seeds).
+DEFAULT_EVAL_SEED = HELD_OUT_SEED
 DEFAULT_N = 256
 RETRIEVAL_KS = (1, 5, 10, 50, 100)
 PRECISION_RS = (1, 10, 20, 50)
@@ -192,7 +194,7 @@ def _finding_names(source: Optional[str], labels: Optional[np.ndarray]) -> Optio
 
 TASK_KINDS: Dict[str, Tuple[str, ...]] = {
     "zeroshot": ("ct",), "retrieval": ("ct", "mr"), "precision": ("ct", "mr"), "probe": ("mr", "ct"),
-    "fewshot": ("mr", "ct"), "qc": ("mr",), "localization": ("ct",),
+    "fewshot": ("mr", "ct"), "qc": ("mr",), "localization": ("ct",), "collapse": ("ct", "mr"),
 }
 _NEEDS = {
     "zeroshot": "CT volumes with findings labels whose names are known (synthetic-ct, CT-RATE)",
@@ -204,6 +206,7 @@ _NEEDS = {
                "manifest with an integer 'label' column",
     "qc": "MR series with acquisition metadata (synthetic-mr, an MR NIfTI folder with sidecars)",
     "localization": "CT report snippets with their depth (synthetic-ct)",
+    "collapse": "CT or MR volume-text pairs (at least two)",
 }
 
 
@@ -241,6 +244,8 @@ def task_requirement(task: str, data: EvalSet) -> Optional[str]:
         missing = "no acquisition metadata on every sample"
     elif task == "localization" and not any(m.get("snippets") for m in data.metas):
         missing = "no report snippets with depth indices"
+    elif task == "collapse" and len(data) < 2:
+        missing = "fewer than two samples"
     if missing is not None:
         return f"task {task!r} needs {_NEEDS[task]}; {data.source} has {missing}"
     return None
@@ -283,8 +288,12 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().double().numpy()
 
 
-def zeroshot_task(encoder, data, *, templates=None) -> Dict[str, Any]:
-    """Zero-shot finding classification with prompt pairs; ``{"macro", "per_class", ...}``."""
+def zeroshot_task(encoder, data, *, templates=None, seed: int = 0) -> Dict[str, Any]:
+    """Zero-shot finding classification with prompt pairs; ``{"macro", "per_class", "probe", ...}``.
+
+    ``probe``: the supervised ceiling beside it, per finding: the AUC of a logistic regression trained on
+    labelled folds of the same held-out volumes' pooled features (:func:`~medvl.eval.metrics.probe_auc`):
+    what the image tower encodes of a finding, of which zero-shot reaches what is aligned with text."""
     from medvl.data.prompts import disease_prompts
 
     encoder, data = _prepare(encoder, data)
@@ -295,7 +304,7 @@ def zeroshot_task(encoder, data, *, templates=None) -> Dict[str, Any]:
     prompts = disease_prompts(names, templates)
     n_templates = len(prompts[names[0]][0])
     texts = [p for f in names for p in prompts[f][0]] + [p for f in names for p in prompts[f][1]]
-    features = encoder.encode_texts(texts)
+    features = encoder.encode_texts(texts, kind="prompt")
     half = len(names) * n_templates
     positive = features[:half].reshape(len(names), n_templates, -1)
     negative = features[half:].reshape(len(names), n_templates, -1)
@@ -305,7 +314,11 @@ def zeroshot_task(encoder, data, *, templates=None) -> Dict[str, Any]:
     labels = data.labels.astype(np.int64)
     metrics = zero_shot_auc(scores, labels, class_names=names)
     macro = metrics.pop("macro")
+    ceiling = probe_auc(_np(volumes.pooled), labels, names, seed=seed)
     return {"macro": macro, "per_class": metrics, "n": len(data), "n_templates": n_templates,
+            "probe": {"macro": ceiling.pop("macro"), "per_class": ceiling,
+                      "note": "supervised ceiling: cross-validated logistic regression on the same held-out volumes' "
+                              "pooled features (4 stratified folds)"},
             "volume_side": "prompt head" if encoder.has_prompt_head else "image projection",
             "data": {"class_names": list(names), "scores": scores.round(6).tolist(), "labels": labels.tolist()}}
 
@@ -343,7 +356,16 @@ def retrieval_task(encoder, data, *, ks: Sequence[int] = RETRIEVAL_KS) -> Dict[s
 
 
 def precision_task(encoder, data, *, rs: Sequence[int] = PRECISION_RS) -> Dict[str, Any]:
-    """MedTrim's P@R volume->report with label-defined relevance."""
+    """MedTrim's P@R volume->report with label-defined relevance, and its chance level.
+
+    CT (findings): the top level is "share a finding" relevance (MedTrim's); ``by_relevance`` adds the
+    stricter "identical" finding sets and the graded "jaccard" relevance (an item counts by the Jaccard
+    index of the two finding sets), each with its chance level (the mean relevance of the gallery: the
+    P@R of a random ranking). When most phantom pairs share some finding, "shared" is near 1 by chance
+    and cannot tell methods apart; the other two can.
+    """
+    from medvl.eval.metrics import RELEVANCE_MODES
+
     encoder, data = _prepare(encoder, data)
     reason = task_requirement("precision", data)
     if reason:
@@ -354,7 +376,12 @@ def precision_task(encoder, data, *, rs: Sequence[int] = PRECISION_RS) -> Dict[s
     cut = _cutoffs(rs, len(data))
     if data.kind == "ct":
         result = precision_at_r(similarity, data.labels, data.labels, cut, class_names=data.finding_names)
-        result["relevance"] = "share a finding (or both normal)"
+        result["by_relevance"] = {}
+        for mode in RELEVANCE_MODES:
+            r = result if mode == "shared" else precision_at_r(similarity, data.labels, data.labels, cut,
+                                                               relevance=mode)
+            result["by_relevance"][mode] = {**{k: v for k, v in r.items() if k.startswith("P@")},
+                                            "chance": r["chance"], "macro": r["macro"]}
     else:
         result = precision_at_r(similarity, data.label, data.label, cut)
         result["per_class"] = {str(k): v for k, v in result["per_class"].items()}
@@ -414,10 +441,30 @@ def fewshot_task(encoder, data, *, ks: Sequence[int] = FEWSHOT_KS, seeds: Sequen
             "n_train": int(train.size), "n_test": int(test.size), **info}
 
 
+def _changed_tag(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """The tag a corruption changed (corrupt_metadata changes exactly one)."""
+    changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)]
+    return changed[0] if len(changed) == 1 else "+".join(sorted(changed))
+
+
+def _auc_or_none(clean: np.ndarray, corrupted: Sequence[float]) -> Optional[float]:
+    return qc_auc(clean, np.asarray(corrupted, dtype=np.float64)) if len(corrupted) else None
+
+
 def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional[Sequence[str]] = None,
             seed: int = 0) -> Dict[str, Any]:
-    """Metadata QC: AUC of the volume-sentence cosine distance, corrupted vs clean, per kind and rate."""
+    """Metadata QC: AUC of the volume-sentence cosine distance, corrupted vs clean, per kind and rate, and
+    within each, per corrupted tag and split by whether the image determines the tag.
+
+    A corruption that leaves the sentence unchanged (e.g. an inversion time moved within its sentence bin)
+    cannot be seen by any sentence-based score: it is counted (``n_text_unchanged``) and left out of the
+    AUCs. ``image_determined`` / ``image_independent`` split the corruptions by the tag they touch:
+    the phantom's image does not depend on :data:`~medvl.data.synthetic.MR_IMAGE_INDEPENDENT_TAGS` (the
+    scanner's maker and model), so no image-text model can notice them; MR-CLIP's claim is about the
+    others.
+    """
     from medvl.data.metadata import CORRUPTION_KINDS, corrupt_metadata, metadata_to_text
+    from medvl.data.synthetic import MR_IMAGE_INDEPENDENT_TAGS
 
     encoder, data = _prepare(encoder, data)
     reason = task_requirement("qc", data)
@@ -439,7 +486,7 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
         for rate in rates:
             rng = np.random.default_rng([int(seed), k, int(round(rate * 1000))])
             wanted = min(n - 1, max(1, int(round(rate * n))))
-            chosen, texts = [], []
+            chosen, texts, tags = [], [], []
             for i in rng.permutation(n).tolist():
                 if len(chosen) == wanted:
                     break
@@ -449,20 +496,32 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
                     continue
                 chosen.append(i)
                 texts.append(metadata_to_text(corrupted))
+                tags.append(_changed_tag(data.metadata[i], corrupted))
             key = f"{kind}@{rate:g}"
             if not chosen:
                 by_case[key] = {"auc": None, "n_clean": n, "n_corrupted": 0}
                 continue
             corrupted_scores = cosine_distance(_np(image[chosen]), _np(encoder.encode_texts(texts)))
             clean = np.delete(clean_scores, chosen)
-            by_case[key] = {"auc": qc_auc(clean, corrupted_scores), "n_clean": int(clean.size),
-                            "n_corrupted": len(chosen),
-                            "n_text_unchanged": int(sum(t == clean_text[i] for t, i in zip(texts, chosen)))}
+            changed = [t != clean_text[i] for t, i in zip(texts, chosen)]
+            seen = [float(s) for s, c in zip(corrupted_scores, changed) if c]
+            by_tag: Dict[str, List[float]] = {}
+            split: Dict[str, List[float]] = {"image_determined": [], "image_independent": []}
+            for score, tag, c in zip(corrupted_scores, tags, changed):
+                if c:
+                    by_tag.setdefault(tag, []).append(float(score))
+                    split["image_independent" if tag in MR_IMAGE_INDEPENDENT_TAGS else "image_determined"].append(
+                        float(score))
+            by_case[key] = {"auc": _auc_or_none(clean, seen), "n_clean": int(clean.size),
+                            "n_corrupted": len(chosen), "n_text_unchanged": int(len(chosen) - len(seen)),
+                            **{group: {"auc": _auc_or_none(clean, v), "n": len(v)} for group, v in split.items()},
+                            "by_tag": {tag: {"auc": _auc_or_none(clean, v), "n": len(v)}
+                                       for tag, v in sorted(by_tag.items())}}
             scores[key] = {"clean": clean.round(6).tolist(), "corrupted": corrupted_scores.round(6).tolist()}
     aucs = [v["auc"] for v in by_case.values() if v["auc"] is not None]
     return {"by_case": by_case, "mean_auc": float(np.mean(aucs)) if aucs else None,
             "clean_score_mean": float(clean_scores.mean()), "n": n, "score": "cosine distance volume-sentence",
-            "data": scores}
+            "image_independent_tags": list(MR_IMAGE_INDEPENDENT_TAGS), "data": scores}
 
 
 def _slice_thickness_mm(data: EvalSet, index: int) -> float:
@@ -487,7 +546,9 @@ def localization_task(encoder, data, *, seed: int = 0) -> Dict[str, Any]:
         raise ValueError(reason)
     patch_z = encoder.patch_size[2]
     rows = [(i, s) for i, m in enumerate(data.metas) for s in (m.get("snippets") or [])]
-    depth = encoder.project(data.volumes(encoder).depth)  # (N, n_z, D)
+    depth = encoder.project(data.volumes(encoder).depth, normalize=False)  # (N, n_z, D)
+    if encoder.model_standardizes:
+        depth = depth - depth.mean(1, keepdim=True)  # as in training (medvl.train.losses.center_depth)
     n_z = int(depth.shape[1])
     if n_z < 2:
         raise NotEnoughData(f"task 'localization': the volumes have {n_z} depth bin (Z {data.size[2]} / patch_z "
@@ -495,7 +556,7 @@ def localization_task(encoder, data, *, seed: int = 0) -> Dict[str, Any]:
     sample = np.asarray([i for i, _ in rows], dtype=np.int64)
     finding = [s["finding"] for _, s in rows]
     target = np.asarray([min(int(s["depth_index"]) // patch_z, n_z - 1) for _, s in rows], dtype=np.int64)
-    snippets = encoder.encode_texts([s["text"] for _, s in rows])
+    snippets = encoder.encode_texts([s["text"] for _, s in rows], kind="snippet")
     predicted = predict_depth(_np(snippets), _np(depth[torch.as_tensor(sample)]))
     bin_mm = patch_z * _slice_thickness_mm(data, int(sample[0]))
 
@@ -522,25 +583,56 @@ def localization_task(encoder, data, *, seed: int = 0) -> Dict[str, Any]:
             "data": {"by_depth": by_depth}}
 
 
+def collapse_task(encoder, data) -> Dict[str, Any]:
+    """Is the embedding space collapsed on these held-out samples? :func:`medvl.models.diagnostics.embedding_spread`
+    of the volumes and their own texts (mean cosine between two different samples, volume with own text
+    against the others), with a warning when collapsed."""
+    from medvl.models.diagnostics import COLLAPSE_COSINE, embedding_spread
+
+    encoder, data = _prepare(encoder, data)
+    volumes = data.volumes(encoder)
+    texts = encoder.encode_texts(data.texts)
+    return {**embedding_spread(volumes.image_features, texts, data.texts), "threshold": COLLAPSE_COSINE}
+
+
 TASKS: Dict[str, Callable[..., Dict[str, Any]]] = {
     "zeroshot": zeroshot_task, "retrieval": retrieval_task, "precision": precision_task, "probe": probe_task,
-    "fewshot": fewshot_task, "qc": qc_task, "localization": localization_task,
+    "fewshot": fewshot_task, "qc": qc_task, "localization": localization_task, "collapse": collapse_task,
 }
 # Tasks with random draws (split, shots, corruptions, the random baseline): evaluate() passes them its seed.
-_SEEDED_TASKS = ("probe", "fewshot", "qc", "localization")
+_SEEDED_TASKS = ("zeroshot", "probe", "fewshot", "qc", "localization")
 
 
 # ------------------------------------------------------------------------------------------------------
 # evaluate()
 # ------------------------------------------------------------------------------------------------------
 
-def _prompt_head_of(checkpoint: Path) -> Optional[torch.Tensor]:
+def _prompt_head_of(checkpoint: Path) -> Optional[torch.nn.Linear]:
+    """RadFinder's prompt head of a checkpoint, with the stored standardisation of its output folded in as a
+    bias (when the checkpoint has one); None without a head."""
     from safetensors import safe_open
 
+    from medvl.models.standardize import FeatureStandardizer
+
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
-        if "loss.prompts.head.weight" in f.keys():
-            return f.get_tensor("loss.prompts.head.weight")
-    return None
+        keys = set(f.keys())
+        if "loss.prompts.head.weight" not in keys:
+            return None
+        weight = f.get_tensor("loss.prompts.head.weight").float()
+        prefix = "loss.prompt_standardizer."
+        standardizer = None
+        if f"{prefix}mean" in keys:
+            standardizer = FeatureStandardizer(weight.shape[0])
+            standardizer.load_state_dict({k: f.get_tensor(prefix + k) for k in ("mean", "var", "num_samples")})
+    bias = None
+    if standardizer is not None and int(standardizer.num_samples) > 0:
+        weight, bias = standardizer.fold(weight)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias is not None:
+            head.bias.copy_(bias)
+    return head
 
 
 def _check_device(device: Union[str, torch.device]) -> torch.device:
@@ -700,7 +792,7 @@ def evaluate(checkpoint_or_model, *, data: Any = None, tasks: Union[None, str, S
         if cache_dir is None and out is not None:
             cache_dir = Path(out) / "cache"
         if model_key is None:
-            model_key = model_fingerprint(model, None if head is None else {"head": torch.as_tensor(head)})
+            model_key = model_fingerprint(model, head_tensors(head))
         cache = EmbeddingCache(cache_dir, model_key)
         encoder = CachedEncoder(model, cache, device=device, batch_size=batch_size, prompt_head=head)
         emit(f"evaluating on {len(eval_set)} {kind.upper()} samples of {data_name} (seed {seed}, size {size}): "
@@ -726,6 +818,7 @@ def evaluate(checkpoint_or_model, *, data: Any = None, tasks: Union[None, str, S
         model.to(home).train(was_training)
 
     summary: Dict[str, Any] = {
+        "training_diagnostics": _training_diagnostics(checkpoint),
         "checkpoint": None if checkpoint is None else str(checkpoint), "model_key": model_key,
         "recipe": run_config.get("recipe"), "data": data_name, "kind": kind, "n": len(eval_set), "seed": int(seed),
         "size": list(size), "device": str(device), "tasks": list(results), "results": results, "skipped": skipped,
@@ -747,6 +840,18 @@ def evaluate(checkpoint_or_model, *, data: Any = None, tasks: Union[None, str, S
         (out / "report.md").write_text(format_report(summary))
         emit(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return summary
+
+
+def _training_diagnostics(checkpoint: Optional[Path]) -> Optional[Dict[str, Any]]:
+    """The collapse diagnostics ``medvl train`` wrote beside the checkpoint (``diagnostics.json`` of the run
+    folder), or None."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).parent / "diagnostics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _json_default(value):
@@ -780,6 +885,8 @@ def _pca_colours(data: EvalSet) -> Tuple[List[str], str]:
 # ------------------------------------------------------------------------------------------------------
 
 _MAX_CLASS_ROWS = 20  # longer per-class tables stay in results.json only
+_RELEVANCE_WORDS = {"shared": "shares a finding (or both normal)", "identical": "identical finding sets",
+                    "jaccard": "Jaccard index of the finding sets (graded)", "equal labels": "same contrast category"}
 
 
 def _fmt(value: Any) -> str:
@@ -802,13 +909,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _auc_n(entry: Optional[Mapping[str, Any]]) -> str:
+    if not entry:
+        return "-"
+    return f"{_fmt(entry['auc'])} ({entry['n']})"
+
+
 def _report_task(task: str, r: Mapping[str, Any]) -> str:
     if task == "zeroshot":
         keys = ("auc", "f1", "balanced_accuracy", "sensitivity", "specificity", "n_pos", "n_neg")
-        rows = [[name] + [m.get(k) for k in keys] for name, m in r["per_class"].items()]
-        rows.append(["macro"] + [r["macro"].get(k) for k in keys[:5]] + [None, None])
-        note = f"{r['n']} volumes, {r['n_templates']} templates per finding, volume side: {r['volume_side']}."
-        return note + "\n\n" + _table(("finding",) + keys, rows)
+        probe = r.get("probe") or {"per_class": {}, "macro": {}}
+        rows = [[name, m.get("auc"), (probe["per_class"].get(name) or {}).get("auc")] + [m.get(k) for k in keys[1:]]
+                for name, m in r["per_class"].items()]
+        rows.append(["macro", r["macro"].get("auc"), probe["macro"].get("auc")] + [r["macro"].get(k) for k in keys[1:5]]
+                    + [None, None])
+        note = (f"{r['n']} volumes, {r['n_templates']} templates per finding, volume side: {r['volume_side']}. "
+                "Chance AUC 0.5. probe AUC: the supervised ceiling, a linear probe on the same volumes' features "
+                "(4-fold cross-validated).")
+        return note + "\n\n" + _table(("finding", "zero-shot AUC", "probe AUC") + keys[1:], rows)
     if task == "retrieval":
         directions = [d for d in ("volume_to_text", "text_to_volume", "volume_to_text_class", "text_to_volume_class")
                       if d in r]
@@ -822,7 +940,11 @@ def _report_task(task: str, r: Mapping[str, Any]) -> str:
     if task == "precision":
         keys = [k for k in r if k.startswith("P@")]
         rows = [["all"] + [r[k] for k in keys] + [r["n_queries"]], ["macro"] + [r["macro"][k] for k in keys] + [None]]
-        note = f"Relevance: {r['relevance']}."
+        note = f"Relevance: {_RELEVANCE_WORDS.get(r['relevance'], r['relevance'])}; chance {_fmt(r['chance'])}."
+        if "by_relevance" in r:
+            graded = [[_RELEVANCE_WORDS[m]] + [v[k] for k in keys] + [v["chance"]] for m, v in r["by_relevance"].items()]
+            note += (" Each relevance, with the P@R of a random ranking (chance):\n\n"
+                     + _table(["relevance"] + keys + ["chance"], graded) + "\n\nPer class (shares a finding):")
         if len(r["per_class"]) <= _MAX_CLASS_ROWS:
             rows += [[str(c)] + [v[k] for k in keys] + [v["n_queries"]] for c, v in r["per_class"].items()]
         else:
@@ -837,9 +959,18 @@ def _report_task(task: str, r: Mapping[str, Any]) -> str:
         note = f"Target: {r['target']}; {r['n_train']} training / {r['n_test']} test samples; {r['split']}."
         return note + "\n\n" + _table(("shots per class", "accuracy mean", "std", "k effective"), rows)
     if task == "qc":
-        rows = [[case, v["auc"], v["n_clean"], v["n_corrupted"]] for case, v in r["by_case"].items()]
-        note = f"Score: {r['score']} (corrupted = positive); mean AUC {_fmt(r['mean_auc'])}."
-        return note + "\n\n" + _table(("corruption@rate", "AUC", "n clean", "n corrupted"), rows)
+        rows = [[case, v["auc"], (v.get("image_determined") or {}).get("auc"),
+                 (v.get("image_independent") or {}).get("auc"), v["n_clean"], v["n_corrupted"],
+                 v.get("n_text_unchanged")] for case, v in r["by_case"].items()]
+        tags = sorted({t for v in r["by_case"].values() for t in v.get("by_tag", {})})
+        cases = [c for c, v in r["by_case"].items() if v.get("by_tag")]
+        tag_rows = [[t] + [_auc_n(r["by_case"][c]["by_tag"].get(t)) for c in cases] for t in tags]
+        note = (f"Score: {r['score']} (corrupted = positive); mean AUC {_fmt(r['mean_auc'])}. Corruptions that leave "
+                f"the sentence unchanged are left out of the AUCs (n unchanged). Image-independent tags (the image "
+                f"cannot show them): {', '.join(r.get('image_independent_tags', []))}.")
+        return (note + "\n\n" + _table(("corruption@rate", "AUC", "image-determined", "image-independent", "n clean",
+                                        "n corrupted", "n unchanged"), rows)
+                + "\n\nAUC (n) by corrupted tag:\n\n" + _table(["tag"] + cases, tag_rows))
     if task == "localization":
         keys = ("mae_mm", "median_mm", "within_one_bin", "n")
         rows = [["model"] + [r["model"][k] for k in keys]]
@@ -850,6 +981,36 @@ def _report_task(task: str, r: Mapping[str, Any]) -> str:
     return "```\n" + json.dumps(r, indent=1, default=_json_default) + "\n```"
 
 
+def _collapse_lines(summary: Mapping[str, Any]) -> List[str]:
+    """The report's collapse section: this evaluation's held-out measures, the training run's diagnostics, and
+    a warning line for each sign of collapse."""
+    spread, training = summary["results"].get("collapse"), summary.get("training_diagnostics")
+    if spread is None and training is None:
+        return []
+    lines, warnings = ["## collapse diagnostics", ""], []
+    if spread is not None:
+        text = spread.get("text_offdiagonal_cosine") or {}
+        lines.append(f"- these {spread['n']} samples: mean cosine between two volumes "
+                     f"{_fmt(spread['image_offdiagonal_cosine']['mean'])}, between two different texts "
+                     f"{_fmt(text.get('mean'))} (collapsed above {spread['threshold']}); a volume with its own text "
+                     f"{_fmt(spread.get('matched_cosine'))}, with the others {_fmt(spread.get('unmatched_cosine'))}")
+        if spread["collapsed"]:
+            warnings.append("collapsed embeddings: " + "; ".join(spread["reasons"]))
+    if training is not None:
+        loss = training.get("loss") or {}
+        if loss.get("final") is not None and loss.get("collapsed_level") is not None:
+            lines.append(f"- training: final contrastive loss {_fmt(loss['final'])} against the collapsed solution's "
+                         f"{_fmt(loss['collapsed_level'])} (global batch {loss.get('global_batch')})")
+        if training.get("gap") is not None:
+            lines.append(f"- training run's R@5: train {_fmt(training['train']['R@5'])}, held-out "
+                         f"{_fmt(training['held_out']['R@5'])} (gap {training['gap']['R@5']:+.3f}; chance "
+                         f"{_fmt(training['held_out']['chance_R@5'])})")
+        warnings += [w for w in training.get("warnings", []) if not w.startswith("collapsed embeddings")
+                     or spread is None]
+    lines += [f"- **WARNING**: {w}" for w in warnings] or ["- no sign of collapse"]
+    return lines + [""]
+
+
 def format_report(summary: Mapping[str, Any]) -> str:
     """The markdown report of :func:`evaluate`'s result: a header, then a section per task."""
     lines = ["# medvl evaluation", "",
@@ -857,7 +1018,10 @@ def format_report(summary: Mapping[str, Any]) -> str:
              f"- data: {summary['data']} ({str(summary['kind']).upper()}), {summary['n']} samples, seed "
              f"{summary['seed']}, size {tuple(summary['size'])}, device {summary['device']}",
              "- encoding: " + ", ".join(f"{k} {v}" for k, v in summary["encoding"].items()), ""]
+    lines += _collapse_lines(summary)
     for task, result in summary["results"].items():
+        if task == "collapse":
+            continue
         lines += [f"## {task}", "", _report_task(task, result), ""]
     for task, reason in summary.get("skipped", {}).items():
         lines += [f"## {task} (skipped)", "", reason, ""]
@@ -1093,7 +1257,7 @@ def qc_dicom(checkpoint_or_model, folder: Union[str, os.PathLike], *, device: Un
                          + "; ".join(f"{u['series']}: {u['reason']}" for u in unreadable[:5]))
     dataset = make(records)
     if model_key is None:
-        model_key = model_fingerprint(model, None if head is None else {"head": torch.as_tensor(head)})
+        model_key = model_fingerprint(model, head_tensors(head))
     was_training, home = model.training, _device_of(model)
     try:
         encoder = CachedEncoder(model, EmbeddingCache(cache_dir, model_key), device=device, batch_size=batch_size,

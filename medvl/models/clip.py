@@ -46,9 +46,16 @@ class CLIPModel(torch.nn.Module):
         features = self.visual(volume)["embedding"]
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, text: Union[Sequence[str], Dict[str, torch.Tensor]], normalize: bool = True) -> torch.Tensor:
-        features = self.text(text)["embedding"]
+    def encode_text(self, text: Union[Sequence[str], Dict[str, torch.Tensor]], normalize: bool = True, *,
+                    kind: str = "text") -> torch.Tensor:
+        """Text features of ``kind`` ("text": paired with volumes; "prompt", "snippet": see ``TEXT_KINDS``)."""
+        features = self.text(text, kind=kind)["embedding"]
         return F.normalize(features, dim=-1) if normalize else features
+
+    @property
+    def standardizes(self) -> bool:
+        """Whether both towers standardise their projected embeddings (:mod:`medvl.models.standardize`)."""
+        return self.visual.standardizer is not None and self.text.standardizer is not None
 
     def forward(self, volume: Optional[torch.Tensor] = None,
                 text: Union[Sequence[str], Dict[str, torch.Tensor], None] = None, *,
@@ -58,21 +65,32 @@ class CLIPModel(torch.nn.Module):
 
         ``extra_texts``: name -> strings encoded by the text tower in the same call (so that
         DistributedDataParallel sees one forward), returned normalised as ``<name>_features``; the
-        trainer passes disease prompts and report snippets this way. ``return_depth`` adds the volume
+        trainer passes disease prompts and report snippets this way. A name is the texts' kind
+        (``medvl.models.text_encoder.TEXT_KINDS``: "prompt", "snippet"), whose statistics standardise them. ``return_depth`` adds the volume
         tower's ``volume_embeddings`` (pooled, before the projection) and ``depth_features``
         (B, n_z, width): what RadFinder's prompt and localization terms read.
+
+        When the towers standardise (:attr:`standardizes`), the features use the stored statistics, and
+        ``image_embeddings``, ``text_embeddings`` and ``<name>_embeddings`` hold the projections before any
+        standardisation: what the training losses standardise with the statistics of the batch they see
+        (``medvl.train.recipes.RecipeLoss``).
         """
         out = {"logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
+        raw = self.standardizes
         if volume is not None:
             visual = self.visual(volume, return_depth=return_depth)
             out["image_features"] = F.normalize(visual["embedding"], dim=-1)
+            if raw:
+                out["image_embeddings"] = visual["projected"]
             if return_depth:
                 out["volume_embeddings"], out["depth_features"] = visual["pooled"], visual["depth"]
-        if text is not None:
-            out["text_features"] = self.encode_text(text)
-        for name, texts in (extra_texts or {}).items():
-            if texts:
-                out[f"{name}_features"] = self.encode_text(list(texts))
+        texts = {} if text is None else {"text": text}
+        texts.update({name: list(t) for name, t in (extra_texts or {}).items() if t})
+        for name, value in texts.items():
+            encoded = self.text(value, kind=name)
+            out[f"{name}_features"] = F.normalize(encoded["embedding"], dim=-1)
+            if raw:
+                out[f"{name}_embeddings"] = encoded["projected"]
         return out
 
     def no_weight_decay(self) -> set:

@@ -5,7 +5,8 @@ the position embedding run as one fused pass over the raw volume (``medvl.ops.pa
 volume's patch grid differs from the configured one the position table is resampled (trilinear) to the
 new grid and handed to the same fused op, so the add stays inside the kernel for every input size.
 After it: an optional CLS token, pre-norm transformer blocks (``scaled_dot_product_attention``), a final
-LayerNorm, CLS or mean pooling and a bias-free projection into the shared image-text space.
+LayerNorm, CLS, mean or max pooling, a bias-free projection into the shared image-text space and, optionally,
+the standardisation of the projected embedding (:mod:`medvl.models.standardize`).
 
 Volumes are (B, C, X, Y, Z), channel first, as the MONAI pipelines of ``medvl.data`` give them: the
 axial (slice) axis is the last one, Z. Tokens are in ``Conv3d(...).flatten(2).transpose(1, 2)`` order,
@@ -21,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from medvl.models.standardize import FeatureStandardizer
 from medvl.nn.patch_embed3d import PatchEmbed3d
 from medvl.ops.patch_embed3d import patch_embed3d
 
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "max")
 POS_EMBEDS = ("learnable", "sincos")
 
 
@@ -113,17 +115,24 @@ class VolumeEncoder(torch.nn.Module):
         window: (lo, hi) HU window applied inside the fused patch embedding (to [0, 1]); None: raw values.
         pos_embed: "learnable" (trunc-normal 0.02) or "sincos" (fixed 3D sin-cos buffer; embed_dim % 6 == 0).
         pool: "cls" (a learnable token prepended after the patch embedding, with its own learnable position
-            vector ``cls_pos_embed``) or "mean" (mean of the final-norm patch tokens).
+            vector ``cls_pos_embed``), "mean" (mean of the final-norm patch tokens) or "max" (their
+            feature-wise maximum: a finding that changes a few tokens moves it fully, where the mean of N
+            tokens moves by 1/N).
         grad_checkpointing: recompute each block in backward (training only); see ``set_grad_checkpointing``.
         dropout: attention-probability dropout and dropout after the attention / MLP Linears (training only).
         qkv_bias: bias in the fused qkv Linear.
         norm_eps: LayerNorm epsilon.
+        standardize: standardise the projected embedding per feature (``self.standardizer``, a
+            :class:`~medvl.models.standardize.FeatureStandardizer`: stored statistics here, the batch's in the
+            training losses); off keeps the plain ViT (and the checkpoints saved without it).
 
-    ``forward(volume, return_tokens=False, return_depth=False)`` returns a dict with
-    ``embedding`` (B, output_dim), ``pooled`` (B, embed_dim), and optionally ``tokens`` (B, N, embed_dim),
-    the final-norm patch tokens without the CLS token, and ``depth`` (B, n_z, embed_dim): the patch tokens
-    on their (n_x, n_y, n_z) grid averaged over the in-plane axes, one feature per axial patch row; row d
-    covers slices [d * p_z, (d + 1) * p_z) of the input's last axis Z.
+    ``forward(volume, return_tokens=False, return_depth=False)`` returns a dict with ``embedding``
+    (B, output_dim): the projection, standardised with the stored statistics when ``standardize``;
+    ``projected`` (B, output_dim): the projection before that (what the training losses standardise over the
+    batch); ``pooled`` (B, embed_dim): the pooled features the projection reads; and optionally ``tokens``
+    (B, N, embed_dim), the final-norm patch tokens without the CLS token, and ``depth`` (B, n_z, embed_dim):
+    the patch tokens on their (n_x, n_y, n_z) grid averaged over the in-plane axes, one feature per axial patch
+    row; row d covers slices [d * p_z, (d + 1) * p_z) of the input's last axis Z.
 
     Example:
         >>> encoder = VolumeEncoder(img_size=(64, 64, 32), patch_size=(16, 16, 8), embed_dim=96, depth=2,
@@ -137,7 +146,7 @@ class VolumeEncoder(torch.nn.Module):
                  depth: int = 4, num_heads: int = 3, mlp_ratio: float = 4.0, output_dim: int = 128,
                  window: Optional[Tuple[float, float]] = (-1000.0, 400.0), pos_embed: str = "learnable",
                  pool: str = "cls", grad_checkpointing: bool = False, dropout: float = 0.0, qkv_bias: bool = True,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, standardize: bool = False):
         super().__init__()
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
@@ -164,8 +173,11 @@ class VolumeEncoder(torch.nn.Module):
         self.blocks = torch.nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, dropout=dropout, norm_eps=norm_eps)
             for _ in range(depth)])
-        self.norm = torch.nn.LayerNorm(embed_dim, eps=norm_eps)
+        # A bias on the final norm shifts every sample's embedding by one vector, which the standardisation
+        # removes: its gradient is rounding noise, which Adam would turn into lr-sized steps. None there.
+        self.norm = torch.nn.LayerNorm(embed_dim, eps=norm_eps, bias=not standardize)
         self.proj = torch.nn.Linear(embed_dim, output_dim, bias=False)
+        self.standardizer = FeatureStandardizer(output_dim) if standardize else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -176,7 +188,8 @@ class VolumeEncoder(torch.nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, torch.nn.LayerNorm):
             torch.nn.init.ones_(module.weight)
-            torch.nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------------------------------
 
@@ -236,8 +249,10 @@ class VolumeEncoder(torch.nn.Module):
             pooled, tokens = x[:, 0], x[:, 1:]
         else:
             tokens = x
-            pooled = tokens.mean(dim=1)
-        out = {"embedding": self.proj(pooled), "pooled": pooled}
+            pooled = tokens.mean(dim=1) if self.pool == "mean" else tokens.amax(dim=1)
+        projected = self.proj(pooled)
+        embedding = projected if self.standardizer is None else self.standardizer(projected)
+        out = {"embedding": embedding, "projected": projected, "pooled": pooled}
         if return_tokens:
             out["tokens"] = tokens
         if return_depth:

@@ -33,12 +33,15 @@ import csv
 import json
 import os
 import re
+from collections import OrderedDict, abc
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from medvl.data import VolumeTextDataset, contrast_category, ct_transforms, extract_entities, make_phantom_set, \
-    metadata_to_text, mr_transforms
+from medvl.data import VolumeTextDataset, contrast_category, ct_transforms, extract_entities, metadata_to_text, \
+    mr_transforms
+from medvl.data.transforms import light_augment
 
 __all__ = [
     "BadVolumeError",
@@ -46,6 +49,7 @@ __all__ = [
     "DATA_KINDS",
     "FileVolumeDataset",
     "MR_FIELD_OF_VIEW_MM",
+    "PhantomDataset",
     "SYNTHETIC_SOURCES",
     "build_dataset",
     "finding_snippets",
@@ -96,41 +100,123 @@ def parse_size(size) -> Tuple[int, int, int]:
 # Synthetic phantoms, with finding localization for CT
 # ----------------------------------------------------------------------------------------------------------
 
+class _PhantomRecords(abc.Sequence):
+    """The records of ``len(seeds)`` phantoms, each generated when it is read (the last ``keep`` are kept,
+    so that reading a record's text and then its volume generates it once)."""
+
+    def __init__(self, make: Callable[[int], Dict[str, Any]], n: int, keep: int = 256):
+        self._make, self._n, self._keep = make, int(n), int(keep)
+        self._recent: "OrderedDict[int, Dict[str, Any]]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        index = int(index)
+        if not -self._n <= index < self._n:
+            raise IndexError(f"phantom {index} out of range for {self._n}")
+        index %= self._n
+        record = self._recent.pop(index, None)
+        if record is None:
+            record = self._make(index)
+        self._recent[index] = record
+        while len(self._recent) > self._keep:
+            self._recent.popitem(last=False)
+        return record
+
+    def __getstate__(self):  # DataLoader workers get the recipe, not the kept records
+        state = dict(self.__dict__)
+        state["_recent"] = OrderedDict()
+        return state
+
+
+def _zscore_nonzero(data: Mapping[str, Any]):
+    """What ``mr_transforms``' ``NormalizeIntensityd(nonzero=True, channel_wise=True)`` does to a phantom: each
+    channel's nonzero voxels to mean 0 and standard deviation 1 (zeros stay 0), float32."""
+    image = data["image"]
+    out = image.to(torch.float32).clone()
+    for c in range(out.shape[0]):
+        channel = out[c]
+        nonzero = channel != 0
+        if nonzero.any():
+            values = channel[nonzero]
+            std = values.std(unbiased=False)
+            channel[nonzero] = (values - values.mean()) / (std if std > 0 else 1.0)
+    return out
+
+
+class PhantomDataset(VolumeTextDataset):
+    """``n`` phantoms of ``kind`` "ct" or "mr", generated when read, never all held in memory.
+
+    Phantom i is ``make_ct_phantom`` / ``make_mr_phantom`` of the i-th seed that
+    :func:`~medvl.data.make_phantom_set` draws from ``seed`` (so the set is prefix-stable and the same as
+    ``make_phantom_set(n)`` gives). ``augment``: each phantom's volume goes through
+    :func:`~medvl.data.transforms.light_augment` with a generator seeded by (``seed``, i), before the
+    transform (same draws on every read, in every process).
+    """
+
+    def __init__(self, kind: str, n: int, seed: int, size: Sequence[int], *, augment: bool = False,
+                 cache: bool = False):
+        if kind not in DATA_KINDS:
+            raise ValueError(f"unknown synthetic data kind {kind!r}; choose 'ct' or 'mr'")
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        x, y, z = parse_size(size)
+        self.kind, self.seed, self.augment, self.size = kind, int(seed), bool(augment), (x, y, z)
+        self.shape = (z, y, x)  # phantom generators take (slices, rows, cols)
+        stream = 1 if kind == "ct" else 2  # make_phantom_set's streams
+        self.seeds = [int(v) for v in np.random.SeedSequence([self.seed, stream]).generate_state(int(n), np.uint32)]
+        # The phantoms are generated at the target size in the RAS layout, so the MONAI pipelines of real
+        # volumes (ct_transforms / mr_transforms with spacing=None) change nothing but the layout and, for
+        # MR, the intensity: they are replaced by that (a test checks the equality), at a fifth of the time.
+        if kind == "ct":
+            self.pipeline = ct_transforms(spacing=None, size=(x, y, z), window=None)
+            super().__init__([], None, entity_fn=extract_entities, cache=cache)
+            self._depths: Dict[Tuple, Tuple[List[int], int]] = {}  # one probe per phantom geometry
+        else:
+            self.pipeline = mr_transforms(spacing=None, size=(x, y, z))
+            super().__init__([], _zscore_nonzero, text_fn=metadata_to_text, label_fn=contrast_category, cache=cache)
+        self.records = _PhantomRecords(self._record, len(self.seeds))
+
+    def _augmented(self, volume: np.ndarray, index: int) -> np.ndarray:
+        if not self.augment:
+            return volume
+        rng = np.random.default_rng([self.seed, 1 if self.kind == "ct" else 2, index, 0xA6])
+        return light_augment(volume, self.kind, rng)
+
+    def _record(self, index: int) -> Dict[str, Any]:
+        from medvl.data.synthetic import make_ct_phantom, make_mr_phantom
+
+        phantom_seed = self.seeds[index]
+        if self.kind == "ct":
+            p = make_ct_phantom(phantom_seed, shape=self.shape)
+            geometry = (tuple(p.volume.shape), tuple(p.spacing))
+            if geometry not in self._depths:
+                self._depths[geometry] = slice_depth_indices(p.volume.shape, p.spacing, self.pipeline)
+            depth_of_slice, n_slices = self._depths[geometry]
+            meta = {"seed": phantom_seed, "snippets": finding_snippets(p, depth_of_slice), "n_slices": n_slices}
+            return {"image": self._augmented(p.volume, index), "spacing": tuple(p.spacing), "text": p.report,
+                    "report": p.report, "labels": p.labels, "meta": meta}
+        p = make_mr_phantom(phantom_seed, shape=self.shape)
+        return {"image": self._augmented(p.volume, index), "spacing": tuple(p.spacing), "metadata": p.metadata,
+                "meta": {"seed": phantom_seed, "sequence": p.sequence, "snippets": [], "n_slices": self.size[2]}}
+
+
 def synthetic_dataset(kind: str = "ct", n: int = 256, seed: int = 0,
-                      size: Optional[Sequence[int]] = (64, 64, 32), *, cache: bool = True) -> VolumeTextDataset:
-    """``n`` phantom volume-text pairs of ``kind`` "ct" or "mr", deterministic by ``seed``.
+                      size: Optional[Sequence[int]] = (64, 64, 32), *, augment: bool = False,
+                      cache: bool = False) -> PhantomDataset:
+    """``n`` phantom volume-text pairs of ``kind`` "ct" or "mr", deterministic by ``seed`` (a
+    :class:`PhantomDataset`: generated when read).
 
     CT: text = the phantom's report, labels = its findings multi-hot, entities from the report,
     ``meta["snippets"]`` the findings' sentences and depth indices (see the module docstring).
     MR: text = ``metadata_to_text(metadata)``, label = ``contrast_category(metadata)``.
-    ``size`` (X, Y, Z) is the transformed volume size. ``cache`` keeps transformed samples in memory
-    (the transforms are deterministic).
+    ``size`` (X, Y, Z) is the transformed volume size. ``augment``: light augmentation (training).
+    ``cache`` keeps transformed samples in memory (for a small set read many times).
     """
-    if kind not in DATA_KINDS:
-        raise ValueError(f"unknown synthetic data kind {kind!r}; choose 'ct' or 'mr'")
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    x, y, z = parse_size(size)
-    shape = (z, y, x)  # phantom generators take (slices, rows, cols)
-    if kind == "ct":
-        cts, _ = make_phantom_set(int(n), 0, seed=seed, ct_kwargs={"shape": shape})
-        transform = ct_transforms(spacing=None, size=(x, y, z), window=None)
-        depths: Dict[Tuple, Tuple[List[int], int]] = {}  # one probe per phantom geometry (all alike here)
-        records = []
-        for p in cts:
-            geometry = (tuple(p.volume.shape), tuple(p.spacing))
-            if geometry not in depths:
-                depths[geometry] = slice_depth_indices(p.volume.shape, p.spacing, transform)
-            depth_of_slice, n_slices = depths[geometry]
-            meta = {"seed": int(p.seed), "snippets": finding_snippets(p, depth_of_slice), "n_slices": n_slices}
-            records.append({"image": p.volume, "spacing": tuple(p.spacing), "text": p.report, "report": p.report,
-                            "labels": p.labels, "meta": meta})
-        return VolumeTextDataset(records, transform, entity_fn=extract_entities, cache=cache)
-    _, mrs = make_phantom_set(0, int(n), seed=seed, mr_kwargs={"shape": shape})
-    records = [{"image": p.volume, "spacing": tuple(p.spacing), "metadata": p.metadata,
-                "meta": {"seed": int(p.seed), "sequence": p.sequence, "snippets": [], "n_slices": z}} for p in mrs]
-    transform = mr_transforms(spacing=None, size=(x, y, z))
-    return VolumeTextDataset(records, transform, text_fn=metadata_to_text, label_fn=contrast_category, cache=cache)
+    return PhantomDataset(kind, n, seed, size, augment=augment, cache=cache)
 
 
 def slice_depth_indices(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], transform: Callable,
@@ -525,7 +611,7 @@ def _check_records(records: List[dict], kind: str, skip_bad: bool, skipped: List
 def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
                   size: Sequence[int] = (64, 64, 32), cache_dir=None, skip_bad: bool = False, split: str = "train",
                   log: Optional[Callable[[str], None]] = None,
-                  spacing=None) -> Tuple[VolumeTextDataset, Dict[str, Any]]:
+                  spacing=None, augment: bool = False) -> Tuple[VolumeTextDataset, Dict[str, Any]]:
     """The training dataset of ``source`` for ``kind`` "ct" or "mr", and a summary of how it was built.
 
     Args:
@@ -547,6 +633,8 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
         log: called with one line of text per skipped row and a summary; None for quiet.
         spacing: (X, Y, Z) mm that real volumes are resampled to; None fits :data:`CT_FIELD_OF_VIEW_MM` /
             :data:`MR_FIELD_OF_VIEW_MM` into ``size``.
+        augment: light augmentation of the phantoms (:func:`~medvl.data.transforms.light_augment`; the
+            trainer asks for it). Real volumes are used as read (a note is logged).
 
     Returns ``(dataset, info)`` with info ``{"source", "kind", "n", "skipped": [{"row", "path", "reason"}],
     "cache_dir"}``.
@@ -570,10 +658,13 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
                              f"{kind!r}; use 'synthetic-{kind}' or kind {SYNTHETIC_SOURCES[source]!r}")
         if cache_dir is not None:
             emit(f"{source}: cache_dir is not used (phantoms are generated in memory)")
-        dataset = synthetic_dataset(kind, 256 if n is None else int(n), seed, size)
-        emit(f"{source}: {len(dataset)} phantoms of size {size}")
+        dataset = synthetic_dataset(kind, 256 if n is None else int(n), seed, size, augment=augment)
+        emit(f"{source}: {len(dataset)} phantoms of size {size}, generated when read"
+             + (", lightly augmented" if augment else ""))
         return dataset, {"source": source, "kind": kind, "n": len(dataset), "skipped": [], "cache_dir": None}
 
+    if augment:
+        emit(f"{source}: augmentation applies to the phantoms only; real volumes are used as read")
     what, records, skipped = _file_source(source, kind, split, skip_bad)
     records = _check_records(records, kind, skip_bad, skipped)
     if n is not None and len(records) > n:

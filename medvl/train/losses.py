@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvl.models.standardize import standardize
+
 __all__ = [
-    "DiseasePromptLoss", "LocalizationLoss", "MultiPositiveContrastiveLoss",
+    "DiseasePromptLoss", "LocalizationLoss", "MultiPositiveContrastiveLoss", "center_depth",
     "prompt_pos_weight", "gaussian_bin_targets", "gather_with_grad",
     "reference_disease_prompt_loss", "reference_localization_loss", "reference_multi_positive_loss",
 ]
@@ -90,9 +92,10 @@ class DiseasePromptLoss(nn.Module):
     text space.
 
     ``forward(volume_embeddings (B, E_in), positive_prompts, negative_prompts, labels (B, F) in
-    {1, 0, -1}, logit_scale)``: prompts are (F, D), one per finding for the whole batch, or
+    {1, 0, -1}, logit_scale, statistics=None)``: prompts are (F, D), one per finding for the whole batch, or
     (B, F, D), each sample's own variant (RadFinder draws a template per sample).
-    ``v = normalize(head(x))``, prompts are normalised too (idempotent for normalised inputs), logit
+    ``v = normalize(head(x))`` (``normalize(standardize(head(x), *statistics))`` with ``statistics``, the
+    (mean, var) of the head's projection over the batch), prompts are normalised too, logit
     ``t * (cos(v, p+) - cos(v, p-))`` with ``t`` the multiplier (already exp'd); BCE with logits,
     ``pos_weight`` from :func:`prompt_pos_weight`, unknown labels masked out, mean over the known
     entries (0, attached to the graph, when none).
@@ -127,7 +130,8 @@ class DiseasePromptLoss(nn.Module):
         return x if self.head is None else self.head(x)
 
     def forward(self, volume_embeddings: torch.Tensor, positive_prompts: torch.Tensor,
-                negative_prompts: torch.Tensor, labels: torch.Tensor, logit_scale) -> torch.Tensor:
+                negative_prompts: torch.Tensor, labels: torch.Tensor, logit_scale,
+                statistics: Optional[tuple] = None) -> torch.Tensor:
         if labels.dim() != 2 or labels.shape[0] != volume_embeddings.shape[0]:
             raise ValueError(f"DiseasePromptLoss: labels must be (B, F) with B={volume_embeddings.shape[0]}, "
                              f"got {tuple(labels.shape)}")
@@ -138,7 +142,10 @@ class DiseasePromptLoss(nn.Module):
             raise ValueError(f"DiseasePromptLoss: positive/negative prompts must both be (F={n_findings}, D) or "
                              f"(B={B}, F={n_findings}, D), got {tuple(positive_prompts.shape)} and "
                              f"{tuple(negative_prompts.shape)}")
-        v = F.normalize(self.project(volume_embeddings), dim=-1)
+        v = self.project(volume_embeddings)
+        if statistics is not None:  # (mean, var) of the head's projection over the batch
+            v = standardize(v, *statistics)
+        v = F.normalize(v, dim=-1)
         pos = F.normalize(positive_prompts, dim=-1)
         neg = F.normalize(negative_prompts, dim=-1)
         if per_sample:
@@ -190,7 +197,24 @@ def reference_disease_prompt_loss(volume_embeddings, positive_prompts, negative_
 # Localization
 # --------------------------------------------------------------------------------------------
 
-def gaussian_bin_targets(target: torch.Tensor, mask: torch.Tensor, sigma: float = 2.0,
+# Width (in depth bins) of the localization target. The tiny model has 4 depth bins (32 slices / patch_z 8):
+# sigma = 2 bins spreads the target to about (0.26, 0.30, 0.26, 0.18), at most 0.075 nats away from the
+# uniform guess, so the term barely says where a finding is; sigma = 0.5 gives (0.11, 0.79, 0.11) around the
+# true bin: most of the mass on it, a little on its neighbours, which a finding that spans a bin edge touches.
+LOCALIZATION_SIGMA_BINS = 0.5
+
+
+def center_depth(depth: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, n_z, D) depth features minus each volume's mean over its valid depth bins (``mask`` (B, n_z) bool,
+    all valid when None); invalid bins are left as they are."""
+    if mask is None:
+        return depth - depth.mean(1, keepdim=True)
+    weights = mask.to(device=depth.device, dtype=depth.dtype).unsqueeze(-1)
+    mean = (depth * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
+    return torch.where(weights > 0, depth - mean, depth)
+
+
+def gaussian_bin_targets(target: torch.Tensor, mask: torch.Tensor, sigma: float = LOCALIZATION_SIGMA_BINS,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Soft targets (B, n_z): ``exp(-(k - target)^2 / (2 sigma^2))`` over the valid bins, normalised per row.
 
@@ -216,7 +240,7 @@ class LocalizationLoss(nn.Module):
     :func:`_ddp_mean`).
     """
 
-    def __init__(self, temperature: float = 0.1, sigma: float = 2.0, group=None):
+    def __init__(self, temperature: float = 0.1, sigma: float = LOCALIZATION_SIGMA_BINS, group=None):
         super().__init__()
         if temperature <= 0 or sigma <= 0:
             raise ValueError(f"LocalizationLoss: temperature and sigma must be > 0, got {temperature}, {sigma}")
@@ -253,7 +277,7 @@ class LocalizationLoss(nn.Module):
 
 
 def reference_localization_loss(snippet_features, depth_features, target, mask=None, temperature: float = 0.1,
-                                sigma: float = 2.0) -> torch.Tensor:
+                                sigma: float = LOCALIZATION_SIGMA_BINS) -> torch.Tensor:
     """Row-by-row reference of :class:`LocalizationLoss`."""
     B, n_z, _ = depth_features.shape
     terms = []

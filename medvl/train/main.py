@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="torch.profiler trace of steps 3-5 (OUT/profile) and a "
                    "table of each stage's and fused op's time share")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    p.add_argument("--n-train", type=positive_int, default=256, help="number of phantoms")
+    p.add_argument("--n-train", type=positive_int, default=None,
+                   help="number of phantoms (default: one new phantom per sample trained on, steps x batch)")
     p.add_argument("--size", type=size_argument, default=(64, 64, 32), help="volume size X,Y,Z (e.g. 64,64,32)")
     p.add_argument("--patch-size", type=size_argument, default=None, help="vision patch size X,Y,Z (default: the model's)")
     p.add_argument("--log-every", type=positive_int, default=10)

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from medvl.data.prompts import PROMPT_TEMPLATES, render
+from medvl.models.standardize import batch_statistics, standardize
 
 __all__ = ["RadFinderInputs"]
 
@@ -90,14 +91,27 @@ class RadFinderInputs:
         return texts
 
     def loss_outputs(self, outputs: Dict[str, Any], batch: Mapping[str, Any]) -> Dict[str, Any]:
-        """``outputs`` with the per-sample prompt pairs, snippet features and depth targets the loss reads."""
+        """``outputs`` with the per-sample prompt pairs, snippet features and depth targets the loss reads.
+        When the model standardises (it gives ``*_embeddings``): the prompt pairs standardised with the prompt
+        set's statistics, the snippets unstandardised (the loss standardises them)."""
         outputs = dict(outputs)
+        # A model that standardises hands over the unstandardised projections too. The prompts are one fixed set
+        # encoded whole at every step, so its statistics are the set's own, the same on every rank and in every
+        # micro-batch and at evaluation (the stored "prompt" statistics are measured on this set): they
+        # standardise it here, before each sample draws its template. The snippets are per sample: the loss
+        # standardises them with the statistics of the batch's snippets (medvl.train.recipes).
+        raw = outputs.get("prompt_embeddings") is not None or outputs.get("snippet_embeddings") is not None
         if self.prompts:
-            encoded = outputs.pop("prompt_features")
+            encoded = outputs.pop("prompt_embeddings") if raw else outputs["prompt_features"]
+            outputs.pop("prompt_features")
+            if raw:
+                encoded = standardize(encoded, *batch_statistics(encoded))
             table = encoded.reshape(len(self.templates), 2, len(self.findings), encoded.shape[-1])
             chosen = table[batch["prompt_template"].to(encoded.device)]                # (B, 2, F, D)
             outputs["prompt_positive"], outputs["prompt_negative"] = chosen[:, 0], chosen[:, 1]
         if self.localization:
+            if raw:
+                outputs["snippet_features"] = outputs.pop("snippet_embeddings")
             outputs["depth_target"] = batch["depth_target"].to(outputs["image_features"].device)
         return outputs
 

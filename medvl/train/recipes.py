@@ -7,6 +7,10 @@ give ``loss_fn.parameters()`` to the optimiser along with the model's.
 
 Keys read from ``outputs`` (what the model produced; B volume/report pairs, D the joint width):
 
+    image_embeddings   (B, D) projected volume embeddings,      when the towers standardise
+                       not standardised                        (``CLIPModel.standardizes``): see below
+    text_embeddings    (B, D) the same for the reports         idem
+
     image_features     (B, D) normalised volume embeddings      every contrastive / triplet term
     text_features      (B, D) normalised report embeddings      every contrastive / triplet term
     logit_scale        scalar multiplier, already exp'd         "siglip", "siglip-label", "siglip-jaccard",
@@ -33,6 +37,16 @@ Keys read from ``batch`` (as :func:`medvl.data.collate` returns them):
 
 ``depth_mask``, ``depth_target`` and ``prompt_labels`` are looked up in ``outputs`` first, then in
 ``batch``. A term whose weight is non-zero and whose input is missing raises a KeyError naming the key.
+
+Standardisation across the batch (:mod:`medvl.models.standardize`): when ``outputs`` holds
+``image_embeddings`` / ``text_embeddings``, every term reads embeddings standardised with the statistics of
+their own kind in this batch before normalising them: the volumes' for ``image_features``; the paired texts'
+for ``text_features``; the snippets' for ``snippet_features`` (which then holds unstandardised projections);
+and, for RadFinder's prompt head, the statistics of the head's projection of ``volume_embeddings``, for the
+volumes and their ``depth_features`` alike. (``prompt_positive`` / ``prompt_negative`` come standardised with
+the prompt set's statistics: :class:`medvl.train.radfinder_inputs.RadFinderInputs`.) The statistics are those
+of the whole batch the loss sees: the joined micro-batches of a gradient-accumulation step and, with a process
+group, every rank (all-reduced with gradient), so the guarantees of the losses hold unchanged.
 """
 
 from __future__ import annotations
@@ -44,9 +58,13 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
+from medvl.models.standardize import FeatureStandardizer, batch_statistics, standardize
 from medvl.nn.sigmoid_loss import SigLIPLoss
 from medvl.nn.triplet_loss import MedTrimLoss
-from medvl.train.losses import DiseasePromptLoss, LocalizationLoss, MultiPositiveContrastiveLoss
+from medvl.train.losses import LOCALIZATION_SIGMA_BINS, DiseasePromptLoss, LocalizationLoss, \
+    MultiPositiveContrastiveLoss, center_depth
 
 __all__ = ["Recipe", "RECIPES", "LOSS_TERMS", "get_recipe", "create_loss", "RecipeLoss"]
 
@@ -114,13 +132,14 @@ RECIPES: Dict[str, Recipe] = {
     # RadFinder: SigLIP pairs + disease-prompt supervision + intra-scan localization.
     "siglip": Recipe("siglip", model="vit3d-tiny", data="synthetic-ct", loss="siglip",
                      loss_weights={"contrastive": 1.0, "prompts": 1.0, "localization": 1.0},
-                     loss_options={"max_pos_weight": 20.0, "temperature": 0.1, "sigma": 2.0}),
+                     loss_options={"max_pos_weight": 20.0, "temperature": 0.1, "sigma": LOCALIZATION_SIGMA_BINS}),
     # MR-CLIP: every text of the same contrast category is a positive. loss="siglip-label" swaps in
     # SigLIPLoss(target="label").
     "mrclip": Recipe("mrclip", model="vit3d-tiny", data="synthetic-mr", loss="mrclip",
                      loss_weights={"contrastive": 1.0},
                      loss_options={"init_scale": 1.0 / 0.07, "max_scale": 100.0}),
-    # MedTrim: four-direction triplet loss, triplets mined from entity scores.
+    # MedTrim: four-direction triplet loss, triplets mined from entity scores (MedTrimLoss' entity weights and
+    # score range, whose range reaches down to 0 so that unrelated reports are the negatives).
     "medtrim": Recipe("medtrim", model="vit3d-tiny", data="synthetic-ct", loss="medtrim",
                       loss_weights={t: 1.0 for t in MedTrimLoss.TERMS}, loss_options={"margin": 0.3}),
     # Soft SigLIP: Jaccard targets between finding multi-hots.
@@ -189,13 +208,17 @@ class RecipeLoss(nn.Module):
             raise ValueError(f"recipe {recipe.name!r}: loss {recipe.loss!r} takes no option(s) {bad}; "
                              f"valid: {sorted(_OPTIONS[recipe.loss])}")
         kind = recipe.loss
+        # the process group of the standardisation statistics: the contrastive term's (MedTrim mines locally)
+        self.group = group
         if kind == "siglip":
             self.contrastive = SigLIPLoss(target="pair", group=group,
                                           **({"reduction": options["reduction"]} if "reduction" in options else {}))
             self.prompts = DiseasePromptLoss(embed_dim, proj_dim, max_pos_weight=options.get("max_pos_weight", 20.0),
                                              group=group)
+            # the stored statistics of the head's projection, for evaluation (calibrated with the towers')
+            self.prompt_standardizer = None if proj_dim is None or embed_dim is None else FeatureStandardizer(proj_dim)
             self.localization = LocalizationLoss(temperature=options.get("temperature", 0.1),
-                                                 sigma=options.get("sigma", 2.0), group=group)
+                                                 sigma=options.get("sigma", LOCALIZATION_SIGMA_BINS), group=group)
         elif kind == "mrclip":
             self.contrastive = MultiPositiveContrastiveLoss(group=group, **options)
         elif kind in ("siglip-label", "siglip-jaccard"):
@@ -209,9 +232,26 @@ class RecipeLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name!r}, loss={self.recipe.loss!r}, weights={self.weights}"
 
+    def _standardized(self, outputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``outputs`` with the features the terms read standardised over this batch (module docstring)."""
+        image, text = outputs.get("image_embeddings"), outputs.get("text_embeddings")
+        if image is None and text is None:
+            return outputs
+        out = dict(outputs)
+        if image is not None:
+            out["image_features"] = F.normalize(standardize(image, *batch_statistics(image, self.group)), dim=-1)
+        if text is not None:
+            out["text_features"] = F.normalize(standardize(text, *batch_statistics(text, self.group)), dim=-1)
+        snippets = outputs.get("snippet_features")
+        if snippets is not None:  # unstandardised here; the term normalises
+            out["snippet_features"] = standardize(snippets, *batch_statistics(snippets, self.group))
+        return out
+
     def forward(self, outputs: Mapping[str, Any], batch: Optional[Mapping[str, Any]] = None) -> Dict[str, torch.Tensor]:
         batch = batch or {}
         kind, w = self.recipe.loss, self.weights
+        standardizing = outputs.get("image_embeddings") is not None
+        outputs = self._standardized(outputs)
         terms: Dict[str, torch.Tensor] = {}
         if kind == "medtrim":
             parts = self.triplet(_need("image_features", "medtrim", outputs),
@@ -233,15 +273,26 @@ class RecipeLoss(nn.Module):
                 elif kind == "siglip-jaccard":
                     labels["image_labels"] = _need("labels", "contrastive", batch)
                 terms["contrastive"] = self.contrastive(image, text, scale, bias, **labels)
+        head_statistics = None
+        if kind == "siglip" and standardizing and (w.get("prompts") or w.get("localization")):
+            volume_side = self.prompts.project(_need("volume_embeddings", "prompts/localization", outputs))
+            head_statistics = batch_statistics(volume_side, self.group)
         if kind == "siglip" and w.get("prompts"):
             labels = _optional("prompt_labels", outputs, batch)
             if labels is None:
                 labels = _need("labels", "prompts", batch).long()     # bool findings: all known
             terms["prompts"] = self.prompts(
                 _need("volume_embeddings", "prompts", outputs), _need("prompt_positive", "prompts", outputs),
-                _need("prompt_negative", "prompts", outputs), labels, _need("logit_scale", "prompts", outputs))
+                _need("prompt_negative", "prompts", outputs), labels, _need("logit_scale", "prompts", outputs),
+                statistics=head_statistics)
         if kind == "siglip" and w.get("localization"):
             depth = self.prompts.project(_need("depth_features", "localization", outputs))
+            if head_statistics is not None:
+                # Which depth of its own volume a snippet describes depends only on how the depth features
+                # differ along the volume: each volume's mean over its valid depth bins is removed (a part
+                # all bins share, which would otherwise dominate every cosine), the head's scale kept.
+                depth = standardize(depth, *head_statistics)
+                depth = center_depth(depth, _optional("depth_mask", outputs, batch))
             terms["localization"] = self.localization(
                 _need("snippet_features", "localization", outputs), depth,
                 _need("depth_target", "localization", outputs, batch),

@@ -62,7 +62,9 @@ from torch.utils.data import DataLoader, Sampler
 from medvl.data import collate
 from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_name,
                                      checkpoint_step, read_latest, read_weights)
+from medvl.train.calibration import calibrate_standardizers
 from medvl.train.data import parse_size
+from medvl.train.diagnostics import run_diagnostics
 from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice
 from medvl.train.profiling import StepProfiler, stage
 from medvl.train.radfinder_inputs import RadFinderInputs, joined_side_inputs
@@ -87,7 +89,9 @@ class TrainConfig:
     """Everything a run needs. ``None`` fields take the recipe's value (``lr``, ``weight_decay``,
     ``model``, ``data``); ``warmup_steps=None`` takes ``min(recipe.warmup_steps, steps // 10)``.
 
-    data: "synthetic-ct" | "synthetic-mr" (n_train phantoms), a manifest (.csv / .jsonl), a CT-RATE
+    data: "synthetic-ct" | "synthetic-mr" (n_train phantoms, generated when read and lightly augmented;
+    default None: one new phantom per sample the run trains on, steps x global batch x accum_steps), a
+    manifest (.csv / .jsonl), a CT-RATE
     folder or a folder of MR NIfTI files with sidecars (see :func:`medvl.train.data.build_dataset`).
     size (X, Y, Z): the transformed volume size, which also sets the model's ``vision.img_size``.
     vision / text: extra overrides of the model's towers (e.g. vision patch_size, text pool).
@@ -115,7 +119,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     resume: Optional[str] = None
     log_every: int = 10
-    n_train: int = 256
+    n_train: Optional[int] = None
     size: Any = (64, 64, 32)
     vision: Dict[str, Any] = field(default_factory=dict)
     text: Dict[str, Any] = field(default_factory=dict)
@@ -134,6 +138,8 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("steps", "batch_size", "accum_steps", "log_every", "n_train"):
             value = getattr(self, key)
+            if key == "n_train" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         for key in ("checkpoint_every", "num_workers"):
@@ -161,7 +167,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         parse_size(self.size)
-        if (self.data is None or self.data in SYNTHETIC) and self.n_train < self.batch_size:
+        if (self.data is None or self.data in SYNTHETIC) and self.n_train is not None \
+                and self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be at least batch_size ({self.batch_size}): "
                              "the loader drops incomplete batches")
         self._validate_model()
@@ -691,10 +698,13 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
 
     _seed_everything(config.seed)
     kind = _data_kind(recipe, data)
-    # n_train sizes the phantom sets; a real source is used whole
-    n = config.n_train if data in SYNTHETIC else None
-    dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size,
-                                  cache_dir=config.cache_dir, skip_bad=config.skip_bad, split=config.split, log=log)
+    # n_train sizes the phantom sets (by default a new phantom for every sample trained on); a real source is
+    # used whole
+    n = None
+    if data in SYNTHETIC:
+        n = config.n_train or config.steps * config.batch_size * ctx.world_size * config.accum_steps
+    dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size, cache_dir=config.cache_dir,
+                                  skip_bad=config.skip_bad, split=config.split, log=log, augment=True)
     global_batch = config.batch_size * ctx.world_size
     if len(dataset) < global_batch:
         raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {global_batch} "
@@ -816,6 +826,8 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
                     f"{record['volumes_per_s']:.1f} vol/s  peak {peak:.0f} MiB")
             if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 if main_rank:
+                    calibrate_standardizers(core, loss_fn, dataset, device=device, autocast_dtype=autocast_dtype,
+                                            prompts=side.prompt_texts if side and side.prompts else None)
                     last_checkpoint = _save_checkpoint(out, step, core, loss_fn, optimizer, scheduler, position,
                                                        run_config)
                 else:
@@ -835,7 +847,11 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
             metrics.close()
         if board is not None:
             board.close()
+    diagnostics = None
     if main_rank:
         plot_loss(out / "metrics.jsonl", out / "loss.png")
+        diagnostics = run_diagnostics(core, recipe, dataset, data=str(data), kind=kind, size=size,
+                                      global_batch=global_batch * config.accum_steps, out=out, device=device, log=log)
     return {**record, "first_loss": first_loss, "out": str(out), "skipped": list(info.get("skipped", [])),
+            "diagnostics": diagnostics,
             "checkpoint": None if last_checkpoint is None else str(last_checkpoint)}

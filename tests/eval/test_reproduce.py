@@ -20,14 +20,22 @@ def test_radfinder_keys(tmp_path):
         assert saved[key] is not None and saved[key] >= 0, key
     for variant in ("with_localization", "without_localization"):
         assert _is_share(r[variant]["zeroshot_macro_auc"]) and _is_share(r[variant]["retrieval_volume_to_text_R@1"])
+        assert _is_share(r[variant]["probe_macro_auc"])
+        assert r[variant]["retrieval_chance"] == {"R@1": 1 / 24, "R@5": 5 / 24, "R@10": 10 / 24}
+        assert r[variant]["diagnostics"]["loss"]["collapsed_level"] > 0
     assert r["localization_mae_mm"] == r["with_localization"]["localization_mae_mm"]
+    _check_floors(r, tmp_path, 6)
 
 
 def test_medtrim_keys(tmp_path):
     r = reproduce("medtrim", tmp_path, log=None, **TOY)
     assert set(r["precision_at_r"]) == {"entities", "batch_hard", "siglip"}
-    for values in r["precision_at_r"].values():
-        assert {"P@1", "P@10", "P@20"} <= set(values) and all(_is_share(values[k]) for k in ("P@1", "P@10"))
+    for by_mode in r["precision_at_r"].values():
+        assert set(by_mode) == {"shared", "identical", "jaccard"}
+        for values in by_mode.values():
+            assert {"P@1", "P@10", "P@20", "chance"} <= set(values)
+            assert all(_is_share(values[k]) for k in ("P@1", "P@10", "chance"))
+    _check_floors(r, tmp_path, 3)
     configs = [json.loads((tmp_path / "medtrim" / v / "checkpoint-2" / "config.json").read_text())
                for v in ("entities", "batch_hard", "siglip")]
     assert [c["loss_options"].get("mining") for c in configs[:2]] == [None, "batch_hard"]
@@ -36,10 +44,23 @@ def test_medtrim_keys(tmp_path):
 
 def test_mrclip_keys_and_same_shots(tmp_path):
     r = reproduce("mrclip", tmp_path, log=None, **TOY)
-    assert _is_share(r["qc_auc"]["missing_tag"]) and _is_share(r["qc_auc"]["numeric_error"])
+    for kind in ("missing_tag", "numeric_error", "wrong_tag"):
+        entry = r["qc_auc"][kind]
+        assert all(_is_share(entry[k]) for k in ("all", "image_determined", "image_independent"))
+        assert sum(v["n"] for v in entry["by_tag"].values()) == entry["n_corrupted"] - entry["n_text_unchanged"]
+    _check_floors(r, tmp_path, 2)
     assert 0.0 <= r["probe_accuracy"] <= 1.0
     clip, cnn = r["fewshot"]["clip_linear_probe"], r["fewshot"]["supervised_cnn"]
     assert set(clip) == set(cnn) and all(len(cnn[k]["values"]) == len(clip[k]["values"]) for k in clip)
+
+
+def _check_floors(r, out, count):
+    """Every floor is reported with its value, threshold and verdict, and the summary says each one."""
+    assert len(r["floors"]) == count
+    summary = (out / "summary.txt").read_text()
+    for floor in r["floors"]:
+        assert isinstance(floor["met"], bool) and floor["floor"] in summary
+    assert summary.count("[met]") + summary.count("[NOT MET]") == count
 
 
 def test_unknown_seed_and_setting(tmp_path):

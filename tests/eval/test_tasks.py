@@ -73,6 +73,12 @@ def test_zeroshot_on_ct(ct):
     assert 0 < result["macro"]["n_classes"] <= len(CT_FINDINGS) and _in_unit(result["macro"]["auc"])
     scores = np.asarray(result["data"]["scores"])
     assert scores.shape == (16, len(CT_FINDINGS)) and ((scores > 0) & (scores < 1)).all()
+    probe = result["probe"]  # the supervised ceiling beside each zero-shot AUC
+    assert list(probe["per_class"]) == list(CT_FINDINGS) and _in_unit(probe["macro"]["auc"])
+    for name, entry in probe["per_class"].items():
+        counts = (result["per_class"][name]["n_pos"], result["per_class"][name]["n_neg"])
+        assert (entry["n_pos"], entry["n_neg"]) == counts
+        assert (entry["auc"] is None) == (min(counts) < 2)
 
 
 def test_retrieval_pair_and_class_level(ct, mr):
@@ -92,6 +98,11 @@ def test_precision_ct_findings_and_mr_categories(ct, mr):
 
     result = precision_task(*ct)
     assert {"P@1", "P@10", "n_queries", "per_class", "macro"} <= set(result) and "P@20" not in result  # 20 > n
+    graded = result["by_relevance"]
+    assert set(graded) == {"shared", "identical", "jaccard"} and graded["shared"]["P@10"] == result["P@10"]
+    # identical sets <= Jaccard-weighted <= share a finding, for the values and for their chance levels
+    for key in ("P@1", "P@10", "chance"):
+        assert graded["identical"][key] <= graded["jaccard"][key] + 1e-12 <= graded["shared"][key] + 2e-12
     assert set(result["per_class"]) <= set(CT_FINDINGS) | {"normal"}
     assert all(_in_unit(result[k]) for k in ("P@1", "P@10"))
     result = precision_task(*mr)
@@ -146,6 +157,15 @@ def test_qc_scores_corruptions_per_kind_and_rate(mr):
         assert all(0 <= s <= 2 for s in scores["clean"] + scores["corrupted"])
     assert result["by_case"]["missing_tag@0.1"]["n_corrupted"] == 2  # round(0.1 * 24)
     assert result["by_case"]["wrong_tag@0.5"]["n_corrupted"] == 12
+    # per tag, and split by whether the image can show the tag; corruptions the sentence does not show are out
+    for entry in result["by_case"].values():
+        tags = entry["by_tag"]
+        assert sum(v["n"] for v in tags.values()) == entry["n_corrupted"] - entry["n_text_unchanged"]
+        independent = sum(v["n"] for t, v in tags.items() if t in ("Manufacturer", "ManufacturerModelName"))
+        assert entry["image_independent"]["n"] == independent
+        assert entry["image_determined"]["n"] + independent == entry["n_corrupted"] - entry["n_text_unchanged"]
+    assert set(result["by_case"]["numeric_error@0.5"]["by_tag"]) <= {"EchoTime", "RepetitionTime", "InversionTime"}
+    assert set(result["image_independent_tags"]) == {"Manufacturer", "ManufacturerModelName"}
 
 
 def test_tasks_refuse_the_wrong_data_kind(ct, mr):
@@ -196,7 +216,7 @@ def test_evaluate_writes_results_and_reuses_the_cache(ct_run, tmp_path, monkeypa
     out = tmp_path / "eval"
     calls = _count_forwards(monkeypatch)
     first = evaluate(str(ct_run), n=12, out=out)
-    assert first["tasks"] == ["zeroshot", "retrieval", "precision", "localization"]
+    assert first["tasks"] == ["zeroshot", "retrieval", "precision", "localization", "collapse"]
     assert set(first["skipped"]) == {"probe", "fewshot"}  # CT phantoms carry no single-label class
     assert first["encoding"]["volumes_encoded"] == 12 and calls["volume"] > 0 and calls["text"] > 0
     for name in ("results.json", "report.md", "zeroshot_roc.png", "embeddings_pca.png", "localization_by_depth.png"):

@@ -33,7 +33,10 @@ def test_forward_dict_and_siglip_initialisation(tiny):
     assert out["image_features"].shape == out["text_features"].shape == (2, tiny.embed_dim)
     torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(out["text_features"].norm(dim=-1), torch.ones(2))
-    assert math.isclose(out["logit_scale"].item(), 10.0, rel_tol=1e-6) and out["logit_bias"].item() == -10.0
+    # the tiny model's bias starts at the log-odds of a positive pair in its small batches (its config says why)
+    bias = model_config("vit3d-tiny")["init_logit_bias"]
+    assert math.isclose(out["logit_scale"].item(), 10.0, rel_tol=1e-6) and out["logit_bias"].item() == pytest.approx(bias)
+    assert -4.0 < bias < -2.0
     loss = medvl.nn.SigLIPLoss()(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
     loss.backward()
     for name in ("logit_scale", "logit_bias"):
@@ -41,6 +44,25 @@ def test_forward_dict_and_siglip_initialisation(tiny):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny.visual.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny.text.parameters())
     tiny.zero_grad(set_to_none=True)
+
+
+def test_standardising_towers_hand_over_raw_projections(tiny):
+    """The losses standardise ``*_embeddings`` over their batch; the features use the stored statistics, so a
+    volume is encoded the same alone as in a batch (eval mode: nothing else changes either)."""
+    assert tiny.standardizes
+    volume = torch.randint(-1024, 2000, (3, 1, 64, 64, 32), dtype=torch.int16)
+    tiny.eval()
+    with torch.no_grad():
+        out = tiny(volume, ["a nodule.", "no effusion.", "cardiomegaly."], extra_texts={"prompt": ["x is present."]})
+        alone = tiny(volume[:1], ["a nodule."])
+    tiny.train()
+    assert {"image_embeddings", "text_embeddings", "prompt_embeddings"} <= set(out)
+    torch.testing.assert_close(alone["image_features"], out["image_features"][:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone["text_features"], out["text_features"][:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["image_features"],
+                               torch.nn.functional.normalize(tiny.visual.standardizer(out["image_embeddings"]), dim=-1))
+    plain = create_model("vit3d-tiny", vision={"standardize": False}, text={"standardize": False})
+    assert not plain.standardizes and "image_embeddings" not in plain(volume[:2], ["a", "b"])
 
 
 def test_no_weight_decay_names_exist(tiny):

@@ -33,13 +33,13 @@ def zero_blocks(model: VolumeEncoder) -> None:
 def test_output_shapes(pool, pos_embed):
     model = encoder(pool=pool, pos_embed=pos_embed).eval()
     out = model(ct(32, 32, 16), return_tokens=True, return_depth=True)
-    assert set(out) == {"embedding", "pooled", "tokens", "depth"}
-    assert out["embedding"].shape == (2, 16)
+    assert set(out) == {"embedding", "projected", "pooled", "tokens", "depth"}
+    assert out["embedding"].shape == out["projected"].shape == (2, 16)
     assert out["pooled"].shape == (2, 24)
     assert out["tokens"].shape == (2, 64, 24)
     assert out["depth"].shape == (2, 4, 24)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in out.values())
-    assert set(model(ct(32, 32, 16))) == {"embedding", "pooled"}
+    assert set(model(ct(32, 32, 16))) == {"embedding", "projected", "pooled"}
 
 
 def test_float_input_without_window():
@@ -109,9 +109,15 @@ def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="5-D"):
         model(ct(32, 32, 16)[0])
     with pytest.raises(ValueError, match="pool"):
-        encoder(pool="max")
+        encoder(pool="attention")
     with pytest.raises(ValueError, match="num_heads"):
         encoder(num_heads=5)
+
+
+def test_max_pool_is_the_featurewise_maximum_of_the_tokens():
+    model = encoder(pool="max").eval()
+    out = model(ct(32, 32, 16), return_tokens=True)
+    torch.testing.assert_close(out["pooled"], out["tokens"].amax(1))
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])

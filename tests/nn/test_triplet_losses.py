@@ -49,7 +49,8 @@ def test_medtrim_loss_is_the_weighted_sum_of_four_directional_terms():
     by_hand = {}
     for name, anchors, candidates in (("image_image", images, None), ("text_text", texts, None),
                                       ("image_text", images, texts), ("text_image", texts, images)):
-        a, p, n = medvl.triplet_mining(anchors, candidates, entities=entities, strategy="entities", backend="cpu")
+        a, p, n = medvl.triplet_mining(anchors, candidates, entities=entities, strategy="entities", backend="cpu",
+                                       score_range=loss_fn.score_range)
         other = anchors if candidates is None else candidates
         assert a.numel() > 0, f"{name}: no triplets mined, the test would check nothing"
         by_hand[name] = torch.relu(row_distance(anchors[a], other[p], "euclidean")
@@ -59,6 +60,22 @@ def test_medtrim_loss_is_the_weighted_sum_of_four_directional_terms():
     torch.testing.assert_close(out["loss"], expected)
     out["loss"].backward()
     assert images.grad.abs().sum() > 0 and texts.grad.abs().sum() > 0
+
+
+def test_medtrim_default_range_mines_unrelated_reports_as_negatives():
+    """MedTrimLoss' score range starts at 0: a report sharing no finding is a negative. The op's own default
+    (0.25, 0.6) never picks one; that gap is why MedTrimLoss sets its own range."""
+    torch.manual_seed(2)
+    diseases = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    entities = [diseases, torch.zeros(6, 2, dtype=torch.bool), torch.zeros(6, 2, dtype=torch.bool)]
+    emb = torch.randn(6, 4)
+    disjoint = ~(diseases.float() @ diseases.float().t()).bool()
+    loss_fn = medvl.nn.MedTrimLoss()
+    assert loss_fn.score_range == (0.0, 0.6)
+    a, _, n = medvl.triplet_mining(emb, entities=entities, strategy="entities", score_range=loss_fn.score_range)
+    assert a.numel() == 6 and bool(disjoint[a, n].all()), "every anchor's negative shares no finding with it"
+    a, _, n = medvl.triplet_mining(emb, entities=entities, strategy="entities")   # the op's default range
+    assert not bool(disjoint[a, n].any())
 
 
 def test_medtrim_batch_hard_mining_uses_identical_disease_sets_as_classes():

@@ -103,6 +103,54 @@ def test_synthetic_source(kind):
         build_dataset(f"synthetic-{kind}", other, n=2, size=SIZE)
 
 
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+def test_phantoms_are_generated_when_read_and_equal_the_real_volume_pipeline(kind):
+    """The phantom path skips the MONAI pipeline of real volumes because it changes nothing but the layout (and
+    the MR intensity): same tensor, same affine. Records are made on demand (prefix-stable seeds)."""
+    ds = train_data.synthetic_dataset(kind, 3, 7, SIZE)
+    more = train_data.synthetic_dataset(kind, 5, 7, SIZE)
+    assert len(ds) == 3 and ds.seeds == more.seeds[:3]
+    for i in range(3):
+        record = ds.records[i]
+        reference = ds.pipeline({"image": record["image"], "spacing": record["spacing"]})["image"]
+        sample = ds[i]
+        assert sample.volume.dtype == reference.dtype
+        torch.testing.assert_close(sample.volume, reference.as_tensor(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(sample.meta["affine"], reference.affine.to(torch.float64))
+    assert pickle.loads(pickle.dumps(ds))[1].text == ds[1].text  # DataLoader workers rebuild it
+
+
+def test_augmentation_keeps_what_the_report_says():
+    """light_augment moves the body in-plane by a few voxels and recalibrates HU a little; it never flips nor
+    moves along z, so sides, lobes and cited slices stay true; the same index draws the same augmentation."""
+    from medvl.data.transforms import AUGMENT_MAX_SHIFT_VOXELS, light_augment
+
+    plain = train_data.synthetic_dataset("ct", 4, 0, (32, 32, 16))
+    augmented = train_data.synthetic_dataset("ct", 4, 0, (32, 32, 16), augment=True)
+    again = train_data.synthetic_dataset("ct", 4, 0, (32, 32, 16), augment=True)
+    moved = 0
+    for i in range(4):
+        a, b = plain[i], augmented[i]
+        assert (a.text, a.labels.tolist(), a.meta["snippets"]) == (b.text, b.labels.tolist(), b.meta["snippets"])
+        assert torch.equal(b.volume, again[i].volume)
+        x, y = a.volume[0].float(), b.volume[0].float()          # (X, Y, Z)
+        # per slice, the body's mass (HU above air) is kept up to the recalibration: nothing moved along z
+        mass_a, mass_b = (x + 1000).clamp_min(0).sum((0, 1)), (y + 1000).clamp_min(0).sum((0, 1))
+        assert torch.corrcoef(torch.stack([mass_a, mass_b]))[0, 1] > 0.99
+        # the body's centre moved by at most the largest shift, and left stays left
+        ca = ((x > -500).float().nonzero()[:, :2].float().mean(0))
+        cb = ((y > -500).float().nonzero()[:, :2].float().mean(0))
+        assert (ca - cb).abs().max() <= AUGMENT_MAX_SHIFT_VOXELS + 0.5
+        moved += int(not torch.equal(a.volume, b.volume))
+    assert moved == 4
+    air = np.full((4, 8, 8), -1000, np.int16)
+    out = light_augment(air, "ct", np.random.default_rng(0))
+    # air stays air: -1000 HU moves by the offset only (<= 15 HU); the uncovered border is scanner air, -1024 HU
+    assert out.dtype == np.int16 and np.abs(out.astype(int) + 1000).max() <= 24 + 15
+    with pytest.raises(ValueError, match="kind"):
+        light_augment(air, "pet", np.random.default_rng(0))
+
+
 def test_csv_manifest_ct(tmp_path):
     ds, info = build_dataset(_ct_manifest(tmp_path, n=4), "ct", size=SIZE, spacing=SPACING)
     assert info["n"] == 4 and info["skipped"] == [] and info["kind"] == "ct"
@@ -357,7 +405,7 @@ def test_snippets_depth_index_matches_a_painted_marker():
             assert text and text[0].isupper() and text.endswith(".")
             assert not re.search(r"image\s*\d|series|\(|\)|\s[.,]", text), text
             assert text[:-1] in phantom.report  # the finding's own sentence, its reference taken out
-            assert snippet["depth_index"] == _marker_depth(ds.records[i], ds.transform, finding.slice_index)
+            assert snippet["depth_index"] == _marker_depth(ds.records[i], ds.pipeline, finding.slice_index)
             n_checked += 1
     assert n_checked >= 5
 
