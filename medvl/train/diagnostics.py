@@ -133,7 +133,7 @@ def run_diagnostics(model, recipe, dataset, *, data: str, kind: str, size, globa
     """Measure the trained ``model`` (see the module docstring), write ``out/diagnostics.json``, log a summary
     and the warnings; returns the dict. The model's train/eval mode is restored."""
     from medvl.data.synthetic import HELD_OUT_SEED
-    from medvl.train.data import SYNTHETIC_SOURCES, synthetic_dataset
+    from medvl.data.sources import SYNTHETIC_SOURCES, synthetic_dataset
 
     was_training = model.training
     model.eval()

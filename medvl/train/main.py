@@ -23,7 +23,7 @@ __all__ = ["main", "build_parser"]
 
 def size_argument(text: str):
     """argparse type: (X, Y, Z) from "64,64,32"."""
-    from medvl.train.data import parse_size
+    from medvl.data.sources import parse_size
 
     try:
         return parse_size(text)

@@ -63,7 +63,7 @@ from medvl.data import collate
 from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_name,
                                      checkpoint_step, read_latest, read_weights)
 from medvl.train.calibration import calibrate_standardizers
-from medvl.train.data import parse_size
+from medvl.data.sources import parse_size
 from medvl.train.diagnostics import run_diagnostics
 from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice
 from medvl.train.profiling import StepProfiler, stage
@@ -92,7 +92,7 @@ class TrainConfig:
     data: "synthetic-ct" | "synthetic-mr" (n_train phantoms, generated when read and lightly augmented;
     default None: one new phantom per sample the run trains on, steps x global batch x accum_steps), a
     manifest (.csv / .jsonl), a CT-RATE
-    folder or a folder of MR NIfTI files with sidecars (see :func:`medvl.train.data.build_dataset`).
+    folder or a folder of MR NIfTI files with sidecars (see :func:`medvl.data.sources.build_dataset`).
     size (X, Y, Z): the transformed volume size, which also sets the model's ``vision.img_size``.
     vision / text: extra overrides of the model's towers (e.g. vision patch_size, text pool).
     batch_size: per rank. precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16".
@@ -672,7 +672,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
 def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     from medvl.models.factory import create_model, model_config
-    from medvl.train.data import build_dataset
+    from medvl.data.sources import build_dataset
 
     recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}),
                         loss_options=dict(config.loss_options or {}))

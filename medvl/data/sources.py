@@ -1,4 +1,5 @@
-"""Training data for the trainer: synthetic phantoms or real volumes turned into a :class:`VolumeTextDataset`.
+"""Dataset sources: synthetic phantoms or real volumes turned into a :class:`VolumeTextDataset` (what training
+and evaluation read).
 
     ds = synthetic_dataset("ct", n=64, seed=0, size=(64, 64, 32))   # raw int16 HU volumes (1, X, Y, Z)
     ds = synthetic_dataset("mr", n=64, seed=0, size=(64, 64, 32))   # z-scored float32 volumes
@@ -39,9 +40,17 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from medvl.data import VolumeTextDataset, contrast_category, ct_transforms, extract_entities, metadata_to_text, \
-    mr_transforms
-from medvl.data.transforms import light_augment
+from medvl.data.ct_rate import ct_rate_records, ct_rate_volume_path, load_ct_rate_volume
+from medvl.data.dataset import VolumeTextDataset
+from medvl.data.dicom import read_dicom_series
+from medvl.data.entities import extract_entities
+from medvl.data.manifest import load_manifest, load_volume, not_utf8_error
+from medvl.data.metadata import contrast_category, metadata_to_text
+from medvl.data.nifti_sidecar import mr_nifti_records, read_sidecar, sidecar_path
+from medvl.data.synthetic import _positive_templates, make_ct_phantom, make_mr_phantom
+from medvl.data.transforms import AIR_HU, affine_from_spacing, ct_transforms, light_augment, mr_transforms, \
+    volume_to_metatensor
+from medvl.data.volume_cache import VolumeCache
 
 __all__ = [
     "BadVolumeError",
@@ -52,6 +61,7 @@ __all__ = [
     "PhantomDataset",
     "SYNTHETIC_SOURCES",
     "build_dataset",
+    "file_transform",
     "finding_snippets",
     "parse_size",
     "readable_records",
@@ -187,8 +197,6 @@ class PhantomDataset(VolumeTextDataset):
         return light_augment(volume, self.kind, rng)
 
     def _record(self, index: int) -> Dict[str, Any]:
-        from medvl.data.synthetic import make_ct_phantom, make_mr_phantom
-
         phantom_seed = self.seeds[index]
         if self.kind == "ct":
             p = make_ct_phantom(phantom_seed, shape=self.shape)
@@ -231,8 +239,6 @@ def slice_depth_indices(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], 
     (orientation None, i.e. read as RAS, and generated at the target size) every step is a no-op and the
     depth index equals the slice index; an "LPI" array (z head to feet) gives ``Z - 1 - s`` instead.
     """
-    from medvl.data.transforms import affine_from_spacing, volume_to_metatensor
-
     nz, ny, nx = (int(v) for v in shape_zyx)
     probe = volume_to_metatensor(np.zeros((nz, ny, nx), np.int16), spacing_zyx, orientation)
     out = transform({"image": probe})
@@ -267,8 +273,6 @@ def _finding_sentence(report: str, finding, seed: int) -> str:
     # so rebuild every wording the generator could have used for this finding (its templates with either
     # reference form, capitalised as ct_report does) and find the one present; wordings of different
     # findings never coincide.
-    from medvl.data.synthetic import _positive_templates
-
     n = finding.slice_index + 1
     for template in _positive_templates(finding):
         for ref in (f"(image {n})", f"(series 3, image {n})"):
@@ -277,7 +281,7 @@ def _finding_sentence(report: str, finding, seed: int) -> str:
             if report.startswith(s) or (" " + s) in report:
                 return s
     raise RuntimeError(f"phantom seed {seed}: no sentence of its report describes the finding {finding.name!r} "
-                       f"at image {n}; medvl.data.synthetic's report templates and medvl.train.data's "
+                       f"at image {n}; medvl.data.synthetic's report templates and medvl.data.sources's "
                        "snippet matching disagree")
 
 
@@ -306,8 +310,6 @@ def _load_record_volume(record: Mapping[str, Any]) -> Dict[str, Any]:
     """A copy of ``record`` whose "image" is the (z, y, x) array (plus its spacing and geometry)."""
     path = os.fspath(record["image"])
     if record.get("volume_loader") == "ct_rate":
-        from medvl.data.ct_rate import load_ct_rate_volume
-
         # load_ct_rate_volume notes which rescale it used in the record's meta: give it a copy
         loaded = dict(record)
         loaded["meta"] = dict(record.get("meta") or {})
@@ -317,13 +319,9 @@ def _load_record_volume(record: Mapping[str, Any]) -> Dict[str, Any]:
     if os.path.isdir(path):
         # load_volume keeps a DICOM series in its own layout without saying which: read the series
         # directly so that its orientation cosines and position reach the RAS reorientation.
-        from medvl.data.dicom import read_dicom_series
-
         series = read_dicom_series(path)
         return {**record, "image": series.volume.astype(np.float32, copy=False), "spacing": tuple(series.spacing),
                 "orientation": tuple(series.orientation), "origin": tuple(series.position)}
-    from medvl.data.manifest import load_volume
-
     volume, spacing = load_volume(path)  # NIfTI, reoriented to RAS (z, y, x)
     return {**record, "image": volume, "spacing": spacing}
 
@@ -352,8 +350,6 @@ class FileVolumeDataset(VolumeTextDataset):
 
     def __init__(self, records: Sequence[Mapping[str, Any]], transform: Callable, transform_description: str, *,
                  cache_dir=None, **kwargs: Any) -> None:
-        from medvl.data.volume_cache import VolumeCache
-
         super().__init__(records, transform, **kwargs)
         for i, record in enumerate(self.records):
             if not isinstance(record["image"], (str, os.PathLike)):
@@ -400,7 +396,7 @@ def readable_records(records: Sequence[Mapping[str, Any]], make: Callable[[List[
     return good, bad
 
 
-def _file_transform(kind: str, size: Tuple[int, int, int], spacing) -> Tuple[Callable, str]:
+def file_transform(kind: str, size: Tuple[int, int, int], spacing) -> Tuple[Callable, str]:
     """The preprocessing of real volumes and its description (every parameter that changes the result)."""
     import monai
 
@@ -410,8 +406,6 @@ def _file_transform(kind: str, size: Tuple[int, int, int], spacing) -> Tuple[Cal
     else:
         spacing = _parse_spacing(spacing)
     if kind == "ct":
-        from medvl.data.transforms import AIR_HU
-
         params = {"spacing": spacing, "size": size, "window": None, "orientation": "RAS", "pad_hu": AIR_HU,
                   "mode": "bilinear"}
         transform = ct_transforms(**params)
@@ -449,8 +443,6 @@ def _skipped(row, path, reason) -> Dict[str, Any]:
 
 
 def _manifest_records(path: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
-    from medvl.data.manifest import load_manifest
-
     try:
         manifest = load_manifest(path, skip_bad=skip_bad)
     except ValueError as e:
@@ -470,8 +462,6 @@ def _manifest_records(path: str, skip_bad: bool) -> Tuple[List[dict], List[dict]
 
 
 def _ct_rate_records(root: str, split: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
-    from medvl.data.ct_rate import ct_rate_records, ct_rate_volume_path
-
     long_split = {"train": "train", "valid": "validation", "validation": "validation"}.get(str(split).lower())
     if long_split is None:
         raise ValueError(f"split must be 'train' or 'valid' for a CT-RATE source, got {split!r}")
@@ -487,8 +477,6 @@ def _ct_rate_records(root: str, split: str, skip_bad: bool) -> Tuple[List[dict],
                 if name:
                     rows.setdefault(name, n)
     except UnicodeDecodeError as e:
-        from medvl.data.manifest import not_utf8_error
-
         raise not_utf8_error(reports, "CT-RATE reports file", e) from None
     try:
         found = ct_rate_records(root, split, skip_missing=skip_bad)
@@ -523,8 +511,6 @@ def _nifti_files(folder: str) -> List[str]:
 
 
 def _mr_folder_records(folder: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
-    from medvl.data.nifti_sidecar import mr_nifti_records, read_sidecar, sidecar_path
-
     rows = {path: n for n, path in enumerate(_nifti_files(folder), start=1)}
     try:
         found = mr_nifti_records(folder, skip_bad=skip_bad)
@@ -612,7 +598,7 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
                   size: Sequence[int] = (64, 64, 32), cache_dir=None, skip_bad: bool = False, split: str = "train",
                   log: Optional[Callable[[str], None]] = None,
                   spacing=None, augment: bool = False) -> Tuple[VolumeTextDataset, Dict[str, Any]]:
-    """The training dataset of ``source`` for ``kind`` "ct" or "mr", and a summary of how it was built.
+    """The dataset of ``source`` for ``kind`` "ct" or "mr", and a summary of how it was built.
 
     Args:
         source: "synthetic-ct" / "synthetic-mr", a manifest path (.csv / .jsonl / .ndjson), a CT-RATE root
@@ -673,7 +659,7 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
     for record in records:
         record["meta"] = {**(record.get("meta") or {}), "snippets": [], "n_slices": size[2]}
 
-    transform, description = _file_transform(kind, size, spacing)
+    transform, description = file_transform(kind, size, spacing)
     cache_root = None if cache_dir is None else os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
     fns = ({"entity_fn": extract_entities} if kind == "ct"
            else {"text_fn": metadata_to_text, "label_fn": contrast_category})
