@@ -67,9 +67,12 @@ __all__ = [
     "readable_records",
     "slice_depth_indices",
     "synthetic_dataset",
+    "synthetic_source",
 ]
 
 DATA_KINDS = ("ct", "mr")
+#: The phantom sources by name (what ``build_dataset`` and ``--data`` take; any other source is a path) and
+#: the data kind each holds.
 SYNTHETIC_SOURCES = {"synthetic-ct": "ct", "synthetic-mr": "mr"}
 # (X, Y, Z) mm that the default resampling fits into `size`: a chest CT and an adult head.
 CT_FIELD_OF_VIEW_MM = (350.0, 350.0, 350.0)
@@ -80,14 +83,22 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Bump when the loading/preprocessing code changes what a cached volume holds: old entries are then
 # never read again.
 _CACHE_FORMAT = 1
-_ACCEPTED_SOURCES = ("'synthetic-ct' or 'synthetic-mr'; a manifest file (.csv, .jsonl or .ndjson); a CT-RATE "
-                     "root folder (holding radiology_text_reports/); or a folder of MR NIfTI files (.nii / .nii.gz) "
-                     "with dcm2niix .json sidecars")
+_ACCEPTED_SOURCES = (" or ".join(map(repr, SYNTHETIC_SOURCES)) + "; a manifest file (.csv, .jsonl or .ndjson); "
+                     "a CT-RATE root folder (holding radiology_text_reports/); or a folder of MR NIfTI files (.nii / "
+                     ".nii.gz) with dcm2niix .json sidecars")
 _SKIP_HINT = "fix or remove it, or pass --skip-bad (skip_bad=True) to drop unreadable rows and report them"
 
 
 class BadVolumeError(ValueError):
     """A row whose volume cannot be loaded or preprocessed (the message names the row and the path)."""
+
+
+def synthetic_source(kind: str) -> str:
+    """The name of the phantom source of data kind ``kind`` ("ct" or "mr")."""
+    for name, source_kind in SYNTHETIC_SOURCES.items():
+        if source_kind == kind:
+            return name
+    raise ValueError(f"unknown data kind {kind!r}; choose one of {DATA_KINDS}")
 
 
 def parse_size(size) -> Tuple[int, int, int]:
@@ -641,7 +652,7 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
     if source in SYNTHETIC_SOURCES:
         if SYNTHETIC_SOURCES[source] != kind:
             raise ValueError(f"source {source!r} holds {SYNTHETIC_SOURCES[source].upper()} data but kind is "
-                             f"{kind!r}; use 'synthetic-{kind}' or kind {SYNTHETIC_SOURCES[source]!r}")
+                             f"{kind!r}; use {synthetic_source(kind)!r} or kind {SYNTHETIC_SOURCES[source]!r}")
         if cache_dir is not None:
             emit(f"{source}: cache_dir is not used (phantoms are generated in memory)")
         dataset = synthetic_dataset(kind, 256 if n is None else int(n), seed, size, augment=augment)
