@@ -21,7 +21,7 @@ from medvl.data.metadata import CORRUPTION_KINDS, DEFAULT_TE_EDGES, DEFAULT_TI_E
     contrast_category, contrast_key, corrupt_metadata, metadata_to_text
 from medvl.data.nifti_sidecar import mr_nifti_records, read_sidecar
 from medvl.data.prompts import PROMPT_TEMPLATES, disease_prompts, sample_prompt
-from medvl.data.synthetic import CT_FINDINGS, CTPhantom, Finding, MRPhantom, ct_report, make_ct_phantom, \
+from medvl.data.phantoms import CT_FINDINGS, CTPhantom, Finding, MRPhantom, ct_report, make_ct_phantom, \
     make_mr_phantom, make_phantom_set
 from medvl.data.transforms import ct_transforms, mr_transforms, volume_to_metatensor
 

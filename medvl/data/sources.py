@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 from collections import OrderedDict, abc
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -47,7 +46,8 @@ from medvl.data.entities import extract_entities
 from medvl.data.manifest import load_manifest, load_volume, not_utf8_error
 from medvl.data.metadata import contrast_category, metadata_to_text
 from medvl.data.nifti_sidecar import mr_nifti_records, read_sidecar, sidecar_path
-from medvl.data.synthetic import _positive_templates, make_ct_phantom, make_mr_phantom
+from medvl.data.phantoms import finding_sentence, make_ct_phantom, make_mr_phantom, phantom_seeds, \
+    without_image_reference
 from medvl.data.transforms import AIR_HU, affine_from_spacing, ct_transforms, light_augment, mr_transforms, \
     volume_to_metatensor
 from medvl.data.volume_cache import VolumeCache
@@ -172,7 +172,7 @@ class PhantomDataset(VolumeTextDataset):
     """``n`` phantoms of ``kind`` "ct" or "mr", generated when read, never all held in memory.
 
     Phantom i is ``make_ct_phantom`` / ``make_mr_phantom`` of the i-th seed that
-    :func:`~medvl.data.make_phantom_set` draws from ``seed`` (so the set is prefix-stable and the same as
+    :func:`~medvl.data.phantoms.phantom_seeds` draws from ``seed`` (so the set is prefix-stable and the same as
     ``make_phantom_set(n)`` gives). ``augment``: each phantom's volume goes through
     :func:`~medvl.data.transforms.light_augment` with a generator seeded by (``seed``, i), before the
     transform (same draws on every read, in every process).
@@ -187,8 +187,7 @@ class PhantomDataset(VolumeTextDataset):
         x, y, z = parse_size(size)
         self.kind, self.seed, self.augment, self.size = kind, int(seed), bool(augment), (x, y, z)
         self.shape = (z, y, x)  # phantom generators take (slices, rows, cols)
-        stream = 1 if kind == "ct" else 2  # make_phantom_set's streams
-        self.seeds = [int(v) for v in np.random.SeedSequence([self.seed, stream]).generate_state(int(n), np.uint32)]
+        self.seeds = phantom_seeds(kind, self.seed, int(n))
         # The phantoms are generated at the target size in the RAS layout, so the MONAI pipelines of real
         # volumes (ct_transforms / mr_transforms with spacing=None) change nothing but the layout and, for
         # MR, the intensity: they are replaced by that (a test checks the equality), at a fifth of the time.
@@ -268,37 +267,9 @@ def slice_depth_indices(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], 
     return depth_of_slice, n_slices
 
 
-_IMAGE_REFERENCE = re.compile(r"\s*\((?:series\s+\d+,\s*)?image\s+\d+\)", re.IGNORECASE)
-
-
-def _strip_reference(sentence: str) -> str:
-    text = _IMAGE_REFERENCE.sub("", sentence)
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s+([.,;:])", r"\1", text)  # "effusion ." -> "effusion."
-    text = re.sub(r",\s*\.", ".", text)
-    return text.strip()
-
-
-def _finding_sentence(report: str, finding, seed: int) -> str:
-    # The report says nothing about which sentence is whose, and several findings may cite the same image,
-    # so rebuild every wording the generator could have used for this finding (its templates with either
-    # reference form, capitalised as ct_report does) and find the one present; wordings of different
-    # findings never coincide.
-    n = finding.slice_index + 1
-    for template in _positive_templates(finding):
-        for ref in (f"(image {n})", f"(series 3, image {n})"):
-            s = template.format(ref=ref)
-            s = s[0].upper() + s[1:]
-            if report.startswith(s) or (" " + s) in report:
-                return s
-    raise RuntimeError(f"phantom seed {seed}: no sentence of its report describes the finding {finding.name!r} "
-                       f"at image {n}; medvl.data.synthetic's report templates and medvl.data.sources's "
-                       "snippet matching disagree")
-
-
 def finding_snippets(phantom, depth_of_slice: Sequence[int]) -> List[Dict[str, Any]]:
     """``[{"finding": name, "text": sentence without its "(image N)" reference, "depth_index": z}, ...]``,
-    one per finding of a :class:`~medvl.data.synthetic.CTPhantom` with a slice index, in the phantom's
+    one per finding of a :class:`~medvl.data.phantoms.CTPhantom` with a slice index, in the phantom's
     order. ``depth_of_slice`` comes from :func:`slice_depth_indices`; findings whose slice was cropped away
     are left out (their text describes nothing in the volume)."""
     snippets = []
@@ -308,8 +279,11 @@ def finding_snippets(phantom, depth_of_slice: Sequence[int]) -> List[Dict[str, A
         depth = depth_of_slice[f.slice_index]
         if depth < 0:
             continue
-        sentence = _finding_sentence(phantom.report, f, int(phantom.seed))
-        snippets.append({"finding": f.name, "text": _strip_reference(sentence), "depth_index": int(depth)})
+        sentence = finding_sentence(phantom.report, f)
+        if sentence is None:
+            raise RuntimeError(f"phantom seed {phantom.seed}: no sentence of its report describes the finding "
+                               f"{f.name!r} at image {f.slice_index + 1}")
+        snippets.append({"finding": f.name, "text": without_image_reference(sentence), "depth_index": int(depth)})
     return snippets
 
 

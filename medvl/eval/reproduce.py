@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from medvl.data.synthetic import HELD_OUT_SEED as DEFAULT_EVAL_SEED
+from medvl.data.phantoms import HELD_OUT_SEED as DEFAULT_EVAL_SEED
 
 __all__ = ["reproduce", "main", "floors", "format_summary", "SEEDS", "SETTINGS"]
 

@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from medvl.data.synthetic import HELD_OUT_SEED
+from medvl.data.phantoms import HELD_OUT_SEED
 from medvl.eval.cache import CachedEncoder, EmbeddingCache, VolumeEmbeddings, head_tensors, model_fingerprint, \
     volume_ids
 from medvl.eval.metrics import (cosine_distance, localization_metrics, precision_at_r, predict_depth, probe_auc,
@@ -459,12 +459,12 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
     A corruption that leaves the sentence unchanged (e.g. an inversion time moved within its sentence bin)
     cannot be seen by any sentence-based score: it is counted (``n_text_unchanged``) and left out of the
     AUCs. ``image_determined`` / ``image_independent`` split the corruptions by the tag they touch:
-    the phantom's image does not depend on :data:`~medvl.data.synthetic.MR_IMAGE_INDEPENDENT_TAGS` (the
+    the phantom's image does not depend on :data:`~medvl.data.phantoms.MR_IMAGE_INDEPENDENT_TAGS` (the
     scanner's maker and model), so no image-text model can notice them; MR-CLIP's claim is about the
     others.
     """
     from medvl.data.metadata import CORRUPTION_KINDS, corrupt_metadata, metadata_to_text
-    from medvl.data.synthetic import MR_IMAGE_INDEPENDENT_TAGS
+    from medvl.data.phantoms import MR_IMAGE_INDEPENDENT_TAGS
 
     encoder, data = _prepare(encoder, data)
     reason = task_requirement("qc", data)

@@ -641,7 +641,7 @@ def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
     if names:
         return list(names)
     from medvl.data.entities import CT_RATE_FINDINGS
-    from medvl.data.synthetic import CT_FINDINGS
+    from medvl.data.phantoms import CT_FINDINGS
 
     sample = dataset[0]
     width = None if sample.labels is None else int(sample.labels.shape[0])
