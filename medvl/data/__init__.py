@@ -6,6 +6,9 @@ and synthetic CT/MR phantoms that stand in for real data (none can be downloaded
     entities = extract_entities(report)                    # MedTrim-style disease/adjective/direction sets
     ct, mr = make_phantom_set(n_ct=100, n_mr=100, seed=0)  # phantoms whose image, report and labels agree
 
+The phantom generators live in :mod:`medvl.data.phantoms`; :mod:`medvl.data.sources` turns a source (the
+phantoms, a manifest, CT-RATE, a folder of MR NIfTI files) into the dataset training and evaluation read.
+
 Pure Python (numpy, pydicom, MONAI); independent of the kernels.
 """
 
