@@ -21,6 +21,7 @@ import torch
 
 from medvl.bench import harness
 from medvl.bench import patch_embed3d as op_bench
+from medvl.data.transforms import CT_WINDOW
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
@@ -62,11 +63,11 @@ def _forward_methods():
     import medvl
     import torch.nn.functional as F
 
-    lo, hi = op_bench.CT_WINDOW
+    lo, hi = CT_WINDOW
 
     def fused(name):
         def make(volume, weight, bias, pos, patch):
-            return lambda: medvl.patch_embed3d(volume, weight, bias, pos, patch_size=patch, window=op_bench.CT_WINDOW,
+            return lambda: medvl.patch_embed3d(volume, weight, bias, pos, patch_size=patch, window=CT_WINDOW,
                                                backend=name)
         return make
 
@@ -128,7 +129,7 @@ def test_triton_tile_sweep(kind):
     from medvl.kernels import patch_embed3d as kernels
 
     reduce_name = {"forward": "BLOCK_K", "grad_weight": "BLOCK_T", "grad_volume": "BLOCK_E"}[kind]
-    window = (*op_bench.CT_WINDOW, 0.0, 1.0)
+    window = (*CT_WINDOW, 0.0, 1.0)
     results = []
     for case in [c for c in CASES if c[4] == torch.int16]:
         inputs = op_bench.patch_embed3d_inputs(case, DEVICE)

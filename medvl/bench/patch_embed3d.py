@@ -9,13 +9,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from medvl.bench.harness import BENCH_LABELS, Measurement, measure, time_call
+from medvl.data.transforms import CT_WINDOW
 
 # ---------------------------------------------------------------------------------------------
 # patch_embed3d
 # ---------------------------------------------------------------------------------------------
-
-CT_WINDOW = (-1000.0, 400.0)
-
 
 def patch_embed3d_cases(device: torch.device):
     """(batch, size, patch, embed, volume dtype, parameter dtype) of the issue's benchmark shapes."""

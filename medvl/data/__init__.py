@@ -6,6 +6,9 @@ and synthetic CT/MR phantoms that stand in for real data (none can be downloaded
     entities = extract_entities(report)                    # MedTrim-style disease/adjective/direction sets
     ct, mr = make_phantom_set(n_ct=100, n_mr=100, seed=0)  # phantoms whose image, report and labels agree
 
+The phantom generators live in :mod:`medvl.data.phantoms`; :mod:`medvl.data.sources` turns a source (the
+phantoms, a manifest, CT-RATE, a folder of MR NIfTI files) into the dataset training and evaluation read.
+
 Pure Python (numpy, pydicom, MONAI); independent of the kernels.
 """
 
@@ -21,7 +24,7 @@ from medvl.data.metadata import CORRUPTION_KINDS, DEFAULT_TE_EDGES, DEFAULT_TI_E
     contrast_category, contrast_key, corrupt_metadata, metadata_to_text
 from medvl.data.nifti_sidecar import mr_nifti_records, read_sidecar
 from medvl.data.prompts import PROMPT_TEMPLATES, disease_prompts, sample_prompt
-from medvl.data.synthetic import CT_FINDINGS, CTPhantom, Finding, MRPhantom, ct_report, make_ct_phantom, \
+from medvl.data.phantoms import CT_FINDINGS, CTPhantom, Finding, MRPhantom, ct_report, make_ct_phantom, \
     make_mr_phantom, make_phantom_set
 from medvl.data.transforms import ct_transforms, mr_transforms, volume_to_metatensor
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from medvl.data.entities import CT_RATE_FINDINGS
 from medvl.data.manifest import nifti_to_zyx, nifti_voxel_size_problem, not_utf8_error
+from medvl.data.values import finite_float
 
 __all__ = [
     "CT_RATE_FINDINGS",
@@ -217,16 +218,7 @@ def _bad_csv_value(row: dict, column: str, problem: str) -> ValueError:
 
 def _float(row: dict, column: str) -> Optional[float]:
     """The cell as a finite number; None when empty / "nan" / "none"; a ValueError when it is anything else."""
-    text = _text(row.get(column))
-    if not text:
-        return None
-    try:
-        f = float(text)
-    except ValueError:
-        raise _bad_csv_value(row, column, "not a number") from None
-    if not math.isfinite(f):
-        raise _bad_csv_value(row, column, "not finite")
-    return f
+    return finite_float(_text(row.get(column)), error=lambda problem: _bad_csv_value(row, column, problem))
 
 
 def _csv_rescale(row: Optional[dict]) -> Optional[tuple[float, float]]:

@@ -40,6 +40,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
 from medvl.data.metadata import MR_METADATA_KEYS
+from medvl.data.values import finite_float
 
 __all__ = [
     "GEOMETRY_RESCALE_TAGS",
@@ -119,19 +120,6 @@ def _is_empty(value: Any) -> bool:
         return len(value) == 0  # empty MultiValue / sequence
     except TypeError:
         return False
-
-
-def _to_float(value: Any) -> Optional[float]:
-    """A DS/IS/FD value (or the first of several) as float; None when absent or not a number."""
-    if _is_empty(value):
-        return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = value[0]
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return None
-    return result if math.isfinite(result) else None
 
 
 def _to_str(value: Any) -> Optional[str]:
@@ -339,11 +327,11 @@ def mr_metadata(dataset: Dataset) -> dict:
     flip = ds.get("FlipAngle")
     if _is_empty(flip):
         flip = _from_groups(groups, "MRTimingAndRelatedParametersSequence", "FlipAngle")
-    out["EchoTime"] = _to_float(echo)
-    out["RepetitionTime"] = _to_float(tr)
-    out["InversionTime"] = _to_float(ti)
-    out["FlipAngle"] = _to_float(flip)
-    b0 = _to_float(ds.get("MagneticFieldStrength"))
+    out["EchoTime"] = finite_float(echo)
+    out["RepetitionTime"] = finite_float(tr)
+    out["InversionTime"] = finite_float(ti)
+    out["FlipAngle"] = finite_float(flip)
+    b0 = finite_float(ds.get("MagneticFieldStrength"))
     if b0 is not None and b0 > 100:
         b0 = b0 / 10000.0
     out["MagneticFieldStrength"] = b0
@@ -463,7 +451,7 @@ def _is_dicomdir(ds: Dataset) -> bool:
 def _is_multiframe(ds: Dataset) -> bool:
     if "PerFrameFunctionalGroupsSequence" in ds:
         return True
-    frames = _to_float(ds.get("NumberOfFrames"))
+    frames = finite_float(ds.get("NumberOfFrames"))
     return frames is not None and frames > 1
 
 

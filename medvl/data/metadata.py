@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from medvl.data.values import finite_float
+
 __all__ = [
     "MR_METADATA_KEYS",
     "CORRUPTION_KINDS",
@@ -121,19 +123,9 @@ _VENDOR_NAMES = {
 # binning
 
 
-def _num(value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if np.isfinite(v) else None
-
-
 def quantize_value(value: Any, edges: Sequence[float]) -> Optional[int]:
     """0-based bin of `value` among len(edges)+1 bins (upper bin on an edge); None when absent."""
-    v = _num(value)
+    v = finite_float(value)
     if v is None:
         return None
     return int(np.searchsorted(np.asarray(edges, dtype=np.float64), v, side="right"))
@@ -141,7 +133,7 @@ def quantize_value(value: Any, edges: Sequence[float]) -> Optional[int]:
 
 def _ti_bin(value: Any, edges: Sequence[float]) -> Optional[int]:
     """None for no inversion (absent or <= 0), else the 0-based TI bin."""
-    v = _num(value)
+    v = finite_float(value)
     if v is None or v <= 0:
         return None
     return quantize_value(v, edges)
@@ -241,13 +233,13 @@ def metadata_to_text(
     head.append(f"{modality} image on {_vendor(m)}")
     parts = [" ".join(head)]
     if is_mr:
-        b0 = _num(m.get("MagneticFieldStrength"))
+        b0 = finite_float(m.get("MagneticFieldStrength"))
         if b0 is None:
             parts[0] += " at unknown field strength"
         else:
             one_decimal = abs(b0 * 10 - round(b0 * 10)) < 1e-9
             parts[0] += f" at {f'{b0:.1f}' if one_decimal else _fmt(b0)} T"
-        te, tr = _num(m.get("EchoTime")), _num(m.get("RepetitionTime"))
+        te, tr = finite_float(m.get("EchoTime")), finite_float(m.get("RepetitionTime"))
         if quantize:
             parts.append(f"TE bin {quantize_value(te, te_edges) + 1} of {len(te_edges) + 1}" if te is not None else "TE unknown")
             parts.append(f"TR bin {quantize_value(tr, tr_edges) + 1} of {len(tr_edges) + 1}" if tr is not None else "TR unknown")
@@ -256,9 +248,9 @@ def metadata_to_text(
         else:
             parts.append(f"TE {_fmt(te)} ms" if te is not None else "TE unknown")
             parts.append(f"TR {_fmt(tr)} ms" if tr is not None else "TR unknown")
-            ti = _num(m.get("InversionTime"))
+            ti = finite_float(m.get("InversionTime"))
             parts.append(f"TI {_fmt(ti)} ms" if ti is not None and ti > 0 else "no inversion")
-        flip = _num(m.get("FlipAngle"))
+        flip = finite_float(m.get("FlipAngle"))
         parts.append(f"flip angle {_fmt(flip)} degrees" if flip is not None else "flip angle unknown")
     agent = m.get("ContrastBolusAgent")
     parts.append(f"contrast agent {str(agent).strip()}" if agent else "no contrast agent")
@@ -429,7 +421,7 @@ def corrupt_metadata(metadata: dict, kind: str, rng: Union[np.random.Generator, 
         choices = [v for v in WRONG_TAG_VOCABULARY[tag] if not _same_value(tag, v, current)]
         out[tag] = choices[int(gen.integers(len(choices)))]
     else:
-        candidates = [t for t in _NUMERIC_TAGS if _num(out.get(t)) is not None and _num(out.get(t)) > 0]
+        candidates = [t for t in _NUMERIC_TAGS if (finite_float(out.get(t)) or 0.0) > 0]
         if not candidates:
             raise ValueError(f"numeric_error: none of {_NUMERIC_TAGS} is a positive number")
         tag = candidates[int(gen.integers(len(candidates)))]

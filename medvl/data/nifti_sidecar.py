@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any, Optional, Union
 
 from medvl.data.dicom import plane_from_orientation
 from medvl.data.metadata import MR_METADATA_KEYS
+from medvl.data.values import finite_float
 
 __all__ = ["mr_nifti_records", "read_sidecar", "sidecar_metadata", "sidecar_path"]
 
@@ -38,18 +38,6 @@ PathLike = Union[str, os.PathLike]
 _SECONDS_KEYS = ("EchoTime", "RepetitionTime", "InversionTime")
 _MULTI_KEYS = ("ScanningSequence", "SequenceVariant", "ScanOptions")
 _STRING_KEYS = ("Manufacturer", "MRAcquisitionType", "ContrastBolusAgent", "SeriesDescription")
-
-
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, (list, tuple)):  # multi-echo sidecars may hold a list; take the first
-        value = value[0] if value else None
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _string(value: Any) -> Optional[str]:
@@ -93,10 +81,10 @@ def sidecar_metadata(sidecar: dict) -> dict:
     """Metadata dict (keys MR_METADATA_KEYS) of an already parsed sidecar."""
     out: dict[str, Any] = {key: None for key in MR_METADATA_KEYS}
     for key in _SECONDS_KEYS:
-        v = _number(sidecar.get(key))
+        v = finite_float(sidecar.get(key))
         out[key] = None if v is None else v * 1000.0
-    out["FlipAngle"] = _number(sidecar.get("FlipAngle"))
-    field = _number(sidecar.get("MagneticFieldStrength"))
+    out["FlipAngle"] = finite_float(sidecar.get("FlipAngle"))
+    field = finite_float(sidecar.get("MagneticFieldStrength"))
     if field is not None and field > 100:
         field /= 10000.0
     out["MagneticFieldStrength"] = field

@@ -69,6 +69,7 @@ from monai.transforms import (
 
 __all__ = [
     "AIR_HU",
+    "CT_WINDOW",
     "CastHUd",
     "ToChannelFirstMetaTensord",
     "affine_from_spacing",
@@ -82,6 +83,9 @@ __all__ = [
 
 # Padding value for raw CT: air in Hounsfield units (what most scanners store outside the field of view).
 AIR_HU = -1024.0
+#: The HU window (lo, hi) raw CT is mapped through by default, here and in the models' first layer: air to
+#: enhanced vessels, so lung, fat and soft tissue keep their contrast (bone saturates).
+CT_WINDOW = (-1000.0, 400.0)
 # Labels of the world frame our affines live in (RAS+); passed explicitly so Orientationd never guesses.
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 _AXIS_CODE = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
@@ -334,7 +338,7 @@ def ct_transforms(
     *,
     spacing: Optional[Sequence[float]] = (1.5, 1.5, 3.0),
     size: Optional[Sequence[int]] = (96, 96, 64),
-    window: Optional[Sequence[float]] = (-1000.0, 400.0),
+    window: Optional[Sequence[float]] = CT_WINDOW,
     out_range: Sequence[float] = (0.0, 1.0),
     orientation: Optional[str] = "RAS",
     keys: Sequence[str] = ("image",),

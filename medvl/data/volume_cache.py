@@ -77,7 +77,7 @@ class VolumeCache:
         """sha256 hex digest of the source's fingerprint (path, size, mtime) and the transform description.
 
         ``transform_description`` must name every parameter that changes the stored tensor (pipeline,
-        size, spacing, window, orientation, loader...) as a stable string; see ``medvl.train.data``.
+        size, spacing, window, orientation, loader...) as a stable string; see ``medvl.data.sources``.
         """
         if not isinstance(transform_description, str):
             raise TypeError(f"transform_description must be a str, got {type(transform_description).__name__}")

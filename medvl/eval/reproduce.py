@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from medvl.data.synthetic import HELD_OUT_SEED as DEFAULT_EVAL_SEED
+from medvl.data.phantoms import HELD_OUT_SEED as DEFAULT_EVAL_SEED
 
 __all__ = ["reproduce", "main", "floors", "format_summary", "SEEDS", "SETTINGS"]
 
@@ -107,7 +107,7 @@ def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     from medvl.eval.probe import few_shot
     from medvl.eval.tasks import DEFAULT_EVAL_SEED, EvalSet, FEWSHOT_KS, FEWSHOT_SEEDS, _class_target, \
         _stratified_halves
-    from medvl.train.data import build_dataset
+    from medvl.data.sources import build_dataset
 
     checkpoint = _train("mrclip", out / "mrclip", "mrclip", run, log=log)
     results = _evaluate(checkpoint, out / "mrclip" / "eval", ("qc", "probe", "fewshot", "collapse"), run["eval_n"],

@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from medvl.data.synthetic import HELD_OUT_SEED
+from medvl.data.phantoms import HELD_OUT_SEED
 from medvl.eval.cache import CachedEncoder, EmbeddingCache, VolumeEmbeddings, head_tensors, model_fingerprint, \
     volume_ids
 from medvl.eval.metrics import (cosine_distance, localization_metrics, precision_at_r, predict_depth, probe_auc,
@@ -459,12 +459,12 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
     A corruption that leaves the sentence unchanged (e.g. an inversion time moved within its sentence bin)
     cannot be seen by any sentence-based score: it is counted (``n_text_unchanged``) and left out of the
     AUCs. ``image_determined`` / ``image_independent`` split the corruptions by the tag they touch:
-    the phantom's image does not depend on :data:`~medvl.data.synthetic.MR_IMAGE_INDEPENDENT_TAGS` (the
+    the phantom's image does not depend on :data:`~medvl.data.phantoms.MR_IMAGE_INDEPENDENT_TAGS` (the
     scanner's maker and model), so no image-text model can notice them; MR-CLIP's claim is about the
     others.
     """
     from medvl.data.metadata import CORRUPTION_KINDS, corrupt_metadata, metadata_to_text
-    from medvl.data.synthetic import MR_IMAGE_INDEPENDENT_TAGS
+    from medvl.data.phantoms import MR_IMAGE_INDEPENDENT_TAGS
 
     encoder, data = _prepare(encoder, data)
     reason = task_requirement("qc", data)
@@ -674,7 +674,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _data_kind(data: Any, run_config: Mapping[str, Any]) -> str:
-    from medvl.train.data import SYNTHETIC_SOURCES
+    from medvl.data.sources import SYNTHETIC_SOURCES
 
     model_kind = run_config.get("data_kind")
     if isinstance(data, str) and data in SYNTHETIC_SOURCES:
@@ -690,7 +690,7 @@ def _data_kind(data: Any, run_config: Mapping[str, Any]) -> str:
 
 
 def _check_size(size, run_config: Mapping[str, Any], patch_size: Sequence[int], log) -> Tuple[int, int, int]:
-    from medvl.train.data import parse_size
+    from medvl.data.sources import parse_size
 
     trained = run_config.get("size")
     if size is None:
@@ -759,7 +759,7 @@ def evaluate(checkpoint_or_model, *, data: Any = None, tasks: Union[None, str, S
         if isinstance(data, os.PathLike):
             data = os.fspath(data)
         if isinstance(data, str):
-            from medvl.train.data import build_dataset
+            from medvl.data.sources import build_dataset
 
             kind = _data_kind(data, run_config)
             size = _check_size(size, run_config, patch_size, emit)
@@ -1204,7 +1204,7 @@ def qc_dicom(checkpoint_or_model, folder: Union[str, os.PathLike], *, device: Un
 
     A series that cannot be read (its headers, or its pixels: a truncated slice) is not scored: it is
     listed in ``unreadable`` with the reason and the others go on, as ``medvl train --skip-bad`` leaves a
-    bad volume out (both through :func:`medvl.train.data.readable_records`). With ``cache_dir`` the
+    bad volume out (both through :func:`medvl.data.sources.readable_records`). With ``cache_dir`` the
     preprocessed volumes are kept under ``cache_dir/volumes``, so a second run reads no pixels twice.
 
     Returns ``{"series": [{"rank", "series", "score", "issues", "sentence", "description",
@@ -1212,7 +1212,7 @@ def qc_dicom(checkpoint_or_model, folder: Union[str, os.PathLike], *, device: Un
     """
     from medvl.data.dicom import read_series_metadata
     from medvl.data.metadata import contrast_category, metadata_to_text
-    from medvl.train.data import FileVolumeDataset, _file_transform, readable_records
+    from medvl.data.sources import FileVolumeDataset, file_transform, readable_records
 
     emit = log if log is not None else (lambda _line: None)
     if rank_by not in ("issues", "score"):
@@ -1240,7 +1240,7 @@ def qc_dicom(checkpoint_or_model, folder: Union[str, os.PathLike], *, device: Un
             continue
         records.append({"image": path, "metadata": metadata, "volume_loader": "file",
                         "meta": {"row": len(records) + 1, "series": rel}})
-    transform, description = _file_transform("mr", size, None)
+    transform, description = file_transform("mr", size, None)
     volume_cache = None if cache_dir is None else os.path.join(os.fspath(cache_dir), "volumes")
 
     def make(recs):

@@ -8,13 +8,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List
 
+from medvl.data.transforms import CT_WINDOW
+
 CONFIG_DIR = Path(__file__).with_name("configs")
 _SECTIONS = ("vision", "text")
 
 
 @lru_cache(maxsize=None)
 def _configs() -> Dict[str, Dict[str, Any]]:
-    return {path.stem: json.loads(path.read_text()) for path in sorted(CONFIG_DIR.glob("*.json"))}
+    configs = {path.stem: json.loads(path.read_text()) for path in sorted(CONFIG_DIR.glob("*.json"))}
+    for config in configs.values():
+        # a config that names no window reads CT through the data layer's; the model config written with
+        # a checkpoint names it, so the checkpoint does not depend on this default
+        config["vision"].setdefault("window", list(CT_WINDOW))
+    return configs
 
 
 def list_models() -> List[str]:

@@ -132,10 +132,12 @@ def _recipe(n_ct: int, n_mr: int, seed: int, vocab_size: int, lowercase: bool) -
     """
     import tokenizers
 
-    from medvl.data import metadata, prompts, synthetic
+    from medvl.data import metadata, phantoms, prompts
 
     src = hashlib.sha256()
-    for mod in (synthetic, metadata, prompts):
+    for path in sorted(Path(phantoms.__file__).parent.glob("*.py")):
+        src.update(path.read_bytes())
+    for mod in (metadata, prompts):
         src.update(inspect.getsource(mod).encode())
     return {
         "format": _FORMAT_VERSION,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from medvl.data.transforms import CT_WINDOW
 from medvl.models.standardize import FeatureStandardizer
 from medvl.nn.patch_embed3d import PatchEmbed3d
 from medvl.ops.patch_embed3d import patch_embed3d
@@ -144,7 +145,7 @@ class VolumeEncoder(torch.nn.Module):
     def __init__(self, *, img_size: Union[int, Sequence[int]] = (96, 96, 64),
                  patch_size: Union[int, Sequence[int]] = (16, 16, 16), in_channels: int = 1, embed_dim: int = 192,
                  depth: int = 4, num_heads: int = 3, mlp_ratio: float = 4.0, output_dim: int = 128,
-                 window: Optional[Tuple[float, float]] = (-1000.0, 400.0), pos_embed: str = "learnable",
+                 window: Optional[Tuple[float, float]] = CT_WINDOW, pos_embed: str = "learnable",
                  pool: str = "cls", grad_checkpointing: bool = False, dropout: float = 0.0, qkv_bias: bool = True,
                  norm_eps: float = 1e-6, standardize: bool = False):
         super().__init__()

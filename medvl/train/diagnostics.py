@@ -9,7 +9,7 @@ shows them beside its own held-out measures):
   16·H(1/16) = 3.741 at batch 16); MR-CLIP's softmax: ``log B``; MedTrim's triplets: the margin times the
   sum of the term weights. A loss at that level has learned nothing about which text goes with which volume.
 * ``held_out`` / ``train``: on ``DIAGNOSTIC_SAMPLES`` held-out phantoms (seed
-  :data:`~medvl.data.synthetic.HELD_OUT_SEED`) and as many training samples, encoded as evaluation encodes
+  :data:`~medvl.data.phantoms.HELD_OUT_SEED`) and as many training samples, encoded as evaluation encodes
   them: :func:`medvl.models.diagnostics.embedding_spread` (the mean cosine between two different samples,
   volume with own text against others) and volume->text retrieval R@1 / R@5 (an identical text counts).
 * ``gap``: train minus held-out R@5 and matched-minus-unmatched cosine: memorised, not learned, when large.
@@ -132,8 +132,8 @@ def run_diagnostics(model, recipe, dataset, *, data: str, kind: str, size, globa
                     n: int = DIAGNOSTIC_SAMPLES) -> Dict[str, Any]:
     """Measure the trained ``model`` (see the module docstring), write ``out/diagnostics.json``, log a summary
     and the warnings; returns the dict. The model's train/eval mode is restored."""
-    from medvl.data.synthetic import HELD_OUT_SEED
-    from medvl.train.data import SYNTHETIC_SOURCES, synthetic_dataset
+    from medvl.data.phantoms import HELD_OUT_SEED
+    from medvl.data.sources import SYNTHETIC_SOURCES, synthetic_dataset
 
     was_training = model.training
     model.eval()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from medvl.data.sources import SYNTHETIC_SOURCES
 from medvl.train.recipes import LOSS_TERMS, RECIPES
 
 __all__ = ["main", "build_parser"]
@@ -23,7 +24,7 @@ __all__ = ["main", "build_parser"]
 
 def size_argument(text: str):
     """argparse type: (X, Y, Z) from "64,64,32"."""
-    from medvl.train.data import parse_size
+    from medvl.data.sources import parse_size
 
     try:
         return parse_size(text)
@@ -74,9 +75,9 @@ def _loss_weight(text: str):
 
 
 def _data(text: str) -> str:
-    if text in ("synthetic-ct", "synthetic-mr") or Path(text).exists():
+    if text in SYNTHETIC_SOURCES or Path(text).exists():
         return text
-    raise argparse.ArgumentTypeError(f"{text!r} is neither synthetic-ct / synthetic-mr nor an existing manifest "
+    raise argparse.ArgumentTypeError(f"{text!r} is neither {' / '.join(SYNTHETIC_SOURCES)} nor an existing manifest "
                                      "(.csv / .jsonl), CT-RATE folder or MR NIfTI folder")
 
 
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medvl train", description="Train a recipe on synthetic CT/MR phantoms or real "
                                 "data; under torchrun, on every rank (DistributedDataParallel).")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="siglip")
-    p.add_argument("--data", type=_data, default=None, metavar="synthetic-ct|synthetic-mr|MANIFEST|FOLDER",
+    p.add_argument("--data", type=_data, default=None, metavar="|".join([*SYNTHETIC_SOURCES, "MANIFEST", "FOLDER"]),
                    help="default: the recipe's synthetic data")
     p.add_argument("--split", default="train", help="CT-RATE split (train or valid)")
     p.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed volumes (.npy, no pickle)")

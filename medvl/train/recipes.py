@@ -60,6 +60,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
+from medvl.data.sources import SYNTHETIC_SOURCES, synthetic_source
 from medvl.models.standardize import FeatureStandardizer, batch_statistics, standardize
 from medvl.nn.sigmoid_loss import SigLIPLoss
 from medvl.nn.triplet_loss import MedTrimLoss
@@ -76,9 +77,6 @@ LOSS_TERMS: Dict[str, Tuple[str, ...]] = {
     "medtrim": MedTrimLoss.TERMS,
     "siglip-jaccard": ("contrastive",),
 }
-
-DATA = ("synthetic-ct", "synthetic-mr")
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -105,9 +103,9 @@ class Recipe:
         if self.loss not in LOSS_TERMS:
             raise ValueError(f"recipe {self.name!r}: unknown loss {self.loss!r}; "
                              f"choose from {', '.join(map(repr, LOSS_TERMS))}")
-        if self.data not in DATA:
+        if self.data not in SYNTHETIC_SOURCES:
             raise ValueError(f"recipe {self.name!r}: unknown data {self.data!r}; "
-                             f"choose from {', '.join(map(repr, DATA))}")
+                             f"choose from {', '.join(map(repr, SYNTHETIC_SOURCES))}")
         terms = LOSS_TERMS[self.loss]
         weights = dict(self.loss_weights) if self.loss_weights else {t: 1.0 for t in terms}
         unknown = sorted(set(weights) - set(terms))
@@ -130,20 +128,20 @@ class Recipe:
 
 RECIPES: Dict[str, Recipe] = {
     # RadFinder: SigLIP pairs + disease-prompt supervision + intra-scan localization.
-    "siglip": Recipe("siglip", model="vit3d-tiny", data="synthetic-ct", loss="siglip",
+    "siglip": Recipe("siglip", model="vit3d-tiny", data=synthetic_source("ct"), loss="siglip",
                      loss_weights={"contrastive": 1.0, "prompts": 1.0, "localization": 1.0},
                      loss_options={"max_pos_weight": 20.0, "temperature": 0.1, "sigma": LOCALIZATION_SIGMA_BINS}),
     # MR-CLIP: every text of the same contrast category is a positive. loss="siglip-label" swaps in
     # SigLIPLoss(target="label").
-    "mrclip": Recipe("mrclip", model="vit3d-tiny", data="synthetic-mr", loss="mrclip",
+    "mrclip": Recipe("mrclip", model="vit3d-tiny", data=synthetic_source("mr"), loss="mrclip",
                      loss_weights={"contrastive": 1.0},
                      loss_options={"init_scale": 1.0 / 0.07, "max_scale": 100.0}),
     # MedTrim: four-direction triplet loss, triplets mined from entity scores (MedTrimLoss' entity weights and
     # score range, whose range reaches down to 0 so that unrelated reports are the negatives).
-    "medtrim": Recipe("medtrim", model="vit3d-tiny", data="synthetic-ct", loss="medtrim",
+    "medtrim": Recipe("medtrim", model="vit3d-tiny", data=synthetic_source("ct"), loss="medtrim",
                       loss_weights={t: 1.0 for t in MedTrimLoss.TERMS}, loss_options={"margin": 0.3}),
     # Soft SigLIP: Jaccard targets between finding multi-hots.
-    "soft": Recipe("soft", model="vit3d-tiny", data="synthetic-ct", loss="siglip-jaccard",
+    "soft": Recipe("soft", model="vit3d-tiny", data=synthetic_source("ct"), loss="siglip-jaccard",
                    loss_weights={"contrastive": 1.0}),
 }
 

@@ -60,10 +60,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from medvl.data import collate
+from medvl.data.sources import SYNTHETIC_SOURCES, parse_size
 from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_name,
                                      checkpoint_step, read_latest, read_weights)
 from medvl.train.calibration import calibrate_standardizers
-from medvl.train.data import parse_size
 from medvl.train.diagnostics import run_diagnostics
 from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice
 from medvl.train.profiling import StepProfiler, stage
@@ -75,7 +75,6 @@ __all__ = ["TrainConfig", "train", "load_checkpoint_weights", "load_training_sta
            "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
-SYNTHETIC = ("synthetic-ct", "synthetic-mr")
 # Losses that compare each sample with the other samples of its loss batch: with one sample there is
 # nothing to compare, and the loss is 0 at every step. Value: the batch the loss sees.
 _NEEDS_OTHER_SAMPLES = {
@@ -92,7 +91,7 @@ class TrainConfig:
     data: "synthetic-ct" | "synthetic-mr" (n_train phantoms, generated when read and lightly augmented;
     default None: one new phantom per sample the run trains on, steps x global batch x accum_steps), a
     manifest (.csv / .jsonl), a CT-RATE
-    folder or a folder of MR NIfTI files with sidecars (see :func:`medvl.train.data.build_dataset`).
+    folder or a folder of MR NIfTI files with sidecars (see :func:`medvl.data.sources.build_dataset`).
     size (X, Y, Z): the transformed volume size, which also sets the model's ``vision.img_size``.
     vision / text: extra overrides of the model's towers (e.g. vision patch_size, text pool).
     batch_size: per rank. precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16".
@@ -157,9 +156,9 @@ class TrainConfig:
                              f"{self.grad_clip!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out {self.out!r} is a file; give the path of a run folder (created when missing)")
-        if self.data is not None and self.data not in SYNTHETIC and not Path(self.data).exists():
-            raise FileNotFoundError(f"data {self.data!r} is neither 'synthetic-ct' / 'synthetic-mr' nor an existing "
-                                    "manifest file or data folder")
+        if self.data is not None and self.data not in SYNTHETIC_SOURCES and not Path(self.data).exists():
+            raise FileNotFoundError(f"data {self.data!r} is neither {' / '.join(map(repr, SYNTHETIC_SOURCES))} nor an "
+                                    "existing manifest file or data folder")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
@@ -167,7 +166,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         parse_size(self.size)
-        if (self.data is None or self.data in SYNTHETIC) and self.n_train is not None \
+        if (self.data is None or self.data in SYNTHETIC_SOURCES) and self.n_train is not None \
                 and self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be at least batch_size ({self.batch_size}): "
                              "the loader drops incomplete batches")
@@ -642,11 +641,11 @@ def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
     if names:
         return list(names)
     from medvl.data.entities import CT_RATE_FINDINGS
-    from medvl.data.synthetic import CT_FINDINGS
+    from medvl.data.phantoms import CT_FINDINGS
 
     sample = dataset[0]
     width = None if sample.labels is None else int(sample.labels.shape[0])
-    if info.get("source") == "synthetic-ct":
+    if SYNTHETIC_SOURCES.get(info.get("source")) == "ct":
         return list(CT_FINDINGS)
     if width == len(CT_RATE_FINDINGS):
         return list(CT_RATE_FINDINGS)
@@ -654,9 +653,8 @@ def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
 
 
 def _data_kind(recipe, data: str) -> str:
-    if data in SYNTHETIC:
-        return "mr" if data == "synthetic-mr" else "ct"
-    return "mr" if recipe.data == "synthetic-mr" else "ct"
+    """The kind of a phantom source, or else the kind of the recipe's phantoms (a real source is read as such)."""
+    return SYNTHETIC_SOURCES.get(data, SYNTHETIC_SOURCES[recipe.data])
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
@@ -672,7 +670,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
 def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     from medvl.models.factory import create_model, model_config
-    from medvl.train.data import build_dataset
+    from medvl.data.sources import build_dataset
 
     recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}),
                         loss_options=dict(config.loss_options or {}))
@@ -701,7 +699,7 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     # n_train sizes the phantom sets (by default a new phantom for every sample trained on); a real source is
     # used whole
     n = None
-    if data in SYNTHETIC:
+    if data in SYNTHETIC_SOURCES:
         n = config.n_train or config.steps * config.batch_size * ctx.world_size * config.accum_steps
     dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size, cache_dir=config.cache_dir,
                                   skip_bad=config.skip_bad, split=config.split, log=log, augment=True)

@@ -104,7 +104,7 @@ def test_qc_goes_on_past_unreadable_series(mr_run, dicom_dir, tmp_path, capsys):
     import shutil
 
     from medvl.data.dicom_write import write_raw_element
-    from medvl.train.data import build_dataset
+    from medvl.data.sources import build_dataset
 
     root = tmp_path / "dicom"
     shutil.copytree(dicom_dir, root)

@@ -33,7 +33,7 @@ def mr_run(tmp_path_factory):
 def _encoder_and_set(run, source, kind, n):
     from medvl.eval.tasks import _prompt_head_of
     from medvl.models.checkpoint import checkpoint_dir, load_checkpoint
-    from medvl.train.data import build_dataset
+    from medvl.data.sources import build_dataset
 
     model, _ = load_checkpoint(run)
     encoder = CachedEncoder(model, prompt_head=_prompt_head_of(checkpoint_dir(run)))

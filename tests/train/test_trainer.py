@@ -71,9 +71,9 @@ def test_accumulation_matches_big_batch():
     (contrastive, per-sample prompt variants, snippet localization)."""
     from medvl.data import collate
     from medvl.models.factory import create_model
-    from medvl.train.data import synthetic_dataset
+    from medvl.data.sources import synthetic_dataset
     from medvl.train.radfinder_inputs import RadFinderInputs
-    from medvl.data.synthetic import CT_FINDINGS
+    from medvl.data.phantoms import CT_FINDINGS
     from medvl.train.recipes import create_loss, get_recipe
     from medvl.train.trainer import _step_loss
 

@@ -1,4 +1,5 @@
-"""Training data for the trainer: synthetic phantoms or real volumes turned into a :class:`VolumeTextDataset`.
+"""Dataset sources: synthetic phantoms or real volumes turned into a :class:`VolumeTextDataset` (what training
+and evaluation read).
 
     ds = synthetic_dataset("ct", n=64, seed=0, size=(64, 64, 32))   # raw int16 HU volumes (1, X, Y, Z)
     ds = synthetic_dataset("mr", n=64, seed=0, size=(64, 64, 32))   # z-scored float32 volumes
@@ -32,16 +33,24 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 from collections import OrderedDict, abc
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from medvl.data import VolumeTextDataset, contrast_category, ct_transforms, extract_entities, metadata_to_text, \
-    mr_transforms
-from medvl.data.transforms import light_augment
+from medvl.data.ct_rate import ct_rate_records, ct_rate_volume_path, load_ct_rate_volume
+from medvl.data.dataset import VolumeTextDataset
+from medvl.data.dicom import read_dicom_series
+from medvl.data.entities import extract_entities
+from medvl.data.manifest import load_manifest, load_volume, not_utf8_error
+from medvl.data.metadata import contrast_category, metadata_to_text
+from medvl.data.nifti_sidecar import mr_nifti_records, read_sidecar, sidecar_path
+from medvl.data.phantoms import finding_sentence, make_ct_phantom, make_mr_phantom, phantom_seeds, \
+    without_image_reference
+from medvl.data.transforms import AIR_HU, affine_from_spacing, ct_transforms, light_augment, mr_transforms, \
+    volume_to_metatensor
+from medvl.data.volume_cache import VolumeCache
 
 __all__ = [
     "BadVolumeError",
@@ -52,14 +61,18 @@ __all__ = [
     "PhantomDataset",
     "SYNTHETIC_SOURCES",
     "build_dataset",
+    "file_transform",
     "finding_snippets",
     "parse_size",
     "readable_records",
     "slice_depth_indices",
     "synthetic_dataset",
+    "synthetic_source",
 ]
 
 DATA_KINDS = ("ct", "mr")
+#: The phantom sources by name (what ``build_dataset`` and ``--data`` take; any other source is a path) and
+#: the data kind each holds.
 SYNTHETIC_SOURCES = {"synthetic-ct": "ct", "synthetic-mr": "mr"}
 # (X, Y, Z) mm that the default resampling fits into `size`: a chest CT and an adult head.
 CT_FIELD_OF_VIEW_MM = (350.0, 350.0, 350.0)
@@ -70,14 +83,22 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Bump when the loading/preprocessing code changes what a cached volume holds: old entries are then
 # never read again.
 _CACHE_FORMAT = 1
-_ACCEPTED_SOURCES = ("'synthetic-ct' or 'synthetic-mr'; a manifest file (.csv, .jsonl or .ndjson); a CT-RATE "
-                     "root folder (holding radiology_text_reports/); or a folder of MR NIfTI files (.nii / .nii.gz) "
-                     "with dcm2niix .json sidecars")
+_ACCEPTED_SOURCES = (" or ".join(map(repr, SYNTHETIC_SOURCES)) + "; a manifest file (.csv, .jsonl or .ndjson); "
+                     "a CT-RATE root folder (holding radiology_text_reports/); or a folder of MR NIfTI files (.nii / "
+                     ".nii.gz) with dcm2niix .json sidecars")
 _SKIP_HINT = "fix or remove it, or pass --skip-bad (skip_bad=True) to drop unreadable rows and report them"
 
 
 class BadVolumeError(ValueError):
     """A row whose volume cannot be loaded or preprocessed (the message names the row and the path)."""
+
+
+def synthetic_source(kind: str) -> str:
+    """The name of the phantom source of data kind ``kind`` ("ct" or "mr")."""
+    for name, source_kind in SYNTHETIC_SOURCES.items():
+        if source_kind == kind:
+            return name
+    raise ValueError(f"unknown data kind {kind!r}; choose one of {DATA_KINDS}")
 
 
 def parse_size(size) -> Tuple[int, int, int]:
@@ -151,7 +172,7 @@ class PhantomDataset(VolumeTextDataset):
     """``n`` phantoms of ``kind`` "ct" or "mr", generated when read, never all held in memory.
 
     Phantom i is ``make_ct_phantom`` / ``make_mr_phantom`` of the i-th seed that
-    :func:`~medvl.data.make_phantom_set` draws from ``seed`` (so the set is prefix-stable and the same as
+    :func:`~medvl.data.phantoms.phantom_seeds` draws from ``seed`` (so the set is prefix-stable and the same as
     ``make_phantom_set(n)`` gives). ``augment``: each phantom's volume goes through
     :func:`~medvl.data.transforms.light_augment` with a generator seeded by (``seed``, i), before the
     transform (same draws on every read, in every process).
@@ -166,8 +187,7 @@ class PhantomDataset(VolumeTextDataset):
         x, y, z = parse_size(size)
         self.kind, self.seed, self.augment, self.size = kind, int(seed), bool(augment), (x, y, z)
         self.shape = (z, y, x)  # phantom generators take (slices, rows, cols)
-        stream = 1 if kind == "ct" else 2  # make_phantom_set's streams
-        self.seeds = [int(v) for v in np.random.SeedSequence([self.seed, stream]).generate_state(int(n), np.uint32)]
+        self.seeds = phantom_seeds(kind, self.seed, int(n))
         # The phantoms are generated at the target size in the RAS layout, so the MONAI pipelines of real
         # volumes (ct_transforms / mr_transforms with spacing=None) change nothing but the layout and, for
         # MR, the intensity: they are replaced by that (a test checks the equality), at a fifth of the time.
@@ -187,8 +207,6 @@ class PhantomDataset(VolumeTextDataset):
         return light_augment(volume, self.kind, rng)
 
     def _record(self, index: int) -> Dict[str, Any]:
-        from medvl.data.synthetic import make_ct_phantom, make_mr_phantom
-
         phantom_seed = self.seeds[index]
         if self.kind == "ct":
             p = make_ct_phantom(phantom_seed, shape=self.shape)
@@ -231,8 +249,6 @@ def slice_depth_indices(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], 
     (orientation None, i.e. read as RAS, and generated at the target size) every step is a no-op and the
     depth index equals the slice index; an "LPI" array (z head to feet) gives ``Z - 1 - s`` instead.
     """
-    from medvl.data.transforms import affine_from_spacing, volume_to_metatensor
-
     nz, ny, nx = (int(v) for v in shape_zyx)
     probe = volume_to_metatensor(np.zeros((nz, ny, nx), np.int16), spacing_zyx, orientation)
     out = transform({"image": probe})
@@ -251,39 +267,9 @@ def slice_depth_indices(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], 
     return depth_of_slice, n_slices
 
 
-_IMAGE_REFERENCE = re.compile(r"\s*\((?:series\s+\d+,\s*)?image\s+\d+\)", re.IGNORECASE)
-
-
-def _strip_reference(sentence: str) -> str:
-    text = _IMAGE_REFERENCE.sub("", sentence)
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s+([.,;:])", r"\1", text)  # "effusion ." -> "effusion."
-    text = re.sub(r",\s*\.", ".", text)
-    return text.strip()
-
-
-def _finding_sentence(report: str, finding, seed: int) -> str:
-    # The report says nothing about which sentence is whose, and several findings may cite the same image,
-    # so rebuild every wording the generator could have used for this finding (its templates with either
-    # reference form, capitalised as ct_report does) and find the one present; wordings of different
-    # findings never coincide.
-    from medvl.data.synthetic import _positive_templates
-
-    n = finding.slice_index + 1
-    for template in _positive_templates(finding):
-        for ref in (f"(image {n})", f"(series 3, image {n})"):
-            s = template.format(ref=ref)
-            s = s[0].upper() + s[1:]
-            if report.startswith(s) or (" " + s) in report:
-                return s
-    raise RuntimeError(f"phantom seed {seed}: no sentence of its report describes the finding {finding.name!r} "
-                       f"at image {n}; medvl.data.synthetic's report templates and medvl.train.data's "
-                       "snippet matching disagree")
-
-
 def finding_snippets(phantom, depth_of_slice: Sequence[int]) -> List[Dict[str, Any]]:
     """``[{"finding": name, "text": sentence without its "(image N)" reference, "depth_index": z}, ...]``,
-    one per finding of a :class:`~medvl.data.synthetic.CTPhantom` with a slice index, in the phantom's
+    one per finding of a :class:`~medvl.data.phantoms.CTPhantom` with a slice index, in the phantom's
     order. ``depth_of_slice`` comes from :func:`slice_depth_indices`; findings whose slice was cropped away
     are left out (their text describes nothing in the volume)."""
     snippets = []
@@ -293,8 +279,11 @@ def finding_snippets(phantom, depth_of_slice: Sequence[int]) -> List[Dict[str, A
         depth = depth_of_slice[f.slice_index]
         if depth < 0:
             continue
-        sentence = _finding_sentence(phantom.report, f, int(phantom.seed))
-        snippets.append({"finding": f.name, "text": _strip_reference(sentence), "depth_index": int(depth)})
+        sentence = finding_sentence(phantom.report, f)
+        if sentence is None:
+            raise RuntimeError(f"phantom seed {phantom.seed}: no sentence of its report describes the finding "
+                               f"{f.name!r} at image {f.slice_index + 1}")
+        snippets.append({"finding": f.name, "text": without_image_reference(sentence), "depth_index": int(depth)})
     return snippets
 
 
@@ -306,8 +295,6 @@ def _load_record_volume(record: Mapping[str, Any]) -> Dict[str, Any]:
     """A copy of ``record`` whose "image" is the (z, y, x) array (plus its spacing and geometry)."""
     path = os.fspath(record["image"])
     if record.get("volume_loader") == "ct_rate":
-        from medvl.data.ct_rate import load_ct_rate_volume
-
         # load_ct_rate_volume notes which rescale it used in the record's meta: give it a copy
         loaded = dict(record)
         loaded["meta"] = dict(record.get("meta") or {})
@@ -317,13 +304,9 @@ def _load_record_volume(record: Mapping[str, Any]) -> Dict[str, Any]:
     if os.path.isdir(path):
         # load_volume keeps a DICOM series in its own layout without saying which: read the series
         # directly so that its orientation cosines and position reach the RAS reorientation.
-        from medvl.data.dicom import read_dicom_series
-
         series = read_dicom_series(path)
         return {**record, "image": series.volume.astype(np.float32, copy=False), "spacing": tuple(series.spacing),
                 "orientation": tuple(series.orientation), "origin": tuple(series.position)}
-    from medvl.data.manifest import load_volume
-
     volume, spacing = load_volume(path)  # NIfTI, reoriented to RAS (z, y, x)
     return {**record, "image": volume, "spacing": spacing}
 
@@ -352,8 +335,6 @@ class FileVolumeDataset(VolumeTextDataset):
 
     def __init__(self, records: Sequence[Mapping[str, Any]], transform: Callable, transform_description: str, *,
                  cache_dir=None, **kwargs: Any) -> None:
-        from medvl.data.volume_cache import VolumeCache
-
         super().__init__(records, transform, **kwargs)
         for i, record in enumerate(self.records):
             if not isinstance(record["image"], (str, os.PathLike)):
@@ -400,7 +381,7 @@ def readable_records(records: Sequence[Mapping[str, Any]], make: Callable[[List[
     return good, bad
 
 
-def _file_transform(kind: str, size: Tuple[int, int, int], spacing) -> Tuple[Callable, str]:
+def file_transform(kind: str, size: Tuple[int, int, int], spacing) -> Tuple[Callable, str]:
     """The preprocessing of real volumes and its description (every parameter that changes the result)."""
     import monai
 
@@ -410,8 +391,6 @@ def _file_transform(kind: str, size: Tuple[int, int, int], spacing) -> Tuple[Cal
     else:
         spacing = _parse_spacing(spacing)
     if kind == "ct":
-        from medvl.data.transforms import AIR_HU
-
         params = {"spacing": spacing, "size": size, "window": None, "orientation": "RAS", "pad_hu": AIR_HU,
                   "mode": "bilinear"}
         transform = ct_transforms(**params)
@@ -449,8 +428,6 @@ def _skipped(row, path, reason) -> Dict[str, Any]:
 
 
 def _manifest_records(path: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
-    from medvl.data.manifest import load_manifest
-
     try:
         manifest = load_manifest(path, skip_bad=skip_bad)
     except ValueError as e:
@@ -470,8 +447,6 @@ def _manifest_records(path: str, skip_bad: bool) -> Tuple[List[dict], List[dict]
 
 
 def _ct_rate_records(root: str, split: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
-    from medvl.data.ct_rate import ct_rate_records, ct_rate_volume_path
-
     long_split = {"train": "train", "valid": "validation", "validation": "validation"}.get(str(split).lower())
     if long_split is None:
         raise ValueError(f"split must be 'train' or 'valid' for a CT-RATE source, got {split!r}")
@@ -487,8 +462,6 @@ def _ct_rate_records(root: str, split: str, skip_bad: bool) -> Tuple[List[dict],
                 if name:
                     rows.setdefault(name, n)
     except UnicodeDecodeError as e:
-        from medvl.data.manifest import not_utf8_error
-
         raise not_utf8_error(reports, "CT-RATE reports file", e) from None
     try:
         found = ct_rate_records(root, split, skip_missing=skip_bad)
@@ -523,8 +496,6 @@ def _nifti_files(folder: str) -> List[str]:
 
 
 def _mr_folder_records(folder: str, skip_bad: bool) -> Tuple[List[dict], List[dict]]:
-    from medvl.data.nifti_sidecar import mr_nifti_records, read_sidecar, sidecar_path
-
     rows = {path: n for n, path in enumerate(_nifti_files(folder), start=1)}
     try:
         found = mr_nifti_records(folder, skip_bad=skip_bad)
@@ -612,7 +583,7 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
                   size: Sequence[int] = (64, 64, 32), cache_dir=None, skip_bad: bool = False, split: str = "train",
                   log: Optional[Callable[[str], None]] = None,
                   spacing=None, augment: bool = False) -> Tuple[VolumeTextDataset, Dict[str, Any]]:
-    """The training dataset of ``source`` for ``kind`` "ct" or "mr", and a summary of how it was built.
+    """The dataset of ``source`` for ``kind`` "ct" or "mr", and a summary of how it was built.
 
     Args:
         source: "synthetic-ct" / "synthetic-mr", a manifest path (.csv / .jsonl / .ndjson), a CT-RATE root
@@ -655,7 +626,7 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
     if source in SYNTHETIC_SOURCES:
         if SYNTHETIC_SOURCES[source] != kind:
             raise ValueError(f"source {source!r} holds {SYNTHETIC_SOURCES[source].upper()} data but kind is "
-                             f"{kind!r}; use 'synthetic-{kind}' or kind {SYNTHETIC_SOURCES[source]!r}")
+                             f"{kind!r}; use {synthetic_source(kind)!r} or kind {SYNTHETIC_SOURCES[source]!r}")
         if cache_dir is not None:
             emit(f"{source}: cache_dir is not used (phantoms are generated in memory)")
         dataset = synthetic_dataset(kind, 256 if n is None else int(n), seed, size, augment=augment)
@@ -673,7 +644,7 @@ def build_dataset(source, kind: str, *, n: Optional[int] = 256, seed: int = 0,
     for record in records:
         record["meta"] = {**(record.get("meta") or {}), "snippets": [], "n_slices": size[2]}
 
-    transform, description = _file_transform(kind, size, spacing)
+    transform, description = file_transform(kind, size, spacing)
     cache_root = None if cache_dir is None else os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
     fns = ({"entity_fn": extract_entities} if kind == "ct"
            else {"text_fn": metadata_to_text, "label_fn": contrast_category})

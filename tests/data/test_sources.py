@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import medvl.train.data as train_data
+import medvl.data.sources as sources
 from medvl.data import VolumeTextDataset, collate, ct_transforms, make_phantom_set
 from medvl.data.entities import CT_RATE_FINDINGS
 from medvl.data.volume_cache import VolumeCache
-from medvl.train.data import BadVolumeError, build_dataset, slice_depth_indices
+from medvl.data.sources import BadVolumeError, build_dataset, slice_depth_indices
 
 SIZE = (16, 16, 8)  # (X, Y, Z) of the tensors; the files below hold (i, j, k) = (16, 16, 8) voxels
 SPACING = (1.0, 1.0, 1.0)  # what the test volumes have, so the resampling keeps every voxel
@@ -107,8 +107,8 @@ def test_synthetic_source(kind):
 def test_phantoms_are_generated_when_read_and_equal_the_real_volume_pipeline(kind):
     """The phantom path skips the MONAI pipeline of real volumes because it changes nothing but the layout (and
     the MR intensity): same tensor, same affine. Records are made on demand (prefix-stable seeds)."""
-    ds = train_data.synthetic_dataset(kind, 3, 7, SIZE)
-    more = train_data.synthetic_dataset(kind, 5, 7, SIZE)
+    ds = sources.synthetic_dataset(kind, 3, 7, SIZE)
+    more = sources.synthetic_dataset(kind, 5, 7, SIZE)
     assert len(ds) == 3 and ds.seeds == more.seeds[:3]
     for i in range(3):
         record = ds.records[i]
@@ -125,9 +125,9 @@ def test_augmentation_keeps_what_the_report_says():
     moves along z, so sides, lobes and cited slices stay true; the same index draws the same augmentation."""
     from medvl.data.transforms import AUGMENT_MAX_SHIFT_VOXELS, light_augment
 
-    plain = train_data.synthetic_dataset("ct", 4, 0, (32, 32, 16))
-    augmented = train_data.synthetic_dataset("ct", 4, 0, (32, 32, 16), augment=True)
-    again = train_data.synthetic_dataset("ct", 4, 0, (32, 32, 16), augment=True)
+    plain = sources.synthetic_dataset("ct", 4, 0, (32, 32, 16))
+    augmented = sources.synthetic_dataset("ct", 4, 0, (32, 32, 16), augment=True)
+    again = sources.synthetic_dataset("ct", 4, 0, (32, 32, 16), augment=True)
     moved = 0
     for i in range(4):
         a, b = plain[i], augmented[i]
@@ -277,7 +277,7 @@ def test_cache_is_read_back_identically(tmp_path, monkeypatch):
     def no_reading(record):
         raise AssertionError(f"read {record['image']} although it is cached")
 
-    monkeypatch.setattr(train_data, "_load_record_volume", no_reading)
+    monkeypatch.setattr(sources, "_load_record_volume", no_reading)
     cached = build_dataset(manifest, "ct", size=SIZE, spacing=SPACING, cache_dir=cache)[0]
     for i in range(2):
         a, b = cached[i], first[i]
@@ -298,15 +298,15 @@ def test_cache_is_read_back_identically(tmp_path, monkeypatch):
 
     # The key follows the transform's size and the file's mtime.
     record = filled.records[0]
-    key = VolumeCache.key_for(record["image"], train_data._record_description(record, filled.transform_description))
+    key = VolumeCache.key_for(record["image"], sources._record_description(record, filled.transform_description))
     resized = build_dataset(manifest, "ct", size=(16, 16, 10), spacing=SPACING, cache_dir=cache)[0]
     assert resized.transform_description != filled.transform_description
     assert VolumeCache.key_for(record["image"],
-                               train_data._record_description(record, resized.transform_description)) != key
+                               sources._record_description(record, resized.transform_description)) != key
     st = os.stat(record["image"])
     os.utime(record["image"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert VolumeCache.key_for(record["image"],
-                               train_data._record_description(record, filled.transform_description)) != key
+                               sources._record_description(record, filled.transform_description)) != key
 
 
 def test_volume_cache_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of the synthetic CT/MR phantoms in medvl.data.synthetic."""
+"""Tests of the synthetic CT/MR phantoms in medvl.data.phantoms."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from medvl.data import synthetic as S
-from medvl.data.synthetic import (
+from medvl.data import MR_METADATA_KEYS
+from medvl.data import phantoms as S
+from medvl.data.phantoms import (
     CT_FINDINGS,
     CT_SURFACE_FORMS,
-    MR_METADATA_KEYS,
     MR_SEQUENCES,
     MR_TISSUES,
     CTPhantom,
