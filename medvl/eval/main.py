@@ -18,19 +18,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from medvl.train.main import positive_int, size_argument
+from medvl.options import non_negative_int, positive_int, size_argument
 
 __all__ = ["build_eval_parser", "build_qc_parser", "eval_main", "main", "qc_main"]
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -46,7 +36,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: the run folder's eval/)")
     p.add_argument("--n", type=positive_int, default=None,
                    help="phantoms to generate (default 256), or at most this many rows of a file source")
-    p.add_argument("--seed", type=_seed, default=DEFAULT_EVAL_SEED,
+    p.add_argument("--seed", type=non_negative_int, default=DEFAULT_EVAL_SEED,
                    help=f"phantom seed and seed of every draw (default {DEFAULT_EVAL_SEED}, far from training seeds)")
     p.add_argument("--size", type=size_argument, default=None, help="volume size X,Y,Z (default: the training size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -690,7 +690,7 @@ def _data_kind(data: Any, run_config: Mapping[str, Any]) -> str:
 
 
 def _check_size(size, run_config: Mapping[str, Any], patch_size: Sequence[int], log) -> Tuple[int, int, int]:
-    from medvl.train.data import parse_size
+    from medvl.options import parse_size
 
     trained = run_config.get("size")
     if size is None:

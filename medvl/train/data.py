@@ -42,6 +42,7 @@ import torch
 from medvl.data import VolumeTextDataset, contrast_category, ct_transforms, extract_entities, metadata_to_text, \
     mr_transforms
 from medvl.data.transforms import light_augment
+from medvl.options import parse_size
 
 __all__ = [
     "BadVolumeError",
@@ -53,7 +54,6 @@ __all__ = [
     "SYNTHETIC_SOURCES",
     "build_dataset",
     "finding_snippets",
-    "parse_size",
     "readable_records",
     "slice_depth_indices",
     "synthetic_dataset",
@@ -78,22 +78,6 @@ _SKIP_HINT = "fix or remove it, or pass --skip-bad (skip_bad=True) to drop unrea
 
 class BadVolumeError(ValueError):
     """A row whose volume cannot be loaded or preprocessed (the message names the row and the path)."""
-
-
-def parse_size(size) -> Tuple[int, int, int]:
-    """(X, Y, Z) from a string "64,64,32", a sequence of three ints, or one int (a cube)."""
-    if isinstance(size, str):
-        try:
-            parts = [int(p) for p in size.replace("x", ",").split(",") if p.strip()]
-        except ValueError:
-            raise ValueError(f"size must be three integers 'X,Y,Z' (e.g. '64,64,32'), got {size!r}") from None
-    elif isinstance(size, int):
-        parts = [size] * 3
-    else:
-        parts = [int(p) for p in size]
-    if len(parts) != 3 or any(p < 1 for p in parts):
-        raise ValueError(f"size must be three positive integers 'X,Y,Z' (e.g. '64,64,32'), got {size!r}")
-    return tuple(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------

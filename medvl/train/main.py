@@ -16,30 +16,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from medvl.options import positive_int, size_argument
 from medvl.train.recipes import LOSS_TERMS, RECIPES
 
 __all__ = ["main", "build_parser"]
-
-
-def size_argument(text: str):
-    """argparse type: (X, Y, Z) from "64,64,32"."""
-    from medvl.train.data import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _nonneg_float(text: str) -> float:

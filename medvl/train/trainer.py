@@ -62,8 +62,8 @@ from torch.utils.data import DataLoader, Sampler
 from medvl.data import collate
 from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_name,
                                      checkpoint_step, read_latest, read_weights)
+from medvl.options import parse_size
 from medvl.train.calibration import calibrate_standardizers
-from medvl.train.data import parse_size
 from medvl.train.diagnostics import run_diagnostics
 from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice
 from medvl.train.profiling import StepProfiler, stage
