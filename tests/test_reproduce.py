@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from medvl.eval.reproduce import reproduce
+from medvl.reproduce import reproduce
 
 TOY = dict(steps=2, eval_n=24, n_train=16, batch_size=8, size=(32, 32, 16), cnn_epochs=2)
 
@@ -73,7 +73,7 @@ def test_unknown_seed_and_setting(tmp_path):
 def test_each_reproduction_trains_afresh(tmp_path, monkeypatch):
     """A second `medvl reproduce` into the same folder replaces its runs instead of being refused."""
     import medvl.train.trainer
-    from medvl.eval.reproduce import _train
+    from medvl.reproduce import _train
 
     configs = []
     monkeypatch.setattr(medvl.train.trainer, "train", lambda config: configs.append(config) or
