@@ -50,6 +50,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from medvl.data.dataset import VolumeTextDataset
+from medvl.data.metadata import dicom_terms
 from medvl.data.synthetic import HELD_OUT_SEED
 from medvl.eval.cache import CachedEncoder, EmbeddingCache, VolumeEmbeddings, head_tensors, model_fingerprint, \
     volume_ids
@@ -119,10 +121,9 @@ class EvalSet:
         if n == 0:
             raise ValueError("dataset: empty; nothing to evaluate")
         texts, labels, label, metas, metadata = [], [], [], [], []
-        records = getattr(dataset, "records", None)
         for i in range(n):
-            if records is not None and hasattr(dataset, "text_fn"):
-                info = _record_info(dataset, records[i], i)
+            if isinstance(dataset, VolumeTextDataset):
+                info = _record_info(dataset, i)
             else:
                 info = _sample_info(dataset[i])
             texts.append(info[0])
@@ -152,23 +153,12 @@ class EvalSet:
         return self._encoded[key]
 
 
-def _record_info(dataset, record: Mapping[str, Any], index: int):
-    """(text, findings, label, meta, metadata) of a record, as VolumeTextDataset would make them."""
-    metadata = record.get("metadata")
-    if dataset.text_fn is not None and "metadata" in record:
-        text = dataset.text_fn(metadata)
-    else:
-        text = record.get("text")
-    if not isinstance(text, str):
-        raise TypeError(f"record {index}: text must be a str, got {type(text).__name__}")
-    if dataset.label_fn is not None and "metadata" in record:
-        label = dataset.label_fn(metadata)
-    else:
-        label = record.get("label", -1)
-    label = -1 if label is None else int(label)
-    findings = record.get("labels")
-    findings = None if findings is None else np.asarray(findings).astype(bool).reshape(-1)
-    return text, findings, label, dict(record.get("meta") or {}), metadata
+def _record_info(dataset: VolumeTextDataset, index: int):
+    """(text, findings, label, meta, metadata) of a record, read without its volume."""
+    record = dataset.records[index]
+    text, label, findings = dataset.text_and_labels(index)
+    findings = None if findings is None else findings.numpy()
+    return text, findings, label, dict(record.get("meta") or {}), record.get("metadata")
 
 
 def _sample_info(sample):
@@ -1073,14 +1063,6 @@ _PLANE_WORDS = {"ax": "axial", "axial": "axial", "tra": "axial", "sag": "sagitta
                 "cor": "coronal", "coronal": "coronal"}
 
 
-def _terms(value: Any) -> Tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = value.split("\\")
-    return tuple(str(v).strip().upper() for v in value if str(v).strip())
-
-
 def _number(value: Any) -> Optional[float]:
     try:
         v = float(value)
@@ -1091,7 +1073,7 @@ def _number(value: Any) -> Optional[float]:
 
 def sequence_family(metadata: Mapping[str, Any]) -> Optional[str]:
     """The key of :data:`SEQUENCE_RANGES` a header describes, from ScanningSequence, TI and the description."""
-    seq = set(_terms(metadata.get("ScanningSequence")))
+    seq = set(dicom_terms(metadata.get("ScanningSequence")))
     ti = _number(metadata.get("InversionTime"))
     words = str(metadata.get("SeriesDescription") or "").upper().replace("*", " ").split()
     if "EP" in seq:
@@ -1131,7 +1113,7 @@ def metadata_issues(metadata: Mapping[str, Any]) -> List[str]:
     ContrastBolusAgent; an IR gradient echo (MPRAGE) that is not 3D.
     """
     issues = [f"missing {tag}" for tag in REQUIRED_MR_TAGS if metadata.get(tag) in (None, "", ())]
-    seq = set(_terms(metadata.get("ScanningSequence")))
+    seq = set(dicom_terms(metadata.get("ScanningSequence")))
     ti = _number(metadata.get("InversionTime"))
     if "IR" in seq and (ti is None or ti <= 0):
         issues.append("IR in ScanningSequence but no InversionTime")
