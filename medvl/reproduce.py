@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from medvl.data.synthetic import HELD_OUT_SEED as DEFAULT_EVAL_SEED
+from medvl.eval.evaluate import DEFAULT_EVAL_SEED
 
 __all__ = ["reproduce", "main", "floors", "format_summary", "SEEDS", "SETTINGS"]
 
@@ -56,7 +56,7 @@ def _train(name: str, out: Path, recipe: str, run: Dict[str, Any], *, log, loss_
 
 
 def _evaluate(checkpoint: Path, out: Path, tasks: Sequence[str], n: int, log) -> Dict[str, Any]:
-    from medvl.eval.tasks import evaluate
+    from medvl.eval.evaluate import evaluate
 
     summary = evaluate(checkpoint, tasks=list(tasks), out=out, n=n, log=None)
     log(f"  evaluated {', '.join(tasks)} on {n} held-out phantoms -> {out}")
@@ -104,9 +104,9 @@ def cnn_fit(train_x: torch.Tensor, train_y, test_x: torch.Tensor, test_y, seed: 
 
 
 def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
-    from medvl.eval.probe import few_shot
-    from medvl.eval.tasks import DEFAULT_EVAL_SEED, EvalSet, FEWSHOT_KS, FEWSHOT_SEEDS, _class_target, \
-        _stratified_halves
+    from medvl.eval.eval_set import EvalSet, class_target
+    from medvl.eval.probe import few_shot, stratified_halves
+    from medvl.eval.tasks.fewshot import FEWSHOT_SEEDS
     from medvl.train.data import build_dataset
 
     checkpoint = _train("mrclip", out / "mrclip", "mrclip", run, log=log)
@@ -116,8 +116,8 @@ def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     # the CNN sees the volumes of the very split and shots the few-shot probe saw
     dataset, _ = build_dataset("synthetic-mr", "mr", n=run["eval_n"], seed=DEFAULT_EVAL_SEED, size=run["size"])
     data = EvalSet.from_dataset(dataset, "mr", source="synthetic-mr", size=run["size"])
-    y, _, _ = _class_target(data)
-    train, test = _stratified_halves(y, 0)
+    y, _, _ = class_target(data)
+    train, test = stratified_halves(y, 0)
     volumes = torch.stack([dataset[i].volume for i in range(len(dataset))])
     ks = [int(k) for k in results["fewshot"]["by_k"]]
     log(f"[mrclip] supervised 3D CNN on the same shots (k = {ks}, {len(FEWSHOT_SEEDS)} draws each)")

@@ -23,11 +23,22 @@ from medvl.options import non_negative_int, positive_int, size_argument
 __all__ = ["build_eval_parser", "build_qc_parser", "eval_main", "main", "qc_main"]
 
 
+def _tasks_help() -> str:
+    """One line per task for --help: its name, the data kinds it applies to, what it measures."""
+    from medvl.eval.tasks import TASKS
+
+    width = max(len(name) for name in TASKS)
+    lines = [f"  {name:<{width}}  {'/'.join(sorted(task.kinds)).upper():<5}  {task.help}" for name, task in TASKS.items()]
+    return "tasks (--tasks; default: every task that applies to the data):\n" + "\n".join(lines)
+
+
 def build_eval_parser() -> argparse.ArgumentParser:
-    from medvl.eval.tasks import DEFAULT_EVAL_SEED, TASKS
+    from medvl.eval.evaluate import DEFAULT_EVAL_SEED
+    from medvl.eval.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="medvl eval", description="Evaluate a `medvl train` checkpoint on held-out "
-                                "data: zero-shot, retrieval, P@R, probes, metadata QC, localization.")
+                                "data with the tasks below.", epilog=_tasks_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint-<step> folder or the run folder of `medvl train`")
     p.add_argument("--data", default=None, metavar="synthetic-ct|synthetic-mr|MANIFEST|FOLDER",
                    help="default: the checkpoint's training source (phantoms at --seed are held out)")
@@ -65,7 +76,9 @@ def _device_or_error(parser: argparse.ArgumentParser, device: str) -> None:
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
-    from medvl.eval.tasks import evaluate, format_report, parse_tasks
+    from medvl.eval.evaluate import evaluate
+    from medvl.eval.report import format_report
+    from medvl.eval.tasks import parse_tasks
 
     parser = build_eval_parser()
     args = parser.parse_args(argv)
@@ -117,7 +130,7 @@ def _shorten(text: str, width: int) -> str:
 
 
 def write_qc_csv(result, path) -> str:
-    """The ranking of :func:`medvl.eval.tasks.qc_dicom` as CSV (unreadable series last, without a rank)."""
+    """The ranking of :func:`medvl.eval.qc.qc_dicom` as CSV (unreadable series last, without a rank)."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -136,7 +149,7 @@ def write_qc_csv(result, path) -> str:
 
 
 def format_qc_table(result) -> str:
-    from medvl.eval.tasks import _table
+    from medvl.eval.markdown import table
 
     rows = [[r["rank"], f"{r['score']:.4f}", _shorten(r["series"], 40),
              _shorten("; ".join(r["issues"]) or "-", 90)] for r in result["series"]]
@@ -144,7 +157,7 @@ def format_qc_table(result) -> str:
              for u in result["unreadable"]]
     order = ("rule-based issues first, then score" if result.get("rank_by") == "issues" else "score")
     return (f"{len(result['series'])} series ranked by {order} (score: cosine distance between the volume and its "
-            "metadata sentence, higher = more suspect)\n\n" + _table(("rank", "score", "series", "issues"), rows)
+            "metadata sentence, higher = more suspect)\n\n" + table(("rank", "score", "series", "issues"), rows)
             + "\n\n" + qc_summary(result))
 
 
@@ -156,7 +169,7 @@ def qc_summary(result) -> str:
 
 
 def qc_main(argv: Optional[Sequence[str]] = None) -> int:
-    from medvl.eval.tasks import qc_dicom
+    from medvl.eval.qc import qc_dicom
 
     parser = build_qc_parser()
     args = parser.parse_args(argv)
