@@ -33,11 +33,7 @@ def unknown_option(value: Any, options: Collection[Any], *, name: str) -> ValueE
 
 def look_up_option(value: T, options: Collection[Any], *, name: str) -> T:
     """``value`` when it is one of ``options``, else a ValueError from :func:`unknown_option`."""
-    try:
-        known = value in options
-    except TypeError:  # an unhashable value is in no set of names
-        known = False
-    if not known:
+    if value not in options:
         raise unknown_option(value, options, name=name)
     return value
 

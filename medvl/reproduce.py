@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from medvl.eval.evaluate import DEFAULT_EVAL_SEED
+from medvl.options import look_up_option
 
 __all__ = ["reproduce", "main", "floors", "format_summary", "SEEDS", "SETTINGS"]
 
@@ -358,8 +359,7 @@ def reproduce(seed: str, out="runs/reproduce", log: Optional[Callable[[str], Non
 
     ``overrides`` replace :data:`SETTINGS` and the seed's ``steps`` / ``eval_n`` / ``cnn_epochs``
     (the tests run a seed in seconds this way; the recorded figures use the defaults)."""
-    if seed not in SEEDS:
-        raise ValueError(f"unknown seed {seed!r}; choose one of {', '.join(SEEDS)}")
+    look_up_option(seed, SEEDS, name="seed")
     run = {**SETTINGS, "steps": STEPS[seed], "eval_n": EVAL_N[seed], "cnn_epochs": 40}
     unknown = sorted(set(overrides) - set(run))
     if unknown:

@@ -28,8 +28,6 @@ def test_look_up_option_suggests_nothing_far_from_every_choice():
     assert "did you mean" not in str(info.value) and "got 'metal'" in str(info.value)
     with pytest.raises(ValueError, match=r"^reduction must be one of 'mean', 'sum', got 3$"):
         look_up_option(3, ("mean", "sum"), name="reduction")  # not a string: no suggestion
-    with pytest.raises(ValueError, match=r"got \['mean'\]"):
-        look_up_option(["mean"], ("mean", "sum"), name="reduction")  # unhashable: in no set of names
 
 
 def test_unknown_option_is_the_error_look_up_option_raises():

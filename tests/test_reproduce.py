@@ -61,7 +61,7 @@ def _check_floors(r, out, count):
 
 
 def test_unknown_seed_and_setting(tmp_path):
-    with pytest.raises(ValueError, match="unknown seed"):
+    with pytest.raises(ValueError, match="seed must be one of 'mrclip', 'medtrim', 'radfinder', got 'clip'"):
         reproduce("clip", tmp_path)
     with pytest.raises(TypeError, match="unknown setting"):
         reproduce("mrclip", tmp_path, epochs=3)

@@ -14,6 +14,7 @@ import numpy as np
 
 from medvl.data.dataset import VolumeTextDataset
 from medvl.eval.cache import CachedEncoder, VolumeEmbeddings, volume_ids
+from medvl.options import look_up_option
 
 __all__ = ["EvalSet", "class_target"]
 
@@ -49,8 +50,7 @@ class EvalSet:
                      size: Optional[Sequence[int]] = None) -> "EvalSet":
         """Wrap a :class:`medvl.data.VolumeTextDataset`. With ``source`` (the name given to
         ``build_dataset``) volumes are keyed by source, index and record; without, by content."""
-        if kind not in ("ct", "mr"):
-            raise ValueError(f"kind: expected 'ct' or 'mr', got {kind!r}")
+        look_up_option(kind, ("ct", "mr"), name="kind")
         n = len(dataset)
         if n == 0:
             raise ValueError("dataset: empty; nothing to evaluate")

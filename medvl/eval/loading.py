@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from medvl.options import parse_size
+from medvl.options import look_up_option, parse_size
 
 __all__ = ["check_device", "check_size", "device_of", "load_model", "prompt_head_of"]
 
@@ -51,8 +51,7 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
         raise ValueError(f"device: expected 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available here; use device='cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    look_up_option(device.type, ("cpu", "cuda"), name="device")
     return device
 
 

@@ -28,7 +28,8 @@ def _tasks_help() -> str:
     from medvl.eval.tasks import TASKS
 
     width = max(len(name) for name in TASKS)
-    lines = [f"  {name:<{width}}  {'/'.join(sorted(task.kinds)).upper():<5}  {task.help}" for name, task in TASKS.items()]
+    lines = [f"  {name:<{width}}  {'/'.join(sorted(task.kinds)).upper():<5}  {task.help}"
+             for name, task in TASKS.items()]
     return "tasks (--tasks; default: every task that applies to the data):\n" + "\n".join(lines)
 
 
@@ -108,6 +109,8 @@ CSV_COLUMNS = ("rank", "series", "score", "n_issues", "issues", "description", "
 
 
 def build_qc_parser() -> argparse.ArgumentParser:
+    from medvl.eval.qc import RANKINGS
+
     p = argparse.ArgumentParser(
         prog="medvl qc",
         description="Score every DICOM series under a folder against its metadata sentence with an MR checkpoint "
@@ -116,7 +119,7 @@ def build_qc_parser() -> argparse.ArgumentParser:
     p.add_argument("dicom_dir", help="folder searched recursively; each folder holding DICOM files is one series")
     p.add_argument("--out", default=None, metavar="CSV",
                    help="the ranking as CSV (default: the run folder's qc-<DICOM_DIR name>.csv)")
-    p.add_argument("--rank-by", choices=("issues", "score"), default="issues",
+    p.add_argument("--rank-by", choices=RANKINGS, default="issues",
                    help="issues: series with rule-based issues first, then by score (default); score: score only")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--cache-dir", default=None, help="embedding cache folder (default: none, memory only)")

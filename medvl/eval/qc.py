@@ -19,9 +19,13 @@ from medvl.eval.cache import CachedEncoder, EmbeddingCache, head_tensors, model_
 from medvl.eval.loading import check_device, check_size, device_of, load_model
 from medvl.eval.metrics import cosine_distance
 from medvl.eval.tasks.task import as_numpy
+from medvl.options import look_up_option
 
-__all__ = ["REQUIRED_MR_TAGS", "SEQUENCE_RANGES", "find_series_folders", "metadata_issues", "qc_dicom",
+__all__ = ["RANKINGS", "REQUIRED_MR_TAGS", "SEQUENCE_RANGES", "find_series_folders", "metadata_issues", "qc_dicom",
            "sequence_family"]
+
+# How qc_dicom orders the series: rule-based issues first, then by score; or by score alone.
+RANKINGS = ("issues", "score")
 
 # Tags every MR series header should carry (mr_metadata keys; "Plane" comes from ImageOrientationPatient).
 # ContrastBolusAgent, ScanOptions and InversionTime are legitimately absent, so they are not required.
@@ -193,8 +197,7 @@ def qc_dicom(checkpoint_or_model, folder: Union[str, os.PathLike], *, device: Un
     from medvl.data.metadata import metadata_to_text
 
     emit = log if log is not None else (lambda _line: None)
-    if rank_by not in ("issues", "score"):
-        raise ValueError(f"rank_by: expected 'issues' or 'score', got {rank_by!r}")
+    look_up_option(rank_by, RANKINGS, name="rank_by")
     device = check_device(device)
     folders = find_series_folders(folder)
     root = os.path.abspath(os.fspath(folder))

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from medvl.options import positive_int, size_argument
+from medvl.options import positive_int, size_argument, unknown_option
 from medvl.train.recipes import LOSS_TERMS, RECIPES
 
 __all__ = ["main", "build_parser"]
@@ -120,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     terms = LOSS_TERMS[RECIPES[args.recipe].loss]
     unknown = sorted(set(weights) - set(terms))
     if unknown:
-        parser.error(f"--loss-weight: recipe {args.recipe!r} has no term(s) {unknown}; its terms are {list(terms)}")
+        parser.error("--loss-weight: " + "; ".join(
+            str(unknown_option(term, terms, name=f"a term of recipe {args.recipe!r}")) for term in unknown))
     vision = {} if args.patch_size is None else {"patch_size": list(args.patch_size)}
     config = TrainConfig(recipe=args.recipe, model=args.model, data=args.data, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

@@ -63,7 +63,8 @@ def test_evaluate_accepts_a_model_just_trained(ct_run):
 
 
 def test_evaluate_errors_name_the_argument_and_the_fix(ct_run, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown task\(s\) 'zero-shot'; choose from zeroshot, retrieval"):
+    with pytest.raises(ValueError, match=r"task must be one of 'zeroshot', 'retrieval', .*, got 'zero-shot'; "
+                                         r"did you mean 'zeroshot'\?"):
         evaluate(str(ct_run), tasks="zero-shot")
     with pytest.raises(ValueError, match=r"task 'qc' applies to MR data.*Tasks that apply to synthetic-ct: zeroshot"):
         evaluate(str(ct_run), n=4, tasks="qc")

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from medvl.eval.eval_set import EvalSet
 from medvl.eval.tasks.task import NotEnoughData, Plot, Task
+from medvl.options import look_up_option, unknown_option
 
 __all__ = ["MODULES", "NotEnoughData", "Plot", "TASKS", "TASK_KINDS", "Task", "parse_tasks", "task_requirement"]
 
@@ -32,9 +33,7 @@ TASK_KINDS: Dict[str, Tuple[str, ...]] = {name: task.kinds for name, task in TAS
 
 def task_requirement(task: str, data: EvalSet) -> Optional[str]:
     """None when ``task`` can run on ``data``, else why not (what it needs)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    return TASKS[task].requirement(data)
+    return TASKS[look_up_option(task, TASKS, name="task")].requirement(data)
 
 
 def parse_tasks(tasks: Union[None, str, Sequence[str]]) -> Optional[List[str]]:
@@ -48,5 +47,5 @@ def parse_tasks(tasks: Union[None, str, Sequence[str]]) -> Optional[List[str]]:
         raise ValueError(f"tasks: expected at least one of {', '.join(TASKS)}, got {tasks!r}")
     unknown = [t for t in names if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(repr(t) for t in unknown)}; choose from {', '.join(TASKS)}")
+        raise ValueError("; ".join(str(unknown_option(t, TASKS, name="task")) for t in unknown))
     return list(dict.fromkeys(names))
