@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from medvl.eval.evaluate import DEFAULT_EVAL_SEED
+from medvl.eval.evaluation import DEFAULT_EVAL_SEED
 from medvl.options import look_up_option
 
 __all__ = ["reproduce", "main", "floors", "format_summary", "SEEDS", "SETTINGS"]
@@ -57,7 +57,7 @@ def _train(name: str, out: Path, recipe: str, run: Dict[str, Any], *, log, loss_
 
 
 def _evaluate(checkpoint: Path, out: Path, tasks: Sequence[str], n: int, log) -> Dict[str, Any]:
-    from medvl.eval.evaluate import evaluate
+    from medvl.eval.evaluation import evaluate
 
     summary = evaluate(checkpoint, tasks=list(tasks), out=out, n=n, log=None)
     log(f"  evaluated {', '.join(tasks)} on {n} held-out phantoms -> {out}")

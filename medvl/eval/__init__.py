@@ -5,7 +5,7 @@ localization, quality control), linear / few-shot probes, the evaluation tasks (
 
 from medvl.eval.cache import CachedEncoder, EmbeddingCache, VolumeEmbeddings, model_fingerprint
 from medvl.eval.eval_set import EvalSet
-from medvl.eval.evaluate import DEFAULT_EVAL_SEED, evaluate
+from medvl.eval.evaluation import DEFAULT_EVAL_SEED, evaluate
 from medvl.eval.metrics import (cosine_distance, localization_metrics, precision_at_r, predict_depth, qc_auc,
                                 retrieval_metrics, zero_shot_auc, zero_shot_scores)
 from medvl.eval.probe import draw_shots, few_shot, linear_probe, stratified_halves

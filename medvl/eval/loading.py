@@ -1,4 +1,4 @@
-"""The model under evaluation, as :func:`~medvl.eval.evaluate.evaluate` and :func:`~medvl.eval.qc.qc_dicom`
+"""The model under evaluation, as :func:`~medvl.eval.evaluation.evaluate` and :func:`~medvl.eval.qc.qc_dicom`
 take it: a checkpoint (or run) folder of ``medvl train`` or an in-memory ``(model, run_config)`` pair, with
 RadFinder's prompt head, the device it runs on, and the volume size it accepts."""
 

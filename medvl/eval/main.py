@@ -34,7 +34,7 @@ def _tasks_help() -> str:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    from medvl.eval.evaluate import DEFAULT_EVAL_SEED
+    from medvl.eval.evaluation import DEFAULT_EVAL_SEED
     from medvl.eval.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="medvl eval", description="Evaluate a `medvl train` checkpoint on held-out "
@@ -77,7 +77,7 @@ def _device_or_error(parser: argparse.ArgumentParser, device: str) -> None:
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
-    from medvl.eval.evaluate import evaluate
+    from medvl.eval.evaluation import evaluate
     from medvl.eval.report import format_report
     from medvl.eval.tasks import parse_tasks
 

@@ -1,4 +1,4 @@
-"""The markdown report of :func:`~medvl.eval.evaluate.evaluate`'s result (``report.md``, and what ``medvl eval``
+"""The markdown report of :func:`~medvl.eval.evaluation.evaluate`'s result (``report.md``, and what ``medvl eval``
 prints): a header, the collapse diagnostics, a section per task (each task's own ``report``), the skipped tasks
 with the reason, and the figures."""
 

@@ -2,6 +2,9 @@
 
     results = evaluate("runs/siglip", out="runs/siglip/eval")                  # CT phantoms, seed 100000
     results = evaluate((model, run_config), data="synthetic-mr", tasks=["qc"])  # a model just trained
+
+(The module is not named ``evaluate``: medvl.eval exports the function under that name, which would hide a
+module of the same name from ``import medvl.eval.evaluate as ...``.)
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from medvl.eval.evaluate import evaluate
+from medvl.eval.evaluation import evaluate
 
 
 def _count_forwards(monkeypatch):
