@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return eval_main(argv)
     if argv and argv[0] == "reproduce":
-        from medvl.eval.reproduce import main as reproduce_main
+        from medvl.reproduce import main as reproduce_main
 
         return reproduce_main(argv[1:])
     if argv and argv[0] == "demo":

@@ -1,4 +1,4 @@
-"""Shared test helpers: which backends run here, and the one tolerance table."""
+"""Shared test helpers: which backends run here, the one tolerance table, and what a share is."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         f"{name} ({dtype}, {kind}): |{actual.flatten()[worst].item():.8g} - {expected.flatten()[worst].item():.8g}|"
         f" = {error.flatten()[worst].item():.3g} exceeds atol {atol} + rtol {rtol}"
     )
+
+
+def is_share(value) -> bool:
+    """A metric that is a share (AUC, accuracy, R@k): in [0, 1], or None where it cannot be measured."""
+    return value is None or 0.0 <= value <= 1.0
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

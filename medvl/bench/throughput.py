@@ -720,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from medvl.models.factory import model_config
-    from medvl.data.sources import parse_size
+    from medvl.options import parse_size
 
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)

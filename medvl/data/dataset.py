@@ -233,9 +233,10 @@ class VolumeTextDataset(Dataset):
             raise ValueError(f"record {index}: entities must be three multi-hot vectors, got {len(raw)}")
         return tuple(_as_bool_vector(v, f"record {index}: entities[{k}]") for k, v in enumerate(raw))
 
-    def _load(self, index: int) -> Sample:
+    def text_and_labels(self, index: int) -> Tuple[str, int, Optional[torch.Tensor]]:
+        """(text, label, findings labels or None) of record ``index`` as :meth:`__getitem__` gives them,
+        without reading or transforming its volume."""
         record = self.records[index]
-        volume, affine = self._volume(record, index)
         metadata = record.get("metadata")
         if self.text_fn is not None and "metadata" in record:
             text = self.text_fn(metadata)
@@ -250,6 +251,12 @@ class VolumeTextDataset(Dataset):
         label = _as_label(-1 if label is None else label, index)
         labels = record.get("labels")
         labels = None if labels is None else _as_bool_vector(labels, f"record {index}: labels")
+        return text, label, labels
+
+    def _load(self, index: int) -> Sample:
+        record = self.records[index]
+        volume, affine = self._volume(record, index)
+        text, label, labels = self.text_and_labels(index)
         entities = self._entities(record, index)
         meta = record.get("meta") or {}
         if not isinstance(meta, Mapping):

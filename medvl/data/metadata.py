@@ -46,6 +46,7 @@ __all__ = [
     "contrast_category",
     "contrast_key",
     "corrupt_metadata",
+    "dicom_terms",
     "metadata_to_text",
     "quantize_value",
 ]
@@ -157,7 +158,8 @@ def _ti_range_text(b: int, edges: Sequence[float]) -> str:
 # text
 
 
-def _terms(value: Any) -> tuple[str, ...]:
+def dicom_terms(value: Any) -> tuple[str, ...]:
+    """The upper-case terms of a multi-valued code string ("SE\\IR", or a list as pydicom reads it); () for None."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -166,8 +168,8 @@ def _terms(value: Any) -> tuple[str, ...]:
 
 
 def _sequence_phrase(metadata: dict) -> str:
-    seq = set(_terms(metadata.get("ScanningSequence")))
-    variants = [v for v in _terms(metadata.get("SequenceVariant")) if v != "NONE"]
+    seq = set(dicom_terms(metadata.get("ScanningSequence")))
+    variants = [v for v in dicom_terms(metadata.get("SequenceVariant")) if v != "NONE"]
     words = [_VARIANT_WORDS.get(v, v.lower()) for v in sorted(set(variants), key=_variant_rank)]
     words += [_SEQUENCE_WORDS[t] for t in _SEQUENCE_ORDER if t in seq]
     words += sorted(t.lower() for t in seq if t not in _SEQUENCE_WORDS)
@@ -281,8 +283,8 @@ def contrast_key(
     upper-case terms ("NONE" dropped from the variants; () when absent). acquisition_type: "2D",
     "3D", another upper-case string, or None. contrast: True when ContrastBolusAgent is given.
     """
-    seq = tuple(sorted(set(_terms(metadata.get("ScanningSequence")))))
-    var = tuple(sorted(set(t for t in _terms(metadata.get("SequenceVariant")) if t != "NONE")))
+    seq = tuple(sorted(set(dicom_terms(metadata.get("ScanningSequence")))))
+    var = tuple(sorted(set(t for t in dicom_terms(metadata.get("SequenceVariant")) if t != "NONE")))
     return (
         quantize_value(metadata.get("EchoTime"), te_edges),
         quantize_value(metadata.get("RepetitionTime"), tr_edges),
@@ -389,7 +391,7 @@ def _same_value(tag: str, a: Any, b: Any) -> bool:
     if tag == "Manufacturer":
         return str(a).strip().split()[0].lower() == str(b).strip().split()[0].lower() if str(a).strip() and str(b).strip() else False
     if tag == "ScanningSequence":
-        return set(_terms(a)) == set(_terms(b))
+        return set(dicom_terms(a)) == set(dicom_terms(b))
     return str(a).strip().lower() == str(b).strip().lower()
 
 

@@ -51,6 +51,7 @@ from medvl.data.phantoms import finding_sentence, make_ct_phantom, make_mr_phant
 from medvl.data.transforms import AIR_HU, affine_from_spacing, ct_transforms, light_augment, mr_transforms, \
     volume_to_metatensor
 from medvl.data.volume_cache import VolumeCache
+from medvl.options import parse_size
 
 __all__ = [
     "BadVolumeError",
@@ -63,7 +64,6 @@ __all__ = [
     "build_dataset",
     "file_transform",
     "finding_snippets",
-    "parse_size",
     "readable_records",
     "slice_depth_indices",
     "synthetic_dataset",
@@ -99,22 +99,6 @@ def synthetic_source(kind: str) -> str:
         if source_kind == kind:
             return name
     raise ValueError(f"unknown data kind {kind!r}; choose one of {DATA_KINDS}")
-
-
-def parse_size(size) -> Tuple[int, int, int]:
-    """(X, Y, Z) from a string "64,64,32", a sequence of three ints, or one int (a cube)."""
-    if isinstance(size, str):
-        try:
-            parts = [int(p) for p in size.replace("x", ",").split(",") if p.strip()]
-        except ValueError:
-            raise ValueError(f"size must be three integers 'X,Y,Z' (e.g. '64,64,32'), got {size!r}") from None
-    elif isinstance(size, int):
-        parts = [size] * 3
-    else:
-        parts = [int(p) for p in size]
-    if len(parts) != 3 or any(p < 1 for p in parts):
-        raise ValueError(f"size must be three positive integers 'X,Y,Z' (e.g. '64,64,32'), got {size!r}")
-    return tuple(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------

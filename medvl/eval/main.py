@@ -18,35 +18,38 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from medvl.train.main import positive_int, size_argument
+from medvl.data.sources import SYNTHETIC_SOURCES
+from medvl.options import non_negative_int, positive_int, size_argument
 
 __all__ = ["build_eval_parser", "build_qc_parser", "eval_main", "main", "qc_main"]
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _tasks_help() -> str:
+    """One line per task for --help: its name, the data kinds it applies to, what it measures."""
+    from medvl.eval.tasks import TASKS
+
+    width = max(len(name) for name in TASKS)
+    lines = [f"  {name:<{width}}  {'/'.join(sorted(task.kinds)).upper():<5}  {task.help}"
+             for name, task in TASKS.items()]
+    return "tasks (--tasks; default: every task that applies to the data):\n" + "\n".join(lines)
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    from medvl.eval.tasks import DEFAULT_EVAL_SEED, TASKS
+    from medvl.eval.evaluation import DEFAULT_EVAL_SEED
+    from medvl.eval.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="medvl eval", description="Evaluate a `medvl train` checkpoint on held-out "
-                                "data: zero-shot, retrieval, P@R, probes, metadata QC, localization.")
+                                "data with the tasks below.", epilog=_tasks_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint-<step> folder or the run folder of `medvl train`")
-    p.add_argument("--data", default=None, metavar="synthetic-ct|synthetic-mr|MANIFEST|FOLDER",
+    p.add_argument("--data", default=None, metavar="|".join([*SYNTHETIC_SOURCES, "MANIFEST", "FOLDER"]),
                    help="default: the checkpoint's training source (phantoms at --seed are held out)")
     p.add_argument("--tasks", default=None, metavar=",".join(TASKS),
                    help="comma-separated; default every task that applies to the data")
     p.add_argument("--out", default=None, help="output folder (default: the run folder's eval/)")
     p.add_argument("--n", type=positive_int, default=None,
                    help="phantoms to generate (default 256), or at most this many rows of a file source")
-    p.add_argument("--seed", type=_seed, default=DEFAULT_EVAL_SEED,
+    p.add_argument("--seed", type=non_negative_int, default=DEFAULT_EVAL_SEED,
                    help=f"phantom seed and seed of every draw (default {DEFAULT_EVAL_SEED}, far from training seeds)")
     p.add_argument("--size", type=size_argument, default=None, help="volume size X,Y,Z (default: the training size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -75,7 +78,9 @@ def _device_or_error(parser: argparse.ArgumentParser, device: str) -> None:
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
-    from medvl.eval.tasks import evaluate, format_report, parse_tasks
+    from medvl.eval.evaluation import evaluate
+    from medvl.eval.report import format_report
+    from medvl.eval.tasks import parse_tasks
 
     parser = build_eval_parser()
     args = parser.parse_args(argv)
@@ -105,6 +110,8 @@ CSV_COLUMNS = ("rank", "series", "score", "n_issues", "issues", "description", "
 
 
 def build_qc_parser() -> argparse.ArgumentParser:
+    from medvl.eval.qc import RANKINGS
+
     p = argparse.ArgumentParser(
         prog="medvl qc",
         description="Score every DICOM series under a folder against its metadata sentence with an MR checkpoint "
@@ -113,7 +120,7 @@ def build_qc_parser() -> argparse.ArgumentParser:
     p.add_argument("dicom_dir", help="folder searched recursively; each folder holding DICOM files is one series")
     p.add_argument("--out", default=None, metavar="CSV",
                    help="the ranking as CSV (default: the run folder's qc-<DICOM_DIR name>.csv)")
-    p.add_argument("--rank-by", choices=("issues", "score"), default="issues",
+    p.add_argument("--rank-by", choices=RANKINGS, default="issues",
                    help="issues: series with rule-based issues first, then by score (default); score: score only")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--cache-dir", default=None, help="embedding cache folder (default: none, memory only)")
@@ -127,7 +134,7 @@ def _shorten(text: str, width: int) -> str:
 
 
 def write_qc_csv(result, path) -> str:
-    """The ranking of :func:`medvl.eval.tasks.qc_dicom` as CSV (unreadable series last, without a rank)."""
+    """The ranking of :func:`medvl.eval.qc.qc_dicom` as CSV (unreadable series last, without a rank)."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -146,7 +153,7 @@ def write_qc_csv(result, path) -> str:
 
 
 def format_qc_table(result) -> str:
-    from medvl.eval.tasks import _table
+    from medvl.eval.markdown import table
 
     rows = [[r["rank"], f"{r['score']:.4f}", _shorten(r["series"], 40),
              _shorten("; ".join(r["issues"]) or "-", 90)] for r in result["series"]]
@@ -154,7 +161,7 @@ def format_qc_table(result) -> str:
              for u in result["unreadable"]]
     order = ("rule-based issues first, then score" if result.get("rank_by") == "issues" else "score")
     return (f"{len(result['series'])} series ranked by {order} (score: cosine distance between the volume and its "
-            "metadata sentence, higher = more suspect)\n\n" + _table(("rank", "score", "series", "issues"), rows)
+            "metadata sentence, higher = more suspect)\n\n" + table(("rank", "score", "series", "issues"), rows)
             + "\n\n" + qc_summary(result))
 
 
@@ -166,7 +173,7 @@ def qc_summary(result) -> str:
 
 
 def qc_main(argv: Optional[Sequence[str]] = None) -> int:
-    from medvl.eval.tasks import qc_dicom
+    from medvl.eval.qc import qc_dicom
 
     parser = build_qc_parser()
     args = parser.parse_args(argv)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from medvl.options import look_up_option
+
 __all__ = [
     "RELEVANCE_MODES", "retrieval_metrics", "precision_at_r", "zero_shot_scores", "zero_shot_auc", "probe_auc",
     "predict_depth", "localization_metrics", "qc_auc", "cosine_distance",
@@ -281,8 +283,7 @@ def precision_at_r(similarity: ArrayLike, query_labels: ArrayLike, gallery_label
     sim = _as_float(similarity, "similarity", (2,), "a (Q, G) similarity matrix")
     n_query, n_gallery = sim.shape
     cutoffs = _as_cutoffs(rs, "rs")
-    if relevance not in RELEVANCE_MODES:
-        raise ValueError(f"relevance: expected one of {', '.join(map(repr, RELEVANCE_MODES))}, got {relevance!r}")
+    look_up_option(relevance, RELEVANCE_MODES, name="relevance")
     q_raw, g_raw = _to_numpy(query_labels, "query_labels"), _to_numpy(gallery_labels, "gallery_labels")
     if q_raw.ndim != g_raw.ndim or q_raw.ndim not in (1, 2):
         raise ValueError(f"query_labels and gallery_labels: expected both 1-D int labels ((Q,), (G,)) or both 2-D "

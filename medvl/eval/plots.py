@@ -1,24 +1,24 @@
 """The evaluation figures, drawn with matplotlib's Agg backend (no display needed) as PNGs.
 
-* ``zeroshot_roc.png``: one ROC curve per finding (zero-shot scores), AUC in the legend.
-* ``embeddings_pca.png``: the volume embeddings on their first two principal components, coloured by
+* :func:`plot_zeroshot_roc`: one ROC curve per finding (zero-shot scores), AUC in the legend.
+* :func:`plot_embedding_map`: the volume embeddings on their first two principal components, coloured by
   category (MR sequence / contrast category) or finding (CT).
-* ``qc_histograms.png``: the QC score (volume-sentence cosine distance) of clean and corrupted series,
+* :func:`plot_qc_histograms`: the QC score (volume-sentence cosine distance) of clean and corrupted series,
   one panel per corruption kind at the highest rate.
-* ``localization_by_depth.png``: the mean localization error (mm) per true depth bin, model vs baselines.
+* :func:`plot_localization`: the mean localization error (mm) per true depth bin, model vs baselines.
 
-Each function takes the task's result dict (its ``"data"``) and a path, and returns the path written.
+Each task's figure takes the task's result dict (its ``"data"``) and a path, and returns the path written
+(the file names are the tasks' :class:`~medvl.eval.tasks.task.Plot` records).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["draw_plots", "plot_embedding_map", "plot_localization", "plot_qc_histograms", "plot_zeroshot_roc"]
+__all__ = ["plot_embedding_map", "plot_localization", "plot_qc_histograms", "plot_zeroshot_roc"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -134,21 +134,3 @@ def plot_localization(result: Mapping[str, Any], path: PathLike) -> Optional[str
            title="localization error by depth")
     ax.legend(fontsize=8)
     return _save(fig, path)
-
-
-def draw_plots(results: Mapping[str, Mapping[str, Any]], out: PathLike, *, embeddings: Optional[np.ndarray] = None,
-               colours: Optional[Sequence[str]] = None, colour_name: str = "category") -> Dict[str, str]:
-    """Every figure the results allow, into ``out``; returns {figure name: path}."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written: Dict[str, Optional[str]] = {}
-    if "zeroshot" in results:
-        written["roc"] = plot_zeroshot_roc(results["zeroshot"], out / "zeroshot_roc.png")
-    if embeddings is not None and len(embeddings) >= 2:
-        written["embedding_map"] = plot_embedding_map(embeddings, colours or ["all"] * len(embeddings),
-                                                      out / "embeddings_pca.png", colour_name)
-    if "qc" in results:
-        written["qc_histograms"] = plot_qc_histograms(results["qc"], out / "qc_histograms.png")
-    if "localization" in results:
-        written["localization"] = plot_localization(results["localization"], out / "localization_by_depth.png")
-    return {k: v for k, v in written.items() if v is not None}

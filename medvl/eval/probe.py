@@ -6,12 +6,13 @@
   a caller-supplied ``fit`` (e.g. a 3D CNN trained from scratch) sees exactly the same shots as the
   default probe.
 * :func:`few_shot` - accuracy over k shots per class and several seeds, mean and std.
+* :func:`stratified_halves` - a training and a test half of one set, stratified by class.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from medvl.eval.metrics import _as_cutoffs, _as_float, _as_int_labels, _shape, _to_numpy
 
-__all__ = ["linear_probe", "draw_shots", "few_shot"]
+__all__ = ["linear_probe", "draw_shots", "few_shot", "stratified_halves"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
 FitFunction = Callable[[Any, Any, Any, Any, int], float]
@@ -96,6 +97,19 @@ def draw_shots(train_y: ArrayLike, k: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(_check_seed(seed, "seed"))
     chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
     return np.concatenate(chosen).astype(np.int64)
+
+
+def stratified_halves(y: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices: each class permuted with ``seed``, floor(n/2) to test, the rest to train (the odd
+    member of a class goes to training; a class of one is training only). Both sorted, int64."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        k = len(members) // 2
+        test.extend(members[:k].tolist())
+        train.extend(members[k:].tolist())
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))
 
 
 def _take_rows(x: Any, indices: np.ndarray) -> Any:

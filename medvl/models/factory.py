@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from medvl.data.transforms import CT_WINDOW
+from medvl.options import look_up_option
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 _SECTIONS = ("vision", "text")
@@ -33,8 +34,7 @@ def model_config(name: str, **overrides) -> Dict[str, Any]:
     """The config of `name` with `overrides` applied: top-level keys replace, and the `vision` / `text`
     dicts are merged key by key (``create_model("vit3d-tiny", vision={"depth": 4})``)."""
     configs = _configs()
-    if name not in configs:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    look_up_option(name, list_models(), name="model")
     config = copy.deepcopy(configs[name])
     for key, value in overrides.items():
         if key in _SECTIONS:

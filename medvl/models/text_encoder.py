@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from medvl.models.standardize import FeatureStandardizer
+from medvl.options import look_up_option
 
 __all__ = ["TextEncoder", "TEXT_KINDS", "TINY_CONFIG", "MINILM_ALIASES", "minilm_path"]
 
@@ -106,8 +107,7 @@ class TextEncoder(nn.Module):
         standardize: bool = False,
     ) -> None:
         super().__init__()
-        if pool not in _POOLS:
-            raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
+        look_up_option(pool, _POOLS, name="pool")
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a name or a path, got {type(model).__name__}")
         from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
@@ -184,8 +184,7 @@ class TextEncoder(nn.Module):
         ``projected`` is the projection of ``pooled``, ``embedding`` the same standardised with the stored
         statistics of ``kind`` when ``standardize`` (else equal to ``projected``).
         """
-        if kind not in TEXT_KINDS:
-            raise ValueError(f"kind must be one of {TEXT_KINDS}, got {kind!r}")
+        look_up_option(kind, TEXT_KINDS, name="kind")
         if isinstance(texts_or_batch, Mapping):
             batch = dict(texts_or_batch)
         else:

@@ -26,6 +26,7 @@ from medvl.data.transforms import CT_WINDOW
 from medvl.models.standardize import FeatureStandardizer
 from medvl.nn.patch_embed3d import PatchEmbed3d
 from medvl.ops.patch_embed3d import patch_embed3d
+from medvl.options import look_up_option
 
 POOLS = ("cls", "mean", "max")
 POS_EMBEDS = ("learnable", "sincos")
@@ -149,10 +150,8 @@ class VolumeEncoder(torch.nn.Module):
                  pool: str = "cls", grad_checkpointing: bool = False, dropout: float = 0.0, qkv_bias: bool = True,
                  norm_eps: float = 1e-6, standardize: bool = False):
         super().__init__()
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        look_up_option(pos_embed, POS_EMBEDS, name="pos_embed")
+        look_up_option(pool, POOLS, name="pool")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if depth < 0:

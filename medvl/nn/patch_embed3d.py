@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from medvl.ops.patch_embed3d import patch_embed3d
+from medvl.options import look_up_option
 
 POS_EMBED_KINDS = ("learnable", "sincos", None)
 
@@ -50,8 +51,7 @@ class PatchEmbed3d(torch.nn.Module):
                  pos_embed: Optional[str] = "learnable", out_range: Tuple[float, float] = (0.0, 1.0),
                  pad: bool = False, bias: bool = True):
         super().__init__()
-        if pos_embed not in POS_EMBED_KINDS:
-            raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}")
+        look_up_option(pos_embed, POS_EMBED_KINDS, name="pos_embed")
         self.img_size, self.patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
         if not pad and any(s % p for s, p in zip(self.img_size, self.patch_size)):
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}; "

@@ -7,6 +7,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from medvl.ops.triplet_mining import triplet_mining
+from medvl.options import look_up_option, unknown_option
 from medvl.reference.triplet_mining import DISTANCES, Triplets
 
 REDUCTIONS = ("mean", "sum", "mean_nonzero")
@@ -21,14 +22,13 @@ def row_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tenso
     if distance == "cosine":
         norms = torch.linalg.vector_norm(a, dim=1).clamp_min(1e-12) * torch.linalg.vector_norm(b, dim=1).clamp_min(1e-12)
         return 1 - (a * b).sum(1) / norms
-    raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+    raise unknown_option(distance, DISTANCES, name="distance")
 
 
 def triplet_margin_loss(anchors: torch.Tensor, candidates: torch.Tensor, triplets: Triplets, margin: float,
                         distance: str, reduction: str) -> torch.Tensor:
     """Hinge max(d(a, p) - d(a, n) + margin, 0) over triplets; gradients flow through the gathers."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    look_up_option(reduction, REDUCTIONS, name="reduction")
     anchor, positive, negative = triplets
     if anchor.numel() == 0:
         # No triplet: a zero that still belongs to the graph, so backward() works.
@@ -60,8 +60,7 @@ class TripletLoss(torch.nn.Module):
         super().__init__()
         if strategy == "entities":
             raise ValueError("strategy='entities' mines from entity sets: use MedTrimLoss")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+        look_up_option(reduction, REDUCTIONS, name="reduction")
         self.margin, self.distance, self.strategy, self.reduction, self.backend = (
             margin, distance, strategy, reduction, backend)
 
@@ -106,14 +105,14 @@ class MedTrimLoss(torch.nn.Module):
     """
 
     TERMS = ("image_image", "text_text", "image_text", "text_image")
+    MINING = ("entities", "batch_hard")
 
     def __init__(self, margin: float = 0.3, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
                  distance: str = "euclidean", entity_weights: Sequence[float] = (0.85, 0.10, 0.05),
                  score_range: Tuple[float, float] = (0.0, 0.6), reduction: str = "mean",
                  backend: Optional[str] = None, mining: str = "entities"):
         super().__init__()
-        if mining not in ("entities", "batch_hard"):
-            raise ValueError(f"mining must be 'entities' or 'batch_hard', got {mining!r}")
+        look_up_option(mining, self.MINING, name="mining")
         self.mining = mining
         if len(weights) != 4:
             raise ValueError(f"weights must hold four numbers ({', '.join(self.TERMS)}), got {tuple(weights)}")

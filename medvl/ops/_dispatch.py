@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from medvl.ops import _core
+from medvl.options import look_up_option
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 CPU_ORDER = ("cpu", "reference")
@@ -69,9 +70,7 @@ def requested_backend(backend) -> str:
     """The backend the caller asked for ('auto' when none), validated."""
     name = backend if backend is not None else os.environ.get("MEDVL_BACKEND", "auto")
     name = str(name).lower()
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {name!r}")
-    return name
+    return look_up_option(name, BACKENDS + ("auto",), name="backend")
 
 
 def choose_backend(op: str, backends: Dict[str, Backend], backend, device: torch.device, *args) -> str:

@@ -22,6 +22,7 @@ import torch
 from medvl.ops import _core, _dispatch
 from medvl.ops._core import _C
 from medvl.ops._labels import pack_multi_hot, unpack_bits
+from medvl.options import look_up_option
 from medvl.reference import sigmoid_loss as reference  # the module
 
 TARGETS = reference.TARGETS  # by name everywhere; a code only where csrc takes it (its enum's order)
@@ -275,8 +276,7 @@ def _as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
 
 def _check_labels(target: str, image_labels, text_labels, image: torch.Tensor, text: torch.Tensor):
     """Validated labels for `target`, in the form the kernels read; (None, None) for 'pair'."""
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
+    look_up_option(target, TARGETS, name="target")
     if target == "pair":
         if image_labels is not None or text_labels is not None:
             raise ValueError("image_labels/text_labels are only used with target='label' or target='jaccard'")
@@ -362,10 +362,8 @@ def sigmoid_loss(
         >>> loss = sigmoid_loss(x, t, torch.tensor(10.0), torch.tensor(-10.0))
     """
     _check_features(image_features, text_features)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-    if dist_mode not in DIST_MODES:
-        raise ValueError(f"dist_mode must be one of {', '.join(map(repr, DIST_MODES))}, got {dist_mode!r}")
+    look_up_option(reduction, REDUCTIONS, name="reduction")
+    look_up_option(dist_mode, DIST_MODES, name="dist_mode")
     scale = _as_scalar("logit_scale", logit_scale, image_features)
     bias = _as_scalar("logit_bias", logit_bias, image_features)
     image_labels, text_labels = _check_labels(target, image_labels, text_labels, image_features, text_features)

@@ -20,6 +20,7 @@ import torch
 from medvl.ops import _core, _dispatch
 from medvl.ops._core import _C
 from medvl.ops._labels import pack_multi_hot, same_label_pairs, unpack_bits
+from medvl.options import look_up_option
 from medvl.reference import triplet_mining as reference
 from medvl.reference.triplet_mining import DISTANCES, STRATEGIES, Triplets
 
@@ -310,10 +311,8 @@ def triplet_mining(
     _check_finite("anchors", anchors)
     if candidates is not None:
         _check_finite("candidates", candidates)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+    look_up_option(strategy, STRATEGIES, name="strategy")
+    look_up_option(distance, DISTANCES, name="distance")
     within = candidates is None
     anchors = anchors.contiguous()
     candidates = anchors if within else candidates.contiguous()

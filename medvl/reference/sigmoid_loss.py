@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from medvl.options import unknown_option
+
 TARGETS = ("pair", "label", "jaccard")
 REDUCTIONS = ("image_mean", "mean", "sum")
 
@@ -19,7 +21,7 @@ def reduction_scale(reduction: str, n_image: int, n_text_total: int) -> float:
         return 1.0 / (n_image * n_text_total)
     if reduction == "sum":
         return 1.0
-    raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    raise unknown_option(reduction, REDUCTIONS, name="reduction")
 
 
 def sigmoid_loss_targets(
@@ -55,7 +57,7 @@ def sigmoid_loss_targets(
         either = a.sum(1, keepdim=True) + b.sum(1)[None, :] - both
         y = torch.where(either > 0, both / either.clamp_min(1), torch.ones_like(both))
         return torch.where(diagonal, torch.ones_like(y), y).to(dtype)
-    raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
+    raise unknown_option(target, TARGETS, name="target")
 
 
 def sigmoid_loss(

@@ -35,6 +35,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from medvl.options import unknown_option
+
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 STRATEGIES = ("batch_hard", "semi_hard", "entities")
 
@@ -98,7 +100,7 @@ def pairwise_distance(anchors: torch.Tensor, candidates: torch.Tensor, distance:
         return squared
     if distance == "euclidean":
         return sqrt(squared)
-    raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+    raise unknown_option(distance, DISTANCES, name="distance")
 
 
 # Weights and range bounds are read as the nearest fractions with a denominator up to this.
@@ -273,4 +275,4 @@ def triplet_mining(
         keep = negative_mask.any(1)[pair_anchor]
         return Triplets(pair_anchor[keep], pair_positive[keep], negative[keep])
 
-    raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
+    raise unknown_option(strategy, STRATEGIES, name="strategy")

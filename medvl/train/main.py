@@ -17,30 +17,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from medvl.data.sources import SYNTHETIC_SOURCES
+from medvl.options import positive_int, size_argument, unknown_option
 from medvl.train.recipes import LOSS_TERMS, RECIPES
 
 __all__ = ["main", "build_parser"]
-
-
-def size_argument(text: str):
-    """argparse type: (X, Y, Z) from "64,64,32"."""
-    from medvl.data.sources import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _nonneg_float(text: str) -> float:
@@ -141,7 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     terms = LOSS_TERMS[RECIPES[args.recipe].loss]
     unknown = sorted(set(weights) - set(terms))
     if unknown:
-        parser.error(f"--loss-weight: recipe {args.recipe!r} has no term(s) {unknown}; its terms are {list(terms)}")
+        parser.error("--loss-weight: " + "; ".join(
+            str(unknown_option(term, terms, name=f"a term of recipe {args.recipe!r}")) for term in unknown))
     vision = {} if args.patch_size is None else {"patch_size": list(args.patch_size)}
     config = TrainConfig(recipe=args.recipe, model=args.model, data=args.data, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

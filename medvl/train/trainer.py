@@ -60,9 +60,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from medvl.data import collate
-from medvl.data.sources import SYNTHETIC_SOURCES, parse_size
+from medvl.data.sources import SYNTHETIC_SOURCES
 from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_name,
                                      checkpoint_step, read_latest, read_weights)
+from medvl.options import parse_size
 from medvl.train.calibration import calibrate_standardizers
 from medvl.train.diagnostics import run_diagnostics
 from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice

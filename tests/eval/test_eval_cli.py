@@ -80,7 +80,8 @@ def test_bad_arguments_give_clear_errors(mr_run, tmp_path, capsys):
     empty.mkdir()
     cases = [
         (["eval", str(tmp_path / "missing")], r"CHECKPOINT: checkpoint .* does not exist"),
-        (["eval", str(mr_run), "--tasks", "retrieval,bogus"], r"--tasks: unknown task\(s\) 'bogus'; choose from"),
+        (["eval", str(mr_run), "--tasks", "retrieval,bogus"],
+         r"--tasks: task must be one of 'zeroshot', .*, got 'bogus'"),
         (["eval", str(mr_run), "--n", "4", "--tasks", "zeroshot"],
          r"task 'zeroshot' applies to CT data .*synthetic-mr is MR\. Tasks that apply to synthetic-mr: retrieval"),
         (["eval", str(mr_run), "--data", "synthetic-ct"], r"'synthetic-ct' is CT but the checkpoint was trained on MR"),

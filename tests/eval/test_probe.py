@@ -7,7 +7,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.preprocessing import StandardScaler
 
-from medvl.eval import draw_shots, few_shot, linear_probe
+from medvl.eval import draw_shots, few_shot, linear_probe, stratified_halves
 
 
 def _blobs(n_per_class, n_classes=3, dim=4, seed=0, shift=0.0, spread=1.0):
@@ -167,3 +167,18 @@ def test_few_shot_errors(kwargs, error, match):
 def test_few_shot_rejects_mismatched_train_sizes():
     with pytest.raises(ValueError, match=r"train_x: expected shape \(N, \.\.\.\) with N = 3"):
         few_shot(np.ones((4, 2)), np.array([0, 1, 0]), np.ones((2, 2)), np.array([0, 1]))
+
+
+# --------------------------------------------------------------------------------------------
+# stratified_halves
+# --------------------------------------------------------------------------------------------
+
+def test_stratified_halves_split_each_class_in_two():
+    y = np.array([0] * 5 + [1] * 4 + [2])
+    train, test = stratified_halves(y, seed=3)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(10)) and not set(train) & set(test)
+    assert [int((y[test] == c).sum()) for c in range(3)] == [2, 2, 0]  # the odd one and a class of one: training
+    assert (np.diff(train) > 0).all() and train.dtype == np.int64
+    again = stratified_halves(y, seed=3)
+    assert all((a == b).all() for a, b in zip(again, (train, test)))
+

@@ -20,7 +20,7 @@ def tiny():
 
 def test_packaged_configs():
     assert {"vit3d-tiny", "vit3d-small", "vit3d-base"} <= set(list_models())
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="model must be one of 'vit3d-"):
         create_model("vit3d-huge")
     with pytest.raises(ValueError, match="unknown override"):
         model_config("vit3d-tiny", depth=3)

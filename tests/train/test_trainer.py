@@ -202,7 +202,7 @@ def test_outputs_progress_and_profile(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--recipe", "nope"], "invalid choice"),
     (["--data", "/nonexistent/manifest.csv"], "neither synthetic-ct"),
-    (["--loss-weight", "nope=1"], "has no term"),
+    (["--loss-weight", "nope=1"], "a term of recipe 'siglip' must be one of"),
     (["--loss-weight", "prompts"], "TERM=WEIGHT"),
     (["--size", "32,32"], "three positive integers"),
     (["--steps", "0"], "positive integer"),

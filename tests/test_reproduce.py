@@ -4,13 +4,10 @@ import json
 
 import pytest
 
-from medvl.eval.reproduce import reproduce
+from medvl.reproduce import reproduce
+from tests.utils import is_share
 
 TOY = dict(steps=2, eval_n=24, n_train=16, batch_size=8, size=(32, 32, 16), cnn_epochs=2)
-
-
-def _is_share(x):
-    return x is None or 0.0 <= x <= 1.0
 
 
 def test_radfinder_keys(tmp_path):
@@ -19,8 +16,8 @@ def test_radfinder_keys(tmp_path):
     for key in ("localization_mae_mm", "centre_mae_mm", "random_mae_mm", "mean_depth_mae_mm"):
         assert saved[key] is not None and saved[key] >= 0, key
     for variant in ("with_localization", "without_localization"):
-        assert _is_share(r[variant]["zeroshot_macro_auc"]) and _is_share(r[variant]["retrieval_volume_to_text_R@1"])
-        assert _is_share(r[variant]["probe_macro_auc"])
+        assert is_share(r[variant]["zeroshot_macro_auc"]) and is_share(r[variant]["retrieval_volume_to_text_R@1"])
+        assert is_share(r[variant]["probe_macro_auc"])
         assert r[variant]["retrieval_chance"] == {"R@1": 1 / 24, "R@5": 5 / 24, "R@10": 10 / 24}
         assert r[variant]["diagnostics"]["loss"]["collapsed_level"] > 0
     assert r["localization_mae_mm"] == r["with_localization"]["localization_mae_mm"]
@@ -34,7 +31,7 @@ def test_medtrim_keys(tmp_path):
         assert set(by_mode) == {"shared", "identical", "jaccard"}
         for values in by_mode.values():
             assert {"P@1", "P@10", "P@20", "chance"} <= set(values)
-            assert all(_is_share(values[k]) for k in ("P@1", "P@10", "chance"))
+            assert all(is_share(values[k]) for k in ("P@1", "P@10", "chance"))
     _check_floors(r, tmp_path, 3)
     configs = [json.loads((tmp_path / "medtrim" / v / "checkpoint-2" / "config.json").read_text())
                for v in ("entities", "batch_hard", "siglip")]
@@ -46,7 +43,7 @@ def test_mrclip_keys_and_same_shots(tmp_path):
     r = reproduce("mrclip", tmp_path, log=None, **TOY)
     for kind in ("missing_tag", "numeric_error", "wrong_tag"):
         entry = r["qc_auc"][kind]
-        assert all(_is_share(entry[k]) for k in ("all", "image_determined", "image_independent"))
+        assert all(is_share(entry[k]) for k in ("all", "image_determined", "image_independent"))
         assert sum(v["n"] for v in entry["by_tag"].values()) == entry["n_corrupted"] - entry["n_text_unchanged"]
     _check_floors(r, tmp_path, 2)
     assert 0.0 <= r["probe_accuracy"] <= 1.0
@@ -64,7 +61,7 @@ def _check_floors(r, out, count):
 
 
 def test_unknown_seed_and_setting(tmp_path):
-    with pytest.raises(ValueError, match="unknown seed"):
+    with pytest.raises(ValueError, match="seed must be one of 'mrclip', 'medtrim', 'radfinder', got 'clip'"):
         reproduce("clip", tmp_path)
     with pytest.raises(TypeError, match="unknown setting"):
         reproduce("mrclip", tmp_path, epochs=3)
@@ -73,7 +70,7 @@ def test_unknown_seed_and_setting(tmp_path):
 def test_each_reproduction_trains_afresh(tmp_path, monkeypatch):
     """A second `medvl reproduce` into the same folder replaces its runs instead of being refused."""
     import medvl.train.trainer
-    from medvl.eval.reproduce import _train
+    from medvl.reproduce import _train
 
     configs = []
     monkeypatch.setattr(medvl.train.trainer, "train", lambda config: configs.append(config) or

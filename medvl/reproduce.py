@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from medvl.data.phantoms import HELD_OUT_SEED as DEFAULT_EVAL_SEED
+from medvl.eval.evaluation import DEFAULT_EVAL_SEED
+from medvl.options import look_up_option
 
 __all__ = ["reproduce", "main", "floors", "format_summary", "SEEDS", "SETTINGS"]
 
@@ -56,7 +57,7 @@ def _train(name: str, out: Path, recipe: str, run: Dict[str, Any], *, log, loss_
 
 
 def _evaluate(checkpoint: Path, out: Path, tasks: Sequence[str], n: int, log) -> Dict[str, Any]:
-    from medvl.eval.tasks import evaluate
+    from medvl.eval.evaluation import evaluate
 
     summary = evaluate(checkpoint, tasks=list(tasks), out=out, n=n, log=None)
     log(f"  evaluated {', '.join(tasks)} on {n} held-out phantoms -> {out}")
@@ -104,20 +105,21 @@ def cnn_fit(train_x: torch.Tensor, train_y, test_x: torch.Tensor, test_y, seed: 
 
 
 def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
-    from medvl.eval.probe import few_shot
-    from medvl.eval.tasks import DEFAULT_EVAL_SEED, EvalSet, FEWSHOT_KS, FEWSHOT_SEEDS, _class_target, \
-        _stratified_halves
-    from medvl.data.sources import build_dataset
+    from medvl.eval.eval_set import EvalSet, class_target
+    from medvl.eval.probe import few_shot, stratified_halves
+    from medvl.eval.tasks.fewshot import FEWSHOT_SEEDS
+    from medvl.data.sources import build_dataset, synthetic_source
 
     checkpoint = _train("mrclip", out / "mrclip", "mrclip", run, log=log)
     results = _evaluate(checkpoint, out / "mrclip" / "eval", ("qc", "probe", "fewshot", "collapse"), run["eval_n"],
                         log)
     qc = results["qc"]["by_case"]
     # the CNN sees the volumes of the very split and shots the few-shot probe saw
-    dataset, _ = build_dataset("synthetic-mr", "mr", n=run["eval_n"], seed=DEFAULT_EVAL_SEED, size=run["size"])
-    data = EvalSet.from_dataset(dataset, "mr", source="synthetic-mr", size=run["size"])
-    y, _, _ = _class_target(data)
-    train, test = _stratified_halves(y, 0)
+    source = synthetic_source("mr")
+    dataset, _ = build_dataset(source, "mr", n=run["eval_n"], seed=DEFAULT_EVAL_SEED, size=run["size"])
+    data = EvalSet.from_dataset(dataset, "mr", source=source, size=run["size"])
+    y, _, _ = class_target(data)
+    train, test = stratified_halves(y, 0)
     volumes = torch.stack([dataset[i].volume for i in range(len(dataset))])
     ks = [int(k) for k in results["fewshot"]["by_k"]]
     log(f"[mrclip] supervised 3D CNN on the same shots (k = {ks}, {len(FEWSHOT_SEEDS)} draws each)")
@@ -358,8 +360,7 @@ def reproduce(seed: str, out="runs/reproduce", log: Optional[Callable[[str], Non
 
     ``overrides`` replace :data:`SETTINGS` and the seed's ``steps`` / ``eval_n`` / ``cnn_epochs``
     (the tests run a seed in seconds this way; the recorded figures use the defaults)."""
-    if seed not in SEEDS:
-        raise ValueError(f"unknown seed {seed!r}; choose one of {', '.join(SEEDS)}")
+    look_up_option(seed, SEEDS, name="seed")
     run = {**SETTINGS, "steps": STEPS[seed], "eval_n": EVAL_N[seed], "cnn_epochs": 40}
     unknown = sorted(set(overrides) - set(run))
     if unknown:
