@@ -6,7 +6,7 @@ volume's patch grid differs from the configured one the position table is resamp
 new grid and handed to the same fused op, so the add stays inside the kernel for every input size.
 After it: an optional CLS token, pre-norm transformer blocks (``scaled_dot_product_attention``), a final
 LayerNorm, CLS, mean or max pooling, a bias-free projection into the shared image-text space and, optionally,
-the standardisation of the projected embedding (:mod:`medvl.models.standardize`).
+the standardisation of the projected embedding (:mod:`medvl.nn.standardize`).
 
 Volumes are (B, C, X, Y, Z), channel first, as the MONAI pipelines of ``medvl.data`` give them: the
 axial (slice) axis is the last one, Z. Tokens are in ``Conv3d(...).flatten(2).transpose(1, 2)`` order,
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from medvl.models.standardize import FeatureStandardizer
+from medvl.nn.standardize import FeatureStandardizer
 from medvl.nn.patch_embed3d import PatchEmbed3d
 from medvl.ops.patch_embed3d import patch_embed3d
 
@@ -123,7 +123,7 @@ class VolumeEncoder(torch.nn.Module):
         qkv_bias: bias in the fused qkv Linear.
         norm_eps: LayerNorm epsilon.
         standardize: standardise the projected embedding per feature (``self.standardizer``, a
-            :class:`~medvl.models.standardize.FeatureStandardizer`: stored statistics here, the batch's in the
+            :class:`~medvl.nn.standardize.FeatureStandardizer`: stored statistics here, the batch's in the
             training losses); off keeps the plain ViT (and the checkpoints saved without it).
 
     ``forward(volume, return_tokens=False, return_depth=False)`` returns a dict with ``embedding``

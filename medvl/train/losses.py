@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvl.models.standardize import standardize
+from medvl.nn.standardize import standardize
 
 __all__ = [
     "DiseasePromptLoss", "LocalizationLoss", "MultiPositiveContrastiveLoss", "center_depth",

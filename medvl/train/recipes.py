@@ -38,7 +38,7 @@ Keys read from ``batch`` (as :func:`medvl.data.collate` returns them):
 ``depth_mask``, ``depth_target`` and ``prompt_labels`` are looked up in ``outputs`` first, then in
 ``batch``. A term whose weight is non-zero and whose input is missing raises a KeyError naming the key.
 
-Standardisation across the batch (:mod:`medvl.models.standardize`): when ``outputs`` holds
+Standardisation across the batch (:mod:`medvl.nn.standardize`): when ``outputs`` holds
 ``image_embeddings`` / ``text_embeddings``, every term reads embeddings standardised with the statistics of
 their own kind in this batch before normalising them: the volumes' for ``image_features``; the paired texts'
 for ``text_features``; the snippets' for ``snippet_features`` (which then holds unstandardised projections);
@@ -60,7 +60,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from medvl.models.standardize import FeatureStandardizer, batch_statistics, standardize
+from medvl.nn.standardize import FeatureStandardizer, batch_statistics, standardize
 from medvl.nn.sigmoid_loss import SigLIPLoss
 from medvl.nn.triplet_loss import MedTrimLoss
 from medvl.train.losses import LOCALIZATION_SIGMA_BINS, DiseasePromptLoss, LocalizationLoss, \
