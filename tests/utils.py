@@ -1,4 +1,4 @@
-"""Shared test helpers: which backends run here, and the one tolerance table."""
+"""Shared test helpers: which backends run here, the tolerances against a reference, and spawned ranks."""
 
 from __future__ import annotations
 
@@ -63,6 +63,27 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         f"{name} ({dtype}, {kind}): |{actual.flatten()[worst].item():.8g} - {expected.flatten()[worst].item():.8g}|"
         f" = {error.flatten()[worst].item():.3g} exceeds atol {atol} + rtol {rtol}"
     )
+
+
+# A module in plain PyTorch against its loop-by-loop reference (medvl.nn losses against medvl.reference): the same
+# sums in another order, in the inputs' dtype.
+MODULE_TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def leaves(*tensors: torch.Tensor, dtype: torch.dtype):
+    """Copies of ``tensors`` in ``dtype`` that require grad: the inputs of one side of a comparison."""
+    return [t.to(dtype).clone().requires_grad_(True) for t in tensors]
+
+
+def assert_matches_reference(fn, ref, inputs, dtype: torch.dtype) -> None:
+    """``fn(*inputs)`` equals ``ref(*inputs)`` in value and in the gradient of every input (MODULE_TOLERANCES)."""
+    a, b = leaves(*inputs, dtype=dtype), leaves(*inputs, dtype=dtype)
+    out, expected = fn(*a), ref(*b)
+    torch.testing.assert_close(out, expected, **MODULE_TOLERANCES[dtype])
+    out.backward()
+    expected.backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, **MODULE_TOLERANCES[dtype])
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -60,11 +60,12 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from medvl.nn.standardize import FeatureStandardizer, batch_statistics, standardize
+from medvl.nn.disease_prompt_loss import DiseasePromptLoss
+from medvl.nn.localization_loss import LOCALIZATION_SIGMA_BINS, LocalizationLoss, center_depth
+from medvl.nn.multi_positive_loss import MultiPositiveContrastiveLoss
 from medvl.nn.sigmoid_loss import SigLIPLoss
+from medvl.nn.standardize import FeatureStandardizer, batch_statistics, standardize
 from medvl.nn.triplet_loss import MedTrimLoss
-from medvl.train.losses import LOCALIZATION_SIGMA_BINS, DiseasePromptLoss, LocalizationLoss, \
-    MultiPositiveContrastiveLoss, center_depth
 
 __all__ = ["Recipe", "RECIPES", "LOSS_TERMS", "get_recipe", "create_loss", "RecipeLoss"]
 
