@@ -60,8 +60,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from medvl.data import collate
-from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_name,
-                                     checkpoint_step, read_latest, read_weights)
+from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_dir,
+                                     checkpoint_name, checkpoint_step, read_latest, read_weights)
 from medvl.train.calibration import calibrate_standardizers
 from medvl.train.data import parse_size
 from medvl.train.diagnostics import run_diagnostics
@@ -71,8 +71,7 @@ from medvl.train.radfinder_inputs import RadFinderInputs, joined_side_inputs
 from medvl.train.recipes import create_loss, get_recipe
 from medvl.train.reporting import Progress, peak_memory_mib, plot_loss, tensorboard_writer
 
-__all__ = ["TrainConfig", "train", "load_checkpoint_weights", "load_training_state", "resolve_checkpoint",
-           "PRECISIONS"]
+__all__ = ["TrainConfig", "train", "load_checkpoint_weights", "load_training_state", "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SYNTHETIC = ("synthetic-ct", "synthetic-mr")
@@ -304,28 +303,6 @@ def _seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints
-
-
-def resolve_checkpoint(resume: str, out: Optional[str] = None) -> Path:
-    """The checkpoint directory named by ``resume``: "latest" (read from ``out/latest``) or a path to a
-    checkpoint directory (or to a run directory that has a ``latest`` file)."""
-    if resume == "latest":
-        if out is None:
-            raise ValueError("resume='latest' needs the run's out directory")
-        if not (Path(out) / LATEST_FILE).is_file():
-            raise FileNotFoundError(f"resume='latest': {Path(out) / LATEST_FILE} does not exist (no checkpoint saved "
-                                    f"in {out} yet)")
-        path = read_latest(out)
-    else:
-        path = Path(resume)
-        if path.is_dir() and (path / LATEST_FILE).is_file() and not (path / STATE_FILE).is_file():
-            path = read_latest(path)
-    if not path.exists():
-        raise FileNotFoundError(f"resume: checkpoint {str(path)!r} does not exist")
-    for name in (WEIGHTS_FILE, STATE_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"resume: {path} is not a checkpoint (no {name})")
-    return path
 
 
 _STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch", "rng")
@@ -685,7 +662,10 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     autocast_dtype = torch.bfloat16 if (config.precision == "bf16" or
                                         (config.precision == "auto" and device.type == "cuda")) else None
     out = Path(config.out)
-    checkpoint_path = resolve_checkpoint(config.resume, str(out)) if config.resume else None
+    checkpoint_path = None
+    if config.resume:
+        named = read_latest(out) if config.resume == "latest" else config.resume
+        checkpoint_path = checkpoint_dir(named, needs=(WEIGHTS_FILE, STATE_FILE))
     resumed_state = load_training_state(checkpoint_path) if checkpoint_path is not None else None
     if resumed_state is not None and resumed_state["step"] >= config.steps:
         raise ValueError(f"checkpoint {checkpoint_path} is at step {resumed_state['step']}, not before "
@@ -714,7 +694,8 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
     if kind == "mr" and "window" not in (config.vision or {}):
         vision["window"] = None  # MR volumes are already normalised; the HU window is for CT
     model_name = config.model or recipe.model
-    model = create_model(model_name, vision=vision, text=dict(config.text or {}))
+    architecture = model_config(model_name, vision=vision, text=dict(config.text or {}))
+    model = create_model(architecture)
     if config.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)
     if recipe.loss in ("mrclip", "medtrim"):
@@ -754,7 +735,7 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run_config = {"model": model_name, "model_config": model_config(model_name, vision=vision, text=dict(config.text or {})),
+    run_config = {"model": model_name, "model_config": architecture,
                   "recipe": recipe.name, "loss": recipe.loss, "loss_weights": dict(weights),
                   "loss_options": dict(recipe.loss_options), "data": str(data),
                   "data_kind": kind, "size": list(size), "seed": config.seed, "batch_size": config.batch_size,
