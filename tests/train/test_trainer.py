@@ -38,7 +38,7 @@ def test_loss_falls_and_metrics(run):
 
 def test_checkpoint_layout_and_roundtrip(run):
     from medvl.models.factory import create_model
-    from medvl.train.trainer import load_checkpoint_weights
+    from medvl.train.run_folder import load_checkpoint_weights
 
     assert (run / "latest").read_text().strip() == "checkpoint-12"
     for step in (6, 12):
