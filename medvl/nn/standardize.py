@@ -25,7 +25,7 @@ are mean 0 and variance 1, i.e. (up to eps) no standardisation.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
