@@ -29,24 +29,24 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from medvl.data import collate
-from medvl.models.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dir, read_latest
+from medvl.models.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dir, checkpoint_name, read_latest
 from medvl.train.calibration import calibrate_standardizers
 from medvl.train.data import parse_size
 from medvl.train.diagnostics import run_diagnostics
 from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice
 from medvl.train.profiling import StepProfiler, stage
 from medvl.train.radfinder_inputs import RadFinderInputs, joined_side_inputs
-from medvl.train.recipes import create_loss, get_recipe
+from medvl.train.recipes import Recipe, create_loss, get_recipe
 from medvl.train.reporting import Progress, peak_memory_mib, plot_loss, tensorboard_writer
-from medvl.train.run_folder import (METRICS_FILE, apply_run_folder_plan, load_training_state, plan_run_folder,
-                                    restore_checkpoint, save_checkpoint)
+from medvl.train.run_folder import (METRICS_FILE, RunFolderPlan, apply_run_folder_plan, load_training_state,
+                                    plan_run_folder, restore_checkpoint, save_checkpoint)
 
 __all__ = ["TrainConfig", "train", "PRECISIONS"]
 
@@ -343,6 +343,172 @@ def _step_loss(model, loss_fn, micro: List[Dict[str, Any]], *, side: Optional[Ra
 # the run
 
 
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Run ``config``; returns the final metrics: step, loss (last step), first_loss, lr, volumes_per_s,
+    the loss terms, out, checkpoint (the last checkpoint directory), skipped (data rows left out)."""
+    config.validate()
+    ctx = init_distributed(config.device)
+    try:
+        return _train(config, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
+    run = _build(config, ctx)
+    step, position = _restore(run)
+    trained = _loop(run, step, position)
+    return _finish(run, trained)
+
+
+@dataclass
+class _Run:
+    """A run's settings and the objects it trains, built before its first step (:func:`_build`)."""
+
+    config: TrainConfig
+    ctx: DistributedContext
+    recipe: Recipe
+    data: str                                # the source: config.data, or the recipe's
+    kind: str                                # "ct" or "mr"
+    size: Tuple[int, int, int]
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]    # None: fp32
+    out: Path
+    log: Callable[[str], None]               # silent on every rank but the main one
+    checkpoint: Optional[Path]               # the checkpoint resumed from
+    resumed_state: Optional[Dict[str, Any]]  # its state.pt
+    folder_plan: RunFolderPlan
+    dataset: Any
+    info: Dict[str, Any]                     # what build_dataset says about the source
+    model: torch.nn.Module                   # the CLIPModel itself (the loop wraps it for DDP)
+    loss_fn: torch.nn.Module
+    side: Optional[RadFinderInputs]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    run_config: Dict[str, Any]               # saved with every checkpoint
+
+    @property
+    def global_batch(self) -> int:
+        """The samples of one micro-batch over every rank."""
+        return self.config.batch_size * self.ctx.world_size
+
+
+@dataclass
+class _Trained:
+    """What the loop leaves: the last step's record, the first step's loss, the last checkpoint."""
+
+    record: Dict[str, Any] = field(default_factory=dict)
+    first_loss: Optional[float] = None
+    checkpoint: Optional[Path] = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building the run
+
+
+def _build(config: TrainConfig, ctx: DistributedContext) -> _Run:
+    """Everything the run needs before its first step; nothing in ``out`` changes yet. The random numbers are
+    drawn after seeding in one order (dataset, model, RadFinder's inputs, loss), so a seed makes one run."""
+    recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}),
+                        loss_options=dict(config.loss_options or {}))
+    data = config.data or recipe.data
+    size = parse_size(config.size)
+    device = device_for(ctx, config.device)
+    autocast_dtype = torch.bfloat16 if (config.precision == "bf16" or
+                                        (config.precision == "auto" and device.type == "cuda")) else None
+    out = Path(config.out)
+    checkpoint, resumed_state = _resumed(config, out)
+    # every rank decides (and refuses) alike; the main rank changes the folder just before the first step
+    folder_plan = plan_run_folder(out, checkpoint, None if resumed_state is None else resumed_state["step"],
+                                  config.overwrite, via_latest=config.resume == "latest")
+    log = (config.log_fn or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
+
+    _seed_everything(config.seed)
+    kind = _data_kind(recipe, data)
+    dataset, info = _dataset(config, ctx, data, kind, size, log)
+    architecture, model = _model(config, recipe, kind, size, device)
+    side = _radfinder_inputs(config, recipe, data, info, dataset, model)
+    group = ctx.group if ctx.enabled and recipe.loss != "medtrim" else None
+    loss_fn = create_loss(recipe, embed_dim=model.visual.embed_dim, proj_dim=model.embed_dim, group=group)
+    if recipe.loss == "siglip":
+        loss_fn.prompts.init_from(model.visual.proj)
+    loss_fn = loss_fn.to(device)
+
+    lr = recipe.lr if config.lr is None else float(config.lr)
+    weight_decay = recipe.weight_decay if config.weight_decay is None else float(config.weight_decay)
+    warmup = min(recipe.warmup_steps, config.steps // 10) if config.warmup_steps is None else int(config.warmup_steps)
+    optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, weight_decay), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(warmup, config.steps))
+    run_config = {"model": config.model or recipe.model, "model_config": architecture,
+                  "recipe": recipe.name, "loss": recipe.loss, "loss_weights": dict(recipe.loss_weights),
+                  "loss_options": dict(recipe.loss_options), "data": str(data),
+                  "data_kind": kind, "size": list(size), "seed": config.seed, "batch_size": config.batch_size,
+                  "world_size": ctx.world_size, "accum_steps": config.accum_steps, "steps": config.steps,
+                  "lr": lr, "precision": "bf16" if autocast_dtype is not None else "fp32"}
+    return _Run(config=config, ctx=ctx, recipe=recipe, data=data, kind=kind, size=size, device=device,
+                autocast_dtype=autocast_dtype, out=out, log=log, checkpoint=checkpoint, resumed_state=resumed_state,
+                folder_plan=folder_plan, dataset=dataset, info=info, model=model, loss_fn=loss_fn, side=side,
+                optimizer=optimizer, scheduler=scheduler, run_config=run_config)
+
+
+def _resumed(config: TrainConfig, out: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The checkpoint ``config.resume`` names and its training state; (None, None) for a new run."""
+    if not config.resume:
+        return None, None
+    named = read_latest(out) if config.resume == "latest" else config.resume
+    checkpoint = checkpoint_dir(named, needs=(WEIGHTS_FILE, STATE_FILE))
+    state = load_training_state(checkpoint)
+    if state["step"] >= config.steps:
+        raise ValueError(f"checkpoint {checkpoint} is at step {state['step']}, not before "
+                         f"steps={config.steps}; raise --steps to train further")
+    return checkpoint, state
+
+
+def _data_kind(recipe, data: str) -> str:
+    if data in SYNTHETIC:
+        return "mr" if data == "synthetic-mr" else "ct"
+    return "mr" if recipe.data == "synthetic-mr" else "ct"
+
+
+def _dataset(config: TrainConfig, ctx: DistributedContext, data: str, kind: str, size: Tuple[int, int, int],
+             log: Callable[[str], None]) -> Tuple[Any, Dict[str, Any]]:
+    """(dataset, info) of the run's source, holding at least one global batch."""
+    from medvl.train.data import build_dataset
+
+    # n_train sizes the phantom sets (by default a new phantom for every sample trained on); a real source is
+    # used whole
+    n = None
+    if data in SYNTHETIC:
+        n = config.n_train or config.steps * config.batch_size * ctx.world_size * config.accum_steps
+    dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size, cache_dir=config.cache_dir,
+                                  skip_bad=config.skip_bad, split=config.split, log=log, augment=True)
+    global_batch = config.batch_size * ctx.world_size
+    if len(dataset) < global_batch:
+        raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {global_batch} "
+                         f"(batch_size {config.batch_size} x {ctx.world_size} ranks)")
+    return dataset, info
+
+
+def _model(config: TrainConfig, recipe: Recipe, kind: str, size: Tuple[int, int, int], device: torch.device
+           ) -> Tuple[Dict[str, Any], torch.nn.Module]:
+    """(the model config, the CLIPModel built from it on ``device``)."""
+    from medvl.models.factory import create_model, model_config
+
+    vision = {"img_size": list(size), **(config.vision or {})}
+    if kind == "mr" and "window" not in (config.vision or {}):
+        vision["window"] = None  # MR volumes are already normalised; the HU window is for CT
+    architecture = model_config(config.model or recipe.model, vision=vision, text=dict(config.text or {}))
+    model = create_model(architecture)
+    if config.grad_checkpointing:
+        model.visual.set_grad_checkpointing(True)
+    if recipe.loss in ("mrclip", "medtrim"):
+        # these losses have their own temperature (or none): SigLIP's scale and bias stay as initialised,
+        # and DDP must not wait for gradients they never get
+        model.logit_scale.requires_grad_(False)
+        model.logit_bias.requires_grad_(False)
+    return architecture, model.to(device)
+
+
 def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
     names = info.get("findings")
     if names:
@@ -359,155 +525,70 @@ def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
     return None
 
 
-def _data_kind(recipe, data: str) -> str:
-    if data in SYNTHETIC:
-        return "mr" if data == "synthetic-mr" else "ct"
-    return "mr" if recipe.data == "synthetic-mr" else "ct"
-
-
-def train(config: TrainConfig) -> Dict[str, Any]:
-    """Run ``config``; returns the final metrics: step, loss (last step), first_loss, lr, volumes_per_s,
-    the loss terms, out, checkpoint (the last checkpoint directory), skipped (data rows left out)."""
-    config.validate()
-    ctx = init_distributed(config.device)
-    try:
-        return _train(config, ctx)
-    finally:
-        ctx.close()
-
-
-def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
-    from medvl.models.factory import create_model, model_config
-    from medvl.train.data import build_dataset
-
-    recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}),
-                        loss_options=dict(config.loss_options or {}))
-    data = config.data or recipe.data
-    lr = recipe.lr if config.lr is None else float(config.lr)
-    weight_decay = recipe.weight_decay if config.weight_decay is None else float(config.weight_decay)
-    warmup = min(recipe.warmup_steps, config.steps // 10) if config.warmup_steps is None else int(config.warmup_steps)
-    size = parse_size(config.size)
-    device = device_for(ctx, config.device)
-    autocast_dtype = torch.bfloat16 if (config.precision == "bf16" or
-                                        (config.precision == "auto" and device.type == "cuda")) else None
-    out = Path(config.out)
-    checkpoint_path = None
-    if config.resume:
-        named = read_latest(out) if config.resume == "latest" else config.resume
-        checkpoint_path = checkpoint_dir(named, needs=(WEIGHTS_FILE, STATE_FILE))
-    resumed_state = load_training_state(checkpoint_path) if checkpoint_path is not None else None
-    if resumed_state is not None and resumed_state["step"] >= config.steps:
-        raise ValueError(f"checkpoint {checkpoint_path} is at step {resumed_state['step']}, not before "
-                         f"steps={config.steps}; raise --steps to train further")
-    # every rank decides (and refuses) alike; the main rank changes the folder just before the first step
-    folder_plan = plan_run_folder(out, checkpoint_path, None if resumed_state is None else resumed_state["step"],
-                                  config.overwrite, via_latest=config.resume == "latest")
-    main_rank = ctx.is_main
-    log = (config.log_fn or (lambda _msg: None)) if main_rank else (lambda _msg: None)
-
-    _seed_everything(config.seed)
-    kind = _data_kind(recipe, data)
-    # n_train sizes the phantom sets (by default a new phantom for every sample trained on); a real source is
-    # used whole
-    n = None
-    if data in SYNTHETIC:
-        n = config.n_train or config.steps * config.batch_size * ctx.world_size * config.accum_steps
-    dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size, cache_dir=config.cache_dir,
-                                  skip_bad=config.skip_bad, split=config.split, log=log, augment=True)
-    global_batch = config.batch_size * ctx.world_size
-    if len(dataset) < global_batch:
-        raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {global_batch} "
-                         f"(batch_size {config.batch_size} x {ctx.world_size} ranks)")
-
-    vision = {"img_size": list(size), **(config.vision or {})}
-    if kind == "mr" and "window" not in (config.vision or {}):
-        vision["window"] = None  # MR volumes are already normalised; the HU window is for CT
-    model_name = config.model or recipe.model
-    architecture = model_config(model_name, vision=vision, text=dict(config.text or {}))
-    model = create_model(architecture)
-    if config.grad_checkpointing:
-        model.visual.set_grad_checkpointing(True)
-    if recipe.loss in ("mrclip", "medtrim"):
-        # these losses have their own temperature (or none): SigLIP's scale and bias stay as initialised,
-        # and DDP must not wait for gradients they never get
-        model.logit_scale.requires_grad_(False)
-        model.logit_bias.requires_grad_(False)
-    model = model.to(device)
-
+def _radfinder_inputs(config: TrainConfig, recipe: Recipe, data: str, info: Mapping[str, Any], dataset,
+                      model: torch.nn.Module) -> Optional[RadFinderInputs]:
+    """The disease prompts and report snippets of the "siglip" recipe's prompt and localization terms; None
+    when neither term is on."""
     weights = recipe.loss_weights
-    side = None
-    if recipe.loss == "siglip" and (weights.get("prompts") or weights.get("localization")):
-        findings = _finding_names(info, dataset) if weights.get("prompts") else []
-        if findings is None:
-            raise ValueError(f"the prompt term needs the names of the finding labels of {data!r}, which are unknown "
-                             "(give the manifest CT-RATE's 18 findings, or switch the term off: loss weight prompts=0)")
-        side = RadFinderInputs(findings, model.visual.patch_size[2], prompts=bool(weights.get("prompts")),
-                               localization=bool(weights.get("localization")), seed=config.seed)
-    group = ctx.group if ctx.enabled and recipe.loss != "medtrim" else None
-    loss_fn = create_loss(recipe, embed_dim=model.visual.embed_dim, proj_dim=model.embed_dim, group=group)
-    if recipe.loss == "siglip":
-        loss_fn.prompts.init_from(model.visual.proj)
-    loss_fn = loss_fn.to(device)
+    if recipe.loss != "siglip" or not (weights.get("prompts") or weights.get("localization")):
+        return None
+    findings = _finding_names(info, dataset) if weights.get("prompts") else []
+    if findings is None:
+        raise ValueError(f"the prompt term needs the names of the finding labels of {data!r}, which are unknown "
+                         "(give the manifest CT-RATE's 18 findings, or switch the term off: loss weight prompts=0)")
+    return RadFinderInputs(findings, model.visual.patch_size[2], prompts=bool(weights.get("prompts")),
+                           localization=bool(weights.get("localization")), seed=config.seed)
 
-    optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, weight_decay), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(warmup, config.steps))
-    position = {"epoch": 0, "batch": 0}
-    step = 0
-    if checkpoint_path is not None:
-        state = resumed_state
-        restore_checkpoint(checkpoint_path, state, model, loss_fn, optimizer, scheduler)
-        step, position = int(state["step"]), {"epoch": int(state["epoch"]), "batch": int(state["batch"])}
-        log(f"resumed from {checkpoint_path} at step {step}")
 
-    core = model
+# ----------------------------------------------------------------------------------------------------------
+# restoring a checkpoint
+
+
+def _restore(run: _Run) -> Tuple[int, Dict[str, int]]:
+    """The step and data position the loop starts from: the resumed checkpoint's (loaded into the run's
+    model, loss module, optimizer, scheduler and RNG states), or the start."""
+    if run.checkpoint is None:
+        return 0, {"epoch": 0, "batch": 0}
+    state = run.resumed_state
+    restore_checkpoint(run.checkpoint, state, run.model, run.loss_fn, run.optimizer, run.scheduler)
+    step, position = int(state["step"]), {"epoch": int(state["epoch"]), "batch": int(state["batch"])}
+    run.log(f"resumed from {run.checkpoint} at step {step}")
+    return step, position
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _loop(run: _Run, step: int, position: Dict[str, int]) -> _Trained:
+    """Train from ``step`` to ``config.steps``, the data from ``position`` on: each step logged, a checkpoint
+    every ``checkpoint_every`` steps and at the end."""
+    config, ctx, device = run.config, run.ctx, run.device
+    model = run.model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run_config = {"model": model_name, "model_config": architecture,
-                  "recipe": recipe.name, "loss": recipe.loss, "loss_weights": dict(weights),
-                  "loss_options": dict(recipe.loss_options), "data": str(data),
-                  "data_kind": kind, "size": list(size), "seed": config.seed, "batch_size": config.batch_size,
-                  "world_size": ctx.world_size, "accum_steps": config.accum_steps, "steps": config.steps,
-                  "lr": lr, "precision": "bf16" if autocast_dtype is not None else "fp32"}
-
-    if main_rank:
-        apply_run_folder_plan(folder_plan, log)
+    if ctx.is_main:
+        apply_run_folder_plan(run.folder_plan, run.log)
     ctx.barrier()
-    params = [p for p in list(core.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    batches = _batches(dataset, config.batch_size, config.seed, position, ctx, config.num_workers)
+    params = [p for p in list(run.model.parameters()) + list(run.loss_fn.parameters()) if p.requires_grad]
+    batches = _batches(run.dataset, config.batch_size, config.seed, position, ctx, config.num_workers)
     model.train()
-    loss_fn.train()
+    run.loss_fn.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    first_loss, record, last_checkpoint = None, {}, checkpoint_path
-    progress = Progress(config.steps, step, config.progress and main_rank)
-    board = tensorboard_writer(out / "tensorboard") if main_rank else None
-    profiler = StepProfiler(out / "profile", device) if config.profile else None
-    # appended to only when resuming this folder's own run (cut back to the resumed step above)
-    metrics = open(out / METRICS_FILE, "a" if folder_plan.keep_metrics_to is not None else "w") \
-        if main_rank else None
+    trained = _Trained(checkpoint=run.checkpoint)
+    step_log = _StepLog(run, step)
+    profiler = StepProfiler(run.out / "profile", device) if config.profile else None
+    trace = run.out / "profile" / "trace.json"
     steps_this_run = 0
     try:
         if profiler is not None:
             profiler.__enter__()
         while step < config.steps:
             start = time.perf_counter()
-            with stage("medvl.data", profiler is not None):
-                micro = []
-                for _ in range(config.accum_steps):
-                    batch = _to_device(next(batches), device)
-                    micro.append(side.prepare(batch, step) if side else batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms = _step_loss(model, loss_fn, micro, side=side, autocast_dtype=autocast_dtype,
-                               profiling=profiler is not None)
-            with stage("medvl.optimizer", profiler is not None):
-                ctx.average_gradients(loss_fn.parameters())
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                lr_now = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
+            terms, lr = _optimizer_step(run, model, batches, params, step, profiling=profiler is not None)
             step += 1
             if profiler is not None:
                 profiler.step()
@@ -515,53 +596,115 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
                 torch.cuda.synchronize(device)
             elapsed = max(time.perf_counter() - start, 1e-9)
             values = {k: ctx.mean(float(v), device) for k, v in terms.items()}
-            loss_value = values["loss"]
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"step {step}: the loss is {loss_value}")
-            first_loss = loss_value if first_loss is None else first_loss
-            peak = peak_memory_mib(device)
-            record = {"step": step, "loss": loss_value, "lr": lr_now,
-                      "volumes_per_s": global_batch * config.accum_steps / elapsed, "peak_memory_mib": peak}
-            record.update({k: v for k, v in values.items() if k != "loss"})
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if board is not None:
-                for key, value in record.items():
-                    if key != "step":
-                        board.add_scalar(f"train/{key}", value, step)
-            progress.update(record, peak)
-            if (step % config.log_every == 0 or step == config.steps) and not config.progress:
-                log(f"step {step}/{config.steps}  loss {loss_value:.4f}  lr {lr_now:.2e}  "
-                    f"{record['volumes_per_s']:.1f} vol/s  peak {peak:.0f} MiB")
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"step {step}: the loss is {values['loss']}")
+            trained.first_loss = values["loss"] if trained.first_loss is None else trained.first_loss
+            trained.record = step_log.write(step, values, lr, elapsed)
             if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                if main_rank:
-                    calibrate_standardizers(core, loss_fn, dataset, device=device, autocast_dtype=autocast_dtype,
-                                            prompts=side.prompt_texts if side and side.prompts else None)
-                    last_checkpoint = save_checkpoint(out, step, core, loss_fn, optimizer, scheduler, position,
-                                                      run_config)
-                else:
-                    last_checkpoint = out / f"checkpoint-{step}"
-                ctx.barrier()
+                trained.checkpoint = _checkpoint(run, step, position)
             steps_this_run += 1
             if profiler is not None and not profiler.done and steps_this_run >= 5:
                 profiler.__exit__(None, None, None)
-                log("profile of this run's steps 3-5 (trace: " + str(out / "profile" / "trace.json") + ")\n" + profiler.table())
+                run.log(f"profile of this run's steps 3-5 (trace: {trace})\n" + profiler.table())
     finally:
         if profiler is not None and not profiler.done:
             profiler.__exit__(None, None, None)
             if steps_this_run >= 3:
-                log("profile (trace: " + str(out / "profile" / "trace.json") + ")\n" + profiler.table())
-        progress.close()
-        if metrics is not None:
-            metrics.close()
-        if board is not None:
-            board.close()
+                run.log(f"profile (trace: {trace})\n" + profiler.table())
+        step_log.close()
+    return trained
+
+
+def _optimizer_step(run: _Run, model, batches: Iterator[Dict[str, Any]], params: List[torch.Tensor], step: int, *,
+                    profiling: bool) -> Tuple[Dict[str, torch.Tensor], float]:
+    """One optimiser step over ``accum_steps`` micro-batches: (the loss terms, the learning rate it took)."""
+    config, side = run.config, run.side
+    with stage("medvl.data", profiling):
+        micro = []
+        for _ in range(config.accum_steps):
+            batch = _to_device(next(batches), run.device)
+            micro.append(side.prepare(batch, step) if side else batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    terms = _step_loss(model, run.loss_fn, micro, side=side, autocast_dtype=run.autocast_dtype, profiling=profiling)
+    with stage("medvl.optimizer", profiling):
+        run.ctx.average_gradients(run.loss_fn.parameters())
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.optimizer.step()
+        run.scheduler.step()
+    return terms, lr
+
+
+def _checkpoint(run: _Run, step: int, position: Mapping[str, int]) -> Path:
+    """The checkpoint of ``step``, saved by the main rank after measuring the stored standardisation
+    statistics; every rank waits for it."""
+    if run.ctx.is_main:
+        side = run.side
+        calibrate_standardizers(run.model, run.loss_fn, run.dataset, device=run.device,
+                                autocast_dtype=run.autocast_dtype,
+                                prompts=side.prompt_texts if side and side.prompts else None)
+        path = save_checkpoint(run.out, step, run.model, run.loss_fn, run.optimizer, run.scheduler, position,
+                               run.run_config)
+    else:
+        path = run.out / checkpoint_name(step)
+    run.ctx.barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the log
+
+
+class _StepLog:
+    """Where each step's record goes: metrics.jsonl and TensorBoard (main rank), the progress bar, and a log
+    line every ``log_every`` steps when there is no bar."""
+
+    def __init__(self, run: _Run, step: int):
+        config, main = run.config, run.ctx.is_main
+        self.config, self.device, self.log = config, run.device, run.log
+        self.samples_per_step = run.global_batch * config.accum_steps
+        self.progress = Progress(config.steps, step, config.progress and main)
+        self.board = tensorboard_writer(run.out / "tensorboard") if main else None
+        # appended to only when resuming this folder's own run (cut back to the resumed step by the folder plan)
+        self.metrics = open(run.out / METRICS_FILE, "a" if run.folder_plan.keep_metrics_to is not None else "w") \
+            if main else None
+
+    def write(self, step: int, values: Mapping[str, float], lr: float, elapsed: float) -> Dict[str, Any]:
+        """Log step ``step`` (``values``: the loss terms averaged over the ranks); returns its record."""
+        peak = peak_memory_mib(self.device)
+        record = {"step": step, "loss": values["loss"], "lr": lr,
+                  "volumes_per_s": self.samples_per_step / elapsed, "peak_memory_mib": peak}
+        record.update({k: v for k, v in values.items() if k != "loss"})
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.board.add_scalar(f"train/{key}", value, step)
+        self.progress.update(record, peak)
+        if (step % self.config.log_every == 0 or step == self.config.steps) and not self.config.progress:
+            self.log(f"step {step}/{self.config.steps}  loss {values['loss']:.4f}  lr {lr:.2e}  "
+                     f"{record['volumes_per_s']:.1f} vol/s  peak {peak:.0f} MiB")
+        return record
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _finish(run: _Run, trained: _Trained) -> Dict[str, Any]:
+    """The loss curve and the collapse diagnostics (main rank), and the run's final metrics."""
     diagnostics = None
-    if main_rank:
-        plot_loss(out / METRICS_FILE, out / "loss.png")
-        diagnostics = run_diagnostics(core, recipe, dataset, data=str(data), kind=kind, size=size,
-                                      global_batch=global_batch * config.accum_steps, out=out, device=device, log=log)
-    return {**record, "first_loss": first_loss, "out": str(out), "skipped": list(info.get("skipped", [])),
-            "diagnostics": diagnostics,
-            "checkpoint": None if last_checkpoint is None else str(last_checkpoint)}
+    if run.ctx.is_main:
+        plot_loss(run.out / METRICS_FILE, run.out / "loss.png")
+        diagnostics = run_diagnostics(run.model, run.recipe, run.dataset, data=str(run.data), kind=run.kind,
+                                      size=run.size, global_batch=run.global_batch * run.config.accum_steps,
+                                      out=run.out, device=run.device, log=run.log)
+    return {**trained.record, "first_loss": trained.first_loss, "out": str(run.out),
+            "skipped": list(run.info.get("skipped", [])), "diagnostics": diagnostics,
+            "checkpoint": None if trained.checkpoint is None else str(trained.checkpoint)}
