@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Iterator, List, Tuple
 
 from tests.utils import REPO_ROOT
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: which backends run here, the one tolerance table, and what a share is."""
+"""Shared test helpers: which backends run here, the tolerance tables, what a share is, and spawned ranks."""
 
 from __future__ import annotations
 
@@ -68,6 +68,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def is_share(value) -> bool:
     """A metric that is a share (AUC, accuracy, R@k): in [0, 1], or None where it cannot be measured."""
     return value is None or 0.0 <= value <= 1.0
+# A module in plain PyTorch against its loop-by-loop reference (medvl.nn losses against medvl.reference): the same
+# sums in another order, in the inputs' dtype.
+MODULE_TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def leaves(*tensors: torch.Tensor, dtype: torch.dtype):
+    """Copies of ``tensors`` in ``dtype`` that require grad: the inputs of one side of a comparison."""
+    return [t.to(dtype).clone().requires_grad_(True) for t in tensors]
+
+
+def assert_matches_reference(fn, ref, inputs, dtype: torch.dtype) -> None:
+    """``fn(*inputs)`` equals ``ref(*inputs)`` in value and in the gradient of every input (MODULE_TOLERANCES)."""
+    a, b = leaves(*inputs, dtype=dtype), leaves(*inputs, dtype=dtype)
+    out, expected = fn(*a), ref(*b)
+    torch.testing.assert_close(out, expected, **MODULE_TOLERANCES[dtype])
+    out.backward()
+    expected.backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, **MODULE_TOLERANCES[dtype])
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

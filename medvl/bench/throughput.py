@@ -48,6 +48,7 @@ import torch
 
 from medvl.bench.harness import append_record
 from medvl.models.volume_encoder import VolumeEncoder
+from medvl.options import look_up_option
 
 __all__ = ["PATHS", "PRECISIONS", "MonaiPatchEmbedding", "PlainVolumeEncoder", "plain_volume_path", "plain_loss",
            "build_path", "make_batch", "TrainStep", "measure_step", "search_largest", "largest_batch", "run_isolated",
@@ -160,8 +161,7 @@ def build_path(path: str, model_name: str = "vit3d-tiny", volume_size: Optional[
     from medvl.models import create_model
     from medvl.nn import SigLIPLoss
 
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    look_up_option(path, PATHS, name="path")
     overrides = dict(vision or {})
     if volume_size is not None:
         overrides["img_size"] = [int(s) for s in volume_size]
@@ -233,8 +233,7 @@ class TrainStep:
 
     def __init__(self, model, loss_fn, batch_size: int, volume_shape: Sequence[int], device="cpu",
                  precision: str = "fp32", lr: float = 1e-4, seed: int = 0):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        look_up_option(precision, PRECISIONS, name="precision")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device, self.precision, self.batch_size = torch.device(device), precision, int(batch_size)

@@ -84,6 +84,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
+from medvl.options import look_up_option
+
 __all__ = [
     "ADJECTIVES",
     "CHEXPERT_FINDINGS",
@@ -439,8 +441,7 @@ def extract_entities(report: str, ontology: Optional[Ontology] = None, *, uncert
         uncertain: "positive" (uncertain diseases are present, U-Ones), "negative" (they count as
             negated) or "ignore" (neither). They are listed in ``Entities.uncertain`` in every case.
     """
-    if uncertain not in UNCERTAIN_POLICIES:
-        raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
+    look_up_option(uncertain, UNCERTAIN_POLICIES, name="uncertain")
     if not isinstance(report, str):
         raise TypeError(f"report must be a str, got {type(report).__name__}")
     ontology = load_ontology() if ontology is None else ontology

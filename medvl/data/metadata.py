@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from medvl.data.values import finite_float
+from medvl.options import look_up_option
 
 __all__ = [
     "MR_METADATA_KEYS",
@@ -407,8 +408,7 @@ def corrupt_metadata(metadata: dict, kind: str, rng: Union[np.random.Generator, 
     rng: numpy Generator or int seed; the same seed gives the same corruption.
     Raises ValueError for an unknown kind, or when no field can be corrupted that way.
     """
-    if kind not in CORRUPTION_KINDS:
-        raise ValueError(f"unknown corruption kind {kind!r}; expected one of {', '.join(CORRUPTION_KINDS)}")
+    look_up_option(kind, CORRUPTION_KINDS, name="kind")
     gen = _rng(rng)
     out = copy.deepcopy(dict(metadata))
     if kind == "missing_tag":

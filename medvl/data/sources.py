@@ -51,7 +51,7 @@ from medvl.data.phantoms import finding_sentence, make_ct_phantom, make_mr_phant
 from medvl.data.transforms import AIR_HU, affine_from_spacing, ct_transforms, light_augment, mr_transforms, \
     volume_to_metatensor
 from medvl.data.volume_cache import VolumeCache
-from medvl.options import parse_size
+from medvl.options import look_up_option, parse_size
 
 __all__ = [
     "BadVolumeError",
@@ -95,10 +95,8 @@ class BadVolumeError(ValueError):
 
 def synthetic_source(kind: str) -> str:
     """The name of the phantom source of data kind ``kind`` ("ct" or "mr")."""
-    for name, source_kind in SYNTHETIC_SOURCES.items():
-        if source_kind == kind:
-            return name
-    raise ValueError(f"unknown data kind {kind!r}; choose one of {DATA_KINDS}")
+    look_up_option(kind, DATA_KINDS, name="kind")
+    return next(name for name, source_kind in SYNTHETIC_SOURCES.items() if source_kind == kind)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,8 +162,7 @@ class PhantomDataset(VolumeTextDataset):
 
     def __init__(self, kind: str, n: int, seed: int, size: Sequence[int], *, augment: bool = False,
                  cache: bool = False):
-        if kind not in DATA_KINDS:
-            raise ValueError(f"unknown synthetic data kind {kind!r}; choose 'ct' or 'mr'")
+        look_up_option(kind, DATA_KINDS, name="kind")
         if isinstance(n, bool) or int(n) != n or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         x, y, z = parse_size(size)

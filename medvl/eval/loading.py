@@ -20,7 +20,7 @@ def prompt_head_of(checkpoint: Path) -> Optional[torch.nn.Linear]:
     bias (when the checkpoint has one); None without a head."""
     from safetensors import safe_open
 
-    from medvl.models.standardize import FeatureStandardizer
+    from medvl.nn.standardize import FeatureStandardizer
 
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())

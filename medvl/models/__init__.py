@@ -7,10 +7,9 @@
 from medvl.models.checkpoint import checkpoint_hash, load_checkpoint
 from medvl.models.clip import CLIPModel
 from medvl.models.factory import create_model, list_models, model_config
-from medvl.models.standardize import FeatureStandardizer, batch_statistics, standardize
 from medvl.models.text_encoder import TextEncoder
 from medvl.models.tokenizer import default_tokenizer, train_wordpiece
 from medvl.models.volume_encoder import VolumeEncoder
 
-__all__ = ["CLIPModel", "FeatureStandardizer", "batch_statistics", "checkpoint_hash", "standardize", "load_checkpoint", "TextEncoder", "VolumeEncoder", "create_model", "default_tokenizer", "list_models",
-           "model_config", "train_wordpiece"]
+__all__ = ["CLIPModel", "checkpoint_hash", "load_checkpoint", "TextEncoder", "VolumeEncoder", "create_model",
+           "default_tokenizer", "list_models", "model_config", "train_wordpiece"]

@@ -20,9 +20,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+from medvl.models.factory import create_model, create_towers
 
 __all__ = ["load_checkpoint", "checkpoint_dir", "checkpoint_hash", "checkpoint_name", "checkpoint_step",
            "read_latest", "read_weights", "read_run_config", "CONFIG_FILE", "LATEST_FILE", "STATE_FILE",
@@ -66,8 +68,10 @@ def read_latest(run_dir: Union[str, Path]) -> Path:
     return run_dir / text
 
 
-def checkpoint_dir(path: Union[str, Path]) -> Path:
-    """The checkpoint directory ``path`` names: itself, or the one a run directory's ``latest`` points to."""
+def checkpoint_dir(path: Union[str, Path], needs: Sequence[str] = (WEIGHTS_FILE, CONFIG_FILE)) -> Path:
+    """The checkpoint directory ``path`` names: itself, or the one a run directory's ``latest`` points to. It
+    must hold the files ``needs`` names: loading reads the weights and config.json, resuming the weights and
+    state.pt."""
     path = Path(path)
     if path.is_file() and path.name == WEIGHTS_FILE:
         path = path.parent
@@ -75,7 +79,7 @@ def checkpoint_dir(path: Union[str, Path]) -> Path:
         path = read_latest(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (path / name).is_file()]
+    missing = [name for name in needs if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a medvl checkpoint (missing {', '.join(missing)}); give a "
                                 "checkpoint-<step> directory or the run directory of `medvl train`")
@@ -151,16 +155,6 @@ def read_run_config(path: Union[str, Path]) -> Dict[str, Any]:
     return config
 
 
-def _towers(model_config: Mapping[str, Any], tokenizer: Any = None, *, text: bool = True):
-    from medvl.models.text_encoder import TextEncoder
-    from medvl.models.volume_encoder import VolumeEncoder
-
-    vision = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config["vision"].items()}
-    visual = VolumeEncoder(output_dim=model_config["embed_dim"], **vision)
-    return visual, (TextEncoder(output_dim=model_config["embed_dim"], tokenizer=tokenizer, **model_config["text"])
-                    if text else None)
-
-
 def _check_config_matches_weights(path: Path, model_config: Mapping[str, Any], shapes: Mapping[str, Tuple[int, ...]],
                                   tokenizer: Any) -> None:
     """Build the towers that config.json describes on the meta device (no memory) and compare their
@@ -171,7 +165,7 @@ def _check_config_matches_weights(path: Path, model_config: Mapping[str, Any], s
     tiny_text = model_config["text"].get("model", "tiny") == "tiny"
     try:
         with torch.device("meta"):
-            visual, text = _towers(model_config, tokenizer, text=tiny_text)
+            visual, text = create_towers(model_config, tokenizer=tokenizer, text=tiny_text)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise ValueError(f"{config_file}: its model_config does not describe a model that fits the weights in "
                          f"{weights_file} ({type(e).__name__}: {e}); the config was edited or belongs to other "
@@ -194,8 +188,6 @@ def _check_config_matches_weights(path: Path, model_config: Mapping[str, Any], s
 
 def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[Any, Dict[str, Any]]:
     """(CLIPModel in eval mode on ``device``, the run config saved with it)."""
-    from medvl.models.clip import CLIPModel
-
     path = checkpoint_dir(path)
     config = read_run_config(path)
     model_config = config["model_config"]
@@ -206,9 +198,7 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
 
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
     _check_config_matches_weights(path, model_config, shapes, tokenizer)
-    visual, text = _towers(model_config, tokenizer)
-    scale = {k: model_config[k] for k in ("init_logit_scale", "init_logit_bias") if k in model_config}
-    model = CLIPModel(visual, text, **scale)
+    model = create_model(model_config, tokenizer=tokenizer)
     tensors = read_weights(path)
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})

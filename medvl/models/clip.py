@@ -54,7 +54,7 @@ class CLIPModel(torch.nn.Module):
 
     @property
     def standardizes(self) -> bool:
-        """Whether both towers standardise their projected embeddings (:mod:`medvl.models.standardize`)."""
+        """Whether both towers standardise their projected embeddings (:mod:`medvl.nn.standardize`)."""
         return self.visual.standardizer is not None and self.text.standardizer is not None
 
     def forward(self, volume: Optional[torch.Tensor] = None,

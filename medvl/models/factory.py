@@ -6,7 +6,7 @@ import copy
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Union
 
 from medvl.data.transforms import CT_WINDOW
 from medvl.options import look_up_option
@@ -30,12 +30,15 @@ def list_models() -> List[str]:
     return sorted(_configs())
 
 
-def model_config(name: str, **overrides) -> Dict[str, Any]:
-    """The config of `name` with `overrides` applied: top-level keys replace, and the `vision` / `text`
-    dicts are merged key by key (``create_model("vit3d-tiny", vision={"depth": 4})``)."""
-    configs = _configs()
-    look_up_option(name, list_models(), name="model")
-    config = copy.deepcopy(configs[name])
+def model_config(model: Union[str, Mapping[str, Any]], **overrides) -> Dict[str, Any]:
+    """The config of ``model`` (a packaged config's name, or a whole config such as a checkpoint's
+    ``model_config``) with ``overrides`` applied: top-level keys replace, and the ``vision`` / ``text`` dicts
+    are merged key by key (``create_model("vit3d-tiny", vision={"depth": 4})``)."""
+    if isinstance(model, str):
+        configs = _configs()
+        look_up_option(model, list_models(), name="model")
+        model = configs[model]
+    config = copy.deepcopy(dict(model))
     for key, value in overrides.items():
         if key in _SECTIONS:
             if not isinstance(value, dict):
@@ -49,15 +52,26 @@ def model_config(name: str, **overrides) -> Dict[str, Any]:
     return config
 
 
-def create_model(name: str = "vit3d-tiny", **overrides):
-    """A CLIPModel from a packaged config (see ``list_models()``), with optional overrides."""
-    from medvl.models.clip import CLIPModel
+def create_towers(config: Mapping[str, Any], *, tokenizer: Any = None, text: bool = True):
+    """(VolumeEncoder, TextEncoder) of a whole model config (what :func:`model_config` returns); the text
+    tower is None with ``text=False``, and takes ``tokenizer`` instead of its own when one is given."""
     from medvl.models.text_encoder import TextEncoder
     from medvl.models.volume_encoder import VolumeEncoder
 
-    config = model_config(name, **overrides)
     vision = {k: tuple(v) if isinstance(v, list) else v for k, v in config["vision"].items()}
     visual = VolumeEncoder(output_dim=config["embed_dim"], **vision)
-    text = TextEncoder(output_dim=config["embed_dim"], **config["text"])
+    if not text:
+        return visual, None
+    return visual, TextEncoder(output_dim=config["embed_dim"], tokenizer=tokenizer, **config["text"])
+
+
+def create_model(model: Union[str, Mapping[str, Any]] = "vit3d-tiny", *, tokenizer: Any = None, **overrides):
+    """A CLIPModel from a packaged config (see ``list_models()``) or a whole config (a checkpoint's
+    ``model_config``: :func:`medvl.models.load_checkpoint` builds through here), with optional overrides
+    (:func:`model_config`); ``tokenizer`` replaces the text tower's own (a checkpoint's saved one)."""
+    from medvl.models.clip import CLIPModel
+
+    config = model_config(model, **overrides)
+    visual, text = create_towers(config, tokenizer=tokenizer)
     scale = {k: config[k] for k in ("init_logit_scale", "init_logit_bias") if k in config}
     return CLIPModel(visual, text, **scale)

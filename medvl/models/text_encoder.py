@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Set, Union
 import torch
 from torch import nn
 
-from medvl.models.standardize import FeatureStandardizer
+from medvl.nn.standardize import FeatureStandardizer
 from medvl.options import look_up_option
 
 __all__ = ["TextEncoder", "TEXT_KINDS", "TINY_CONFIG", "MINILM_ALIASES", "minilm_path"]
@@ -91,7 +91,7 @@ class TextEncoder(nn.Module):
     :data:`TINY_CONFIG`; ``tokenizer`` replaces the tokenizer that would be loaded.
     ``pool`` is ``"cls"`` (first token's hidden state) or ``"mean"`` (attention-masked mean).
     ``standardize``: standardise the projected embedding per feature, with the statistics of the text's kind
-    (:data:`TEXT_KINDS`; ``self.standardizers[kind]``, a :class:`~medvl.models.standardize.FeatureStandardizer`
+    (:data:`TEXT_KINDS`; ``self.standardizers[kind]``, a :class:`~medvl.nn.standardize.FeatureStandardizer`
     each: stored statistics here, the batch's in the training losses).
     """
 

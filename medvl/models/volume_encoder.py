@@ -3,10 +3,10 @@
 The first layer is ``medvl.nn.PatchEmbed3d``: the HU window, the patchify, the projection, the bias and
 the position embedding run as one fused pass over the raw volume (``medvl.ops.patch_embed3d``). When a
 volume's patch grid differs from the configured one the position table is resampled (trilinear) to the
-new grid and handed to the same fused op, so the add stays inside the kernel for every input size.
+new grid and handed to the module for that call, so the add stays inside the kernel for every input size.
 After it: an optional CLS token, pre-norm transformer blocks (``scaled_dot_product_attention``), a final
 LayerNorm, CLS, mean or max pooling, a bias-free projection into the shared image-text space and, optionally,
-the standardisation of the projected embedding (:mod:`medvl.models.standardize`).
+the standardisation of the projected embedding (:mod:`medvl.nn.standardize`).
 
 Volumes are (B, C, X, Y, Z), channel first, as the MONAI pipelines of ``medvl.data`` give them: the
 axial (slice) axis is the last one, Z. Tokens are in ``Conv3d(...).flatten(2).transpose(1, 2)`` order,
@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from medvl.data.transforms import CT_WINDOW
-from medvl.models.standardize import FeatureStandardizer
+from medvl.nn.standardize import FeatureStandardizer
 from medvl.nn.patch_embed3d import PatchEmbed3d
-from medvl.ops.patch_embed3d import patch_embed3d
 from medvl.options import look_up_option
 
 POOLS = ("cls", "mean", "max")
@@ -125,7 +124,7 @@ class VolumeEncoder(torch.nn.Module):
         qkv_bias: bias in the fused qkv Linear.
         norm_eps: LayerNorm epsilon.
         standardize: standardise the projected embedding per feature (``self.standardizer``, a
-            :class:`~medvl.models.standardize.FeatureStandardizer`: stored statistics here, the batch's in the
+            :class:`~medvl.nn.standardize.FeatureStandardizer`: stored statistics here, the batch's in the
             training losses); off keeps the plain ViT (and the checkpoints saved without it).
 
     ``forward(volume, return_tokens=False, return_depth=False)`` returns a dict with ``embedding``
@@ -227,9 +226,7 @@ class VolumeEncoder(torch.nn.Module):
             shape = tuple(volume.shape) if isinstance(volume, torch.Tensor) else type(volume).__name__
             raise ValueError(f"volume must be a 5-D tensor (B, C, X, Y, Z), got {shape}")
         grid = self.patch_grid(volume.shape[2:])
-        embed = self.patch_embed
-        x = patch_embed3d(volume, embed.weight, embed.bias, self.position_embedding(grid),
-                          patch_size=embed.patch_size, window=embed.window, out_range=embed.out_range, pad=embed.pad)
+        x = self.patch_embed(volume, pos_embed=self.position_embedding(grid))
         return self.transform_patch_tokens(x), grid
 
     def transform_patch_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -70,9 +70,13 @@ class PatchEmbed3d(torch.nn.Module):
         else:
             self.pos_embed = None
 
-    def forward(self, volume: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        return patch_embed3d(volume, self.weight, self.bias, self.pos_embed, patch_size=self.patch_size,
-                             window=self.window, out_range=self.out_range, pad=self.pad, backend=backend)
+    def forward(self, volume: torch.Tensor, backend: Optional[str] = None, *,
+                pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, N, E) tokens of ``volume``. ``pos_embed`` ((N, E) or (1, N, E)) is added instead of the module's
+        own table: the table resampled for a volume whose patch grid is not the configured one."""
+        return patch_embed3d(volume, self.weight, self.bias, self.pos_embed if pos_embed is None else pos_embed,
+                             patch_size=self.patch_size, window=self.window, out_range=self.out_range, pad=self.pad,
+                             backend=backend)
 
     @classmethod
     def from_monai(cls, block, window: Optional[Tuple[float, float]] = None,

@@ -109,10 +109,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = args.out or str(Path("runs") / args.recipe)
-    if args.resume and args.resume != "latest" and not Path(args.resume).exists():
-        parser.error(f"--resume: checkpoint {args.resume!r} does not exist")
-    if args.resume == "latest" and not (Path(out) / "latest").is_file():
-        parser.error(f"--resume latest: no checkpoint in {out} (missing {Path(out) / 'latest'})")
     if args.checkpoint_every < 0:
         parser.error("--checkpoint-every must be >= 0")
     if args.workers < 0:

@@ -8,9 +8,9 @@ registered torch.library op and the dispatcher records it.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule

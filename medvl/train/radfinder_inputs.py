@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from medvl.data.prompts import PROMPT_TEMPLATES, render
-from medvl.models.standardize import batch_statistics, standardize
+from medvl.nn.standardize import batch_statistics, standardize
 
 __all__ = ["RadFinderInputs"]
 

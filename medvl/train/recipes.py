@@ -38,7 +38,7 @@ Keys read from ``batch`` (as :func:`medvl.data.collate` returns them):
 ``depth_mask``, ``depth_target`` and ``prompt_labels`` are looked up in ``outputs`` first, then in
 ``batch``. A term whose weight is non-zero and whose input is missing raises a KeyError naming the key.
 
-Standardisation across the batch (:mod:`medvl.models.standardize`): when ``outputs`` holds
+Standardisation across the batch (:mod:`medvl.nn.standardize`): when ``outputs`` holds
 ``image_embeddings`` / ``text_embeddings``, every term reads embeddings standardised with the statistics of
 their own kind in this batch before normalising them: the volumes' for ``image_features``; the paired texts'
 for ``text_features``; the snippets' for ``snippet_features`` (which then holds unstandardised projections);
@@ -61,11 +61,13 @@ from torch import nn
 import torch.nn.functional as F
 
 from medvl.data.sources import SYNTHETIC_SOURCES, synthetic_source
-from medvl.models.standardize import FeatureStandardizer, batch_statistics, standardize
+from medvl.nn.disease_prompt_loss import DiseasePromptLoss
+from medvl.nn.localization_loss import LOCALIZATION_SIGMA_BINS, LocalizationLoss, center_depth
+from medvl.nn.multi_positive_loss import MultiPositiveContrastiveLoss
 from medvl.nn.sigmoid_loss import SigLIPLoss
+from medvl.nn.standardize import FeatureStandardizer, batch_statistics, standardize
 from medvl.nn.triplet_loss import MedTrimLoss
-from medvl.train.losses import LOCALIZATION_SIGMA_BINS, DiseasePromptLoss, LocalizationLoss, \
-    MultiPositiveContrastiveLoss, center_depth
+from medvl.options import look_up_option
 
 __all__ = ["Recipe", "RECIPES", "LOSS_TERMS", "get_recipe", "create_loss", "RecipeLoss"]
 
@@ -170,8 +172,7 @@ def get_recipe(name: str, **overrides) -> Recipe:
     if bad:
         raise TypeError(f"get_recipe({name!r}): unknown field(s) {bad}; valid: {sorted(fields)}")
     loss = overrides.get("loss", base.loss)
-    if loss not in LOSS_TERMS:
-        raise ValueError(f"get_recipe({name!r}): unknown loss {loss!r}; choose from {', '.join(map(repr, LOSS_TERMS))}")
+    look_up_option(loss, LOSS_TERMS, name=f"get_recipe({name!r}): loss")
     weights = {t: w for t, w in base.loss_weights.items() if t in LOSS_TERMS[loss]}
     weights.update(overrides.pop("loss_weights", {}) or {})
     options = {k: v for k, v in base.loss_options.items() if k in _OPTIONS[loss]}

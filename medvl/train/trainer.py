@@ -12,33 +12,11 @@ rank's volumes meet every rank's texts (and labels), gradients travel back to th
 prompt / localization means run over the global batch, so N ranks equal one process on the same
 global batch. MedTrim's mining stays within each rank's batch (its triplets are mined locally).
 
-Layout of ``out``::
-
-    metrics.jsonl                       one JSON object per optimiser step: step, loss, lr, volumes_per_s,
-                                        peak_memory_mib and every loss term (averaged over the ranks)
-    loss.png                            the loss curve, at the end
-    tensorboard/                        scalars, when TensorBoard is installed
-    profile/trace.json                  with --profile: a Chrome trace of a few steps
-    checkpoint-<step>/model.safetensors "model.<name>" and "loss.<name>" tensors
-    checkpoint-<step>/state.pt          optimizer, scheduler, step, data position, RNG states
-                                        (loadable with torch.load(weights_only=True))
-    checkpoint-<step>/config.json       the model config and the run's settings (what medvl eval reads)
-    checkpoint-<step>/tokenizer/        the text tower's tokenizer (medvl.models.load_checkpoint)
-    latest                              the name of the newest checkpoint directory
-
-A checkpoint is written into a hidden folder of ``out`` and renamed into place (``os.replace``) once
-complete, and ``latest`` is replaced (also by a rename) only after that, so a run killed while saving
-leaves every earlier checkpoint and a ``latest`` that names a complete one. A new run into an ``out``
-that holds a run (metrics.jsonl, latest or a checkpoint) is refused unless ``resume`` continues it or
-``overwrite`` discards it first.
-
 Resuming (``resume="latest"`` or a checkpoint path) restores the model, loss module, optimizer,
 scheduler, RNG states and the data position: the order of the samples is a deterministic function of
 (seed, epoch), and the trainer starts the current epoch at the first batch not yet consumed, so N steps
-+ resume + N steps gives the same parameters as 2N uninterrupted steps (on CPU). Resuming a checkpoint of
-``out`` itself cuts ``metrics.jsonl`` back to its step (the steps after it are trained again) and points
-``latest`` at it; checkpoints after that step must be discarded with ``overwrite``. A checkpoint from
-elsewhere starts a fresh ``metrics.jsonl`` in an ``out`` that holds no run (or is overwritten).
++ resume + N steps gives the same parameters as 2N uninterrupted steps (on CPU). What a run leaves in
+``out``, and what a new or resumed run may do to an ``out`` that holds one: :mod:`medvl.train.run_folder`.
 """
 
 from __future__ import annotations
@@ -47,13 +25,11 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,19 +37,19 @@ from torch.utils.data import DataLoader, Sampler
 
 from medvl.data import collate
 from medvl.data.sources import SYNTHETIC_SOURCES
-from medvl.models.checkpoint import (CONFIG_FILE, LATEST_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_name,
-                                     checkpoint_step, read_latest, read_weights)
-from medvl.options import parse_size
+from medvl.models.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dir, checkpoint_name, read_latest
+from medvl.options import look_up_option, parse_size
 from medvl.train.calibration import calibrate_standardizers
 from medvl.train.diagnostics import run_diagnostics
 from medvl.train.distributed import DistributedContext, device_for, init_distributed, rank_slice
 from medvl.train.profiling import StepProfiler, stage
 from medvl.train.radfinder_inputs import RadFinderInputs, joined_side_inputs
-from medvl.train.recipes import create_loss, get_recipe
+from medvl.train.recipes import Recipe, create_loss, get_recipe
 from medvl.train.reporting import Progress, peak_memory_mib, plot_loss, tensorboard_writer
+from medvl.train.run_folder import (METRICS_FILE, RunFolderPlan, apply_run_folder_plan, load_training_state,
+                                    plan_run_folder, restore_checkpoint, save_checkpoint)
 
-__all__ = ["TrainConfig", "train", "load_checkpoint_weights", "load_training_state", "resolve_checkpoint",
-           "PRECISIONS"]
+__all__ = ["TrainConfig", "train", "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # Losses that compare each sample with the other samples of its loss batch: with one sample there is
@@ -164,8 +140,7 @@ class TrainConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was asked for but CUDA is not available")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        look_up_option(self.precision, PRECISIONS, name="precision")
         parse_size(self.size)
         if (self.data is None or self.data in SYNTHETIC_SOURCES) and self.n_train is not None \
                 and self.n_train < self.batch_size:
@@ -179,8 +154,7 @@ class TrainConfig:
 
         recipe = get_recipe(self.recipe)
         name = self.model or recipe.model
-        if name not in list_models():
-            raise ValueError(f"model {name!r} is unknown; choose one of {', '.join(list_models())}")
+        look_up_option(name, list_models(), name="model")
         patch = (self.vision or {}).get("patch_size", model_config(name)["vision"]["patch_size"])
         patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
         size = parse_size(self.size)
@@ -268,283 +242,13 @@ def _concat_batches(batches: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# RNG state as tensors / plain containers (torch.load(weights_only=True) can read it)
-
-
-def _rng_state() -> Dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss": py_gauss},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# random numbers
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def resolve_checkpoint(resume: str, out: Optional[str] = None) -> Path:
-    """The checkpoint directory named by ``resume``: "latest" (read from ``out/latest``) or a path to a
-    checkpoint directory (or to a run directory that has a ``latest`` file)."""
-    if resume == "latest":
-        if out is None:
-            raise ValueError("resume='latest' needs the run's out directory")
-        if not (Path(out) / LATEST_FILE).is_file():
-            raise FileNotFoundError(f"resume='latest': {Path(out) / LATEST_FILE} does not exist (no checkpoint saved "
-                                    f"in {out} yet)")
-        path = read_latest(out)
-    else:
-        path = Path(resume)
-        if path.is_dir() and (path / LATEST_FILE).is_file() and not (path / STATE_FILE).is_file():
-            path = read_latest(path)
-    if not path.exists():
-        raise FileNotFoundError(f"resume: checkpoint {str(path)!r} does not exist")
-    for name in (WEIGHTS_FILE, STATE_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"resume: {path} is not a checkpoint (no {name})")
-    return path
-
-
-_STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch", "rng")
-
-
-def load_training_state(path) -> Dict[str, Any]:
-    """The ``state.pt`` of a checkpoint (``torch.load(weights_only=True)``), checked for what resuming reads."""
-    file = Path(path) / STATE_FILE
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle that is not weights-only, ...: the file cannot be used
-        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged (an "
-                         "interrupted copy?): resume from another checkpoint-<step> of the run") from None
-    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing or not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "epoch", "batch")):
-        raise ValueError(f"{file}: not the training state `medvl train` saves (missing or invalid: "
-                         f"{', '.join(missing) or 'step/epoch/batch'}); resume from another checkpoint-<step>")
-    return state
-
-
-def _restore(checkpoint: Path, state: Mapping[str, Any], model, loss_fn, optimizer, scheduler) -> None:
-    """Load a checkpoint into this run's objects; a checkpoint of other settings is named, with its settings."""
-    try:
-        load_checkpoint_weights(checkpoint, model, loss_fn)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(str(checkpoint)):
-            raise  # read_weights already named the damaged file
-        try:
-            saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-            settings = ", ".join(f"{k} {saved[k]}" for k in ("recipe", "model", "size", "world_size") if k in saved)
-        except (OSError, ValueError):
-            settings = f"unknown: {checkpoint / CONFIG_FILE} is unreadable"
-        raise ValueError(f"{checkpoint} does not fit this run ({type(e).__name__}: {str(e)[:300]}); resume it with "
-                         f"the settings it was trained with ({settings}, and the same patch size and loss weights), "
-                         "or start a new run") from None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_folder(staging: Path, final: Path) -> None:
-    """Move a complete ``staging`` folder to ``final``. A rename cannot replace a non-empty folder, so an
-    existing ``final`` is first renamed aside and removed once the new one is in place."""
-    if not final.exists():
-        os.replace(staging, final)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-    os.replace(final, aside / final.name)
-    os.replace(staging, final)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _write_latest(out: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{LATEST_FILE}-", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / LATEST_FILE)
-
-
-def _save_checkpoint(out: Path, step: int, model, loss_fn, optimizer, scheduler, position,
-                     run_config: Mapping[str, Any]) -> Path:
-    """Write the checkpoint of ``step`` into a hidden folder of ``out``, flush it to disk, rename it to
-    ``checkpoint-<step>`` and only then point ``latest`` at it: an interrupted save leaves the previous
-    checkpoints and ``latest`` as they were (and a ``.checkpoint-*.partial-*`` folder, removed by the next run)."""
-    from safetensors.torch import save_file
-
-    final = out / checkpoint_name(step)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{_PARTIAL}", dir=out))
-    try:
-        tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        tensors.update({f"loss.{k}": v.detach().cpu().contiguous().clone() for k, v in loss_fn.state_dict().items()})
-        save_file(tensors, str(staging / WEIGHTS_FILE))
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": int(step),
-                 "epoch": int(position["epoch"]), "batch": int(position["batch"]), "rng": _rng_state()}
-        torch.save(state, staging / STATE_FILE)
-        (staging / CONFIG_FILE).write_text(json.dumps({**run_config, "step": int(step)}, indent=2, default=str) + "\n")
-        tokenizer = getattr(getattr(model, "text", None), "tokenizer", None)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(staging / "tokenizer"))
-        # on disk before the rename makes them the checkpoint: a crash of the machine must not leave a
-        # renamed folder of empty files
-        for file in staging.rglob("*"):
-            if file.is_file():
-                _fsync(file)
-        _replace_folder(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _fsync(out)
-    _write_latest(out, final.name)
-    return final
-
-
-def load_checkpoint_weights(path, model, loss_fn=None, *, strict: bool = True) -> None:
-    """Load ``path/model.safetensors`` (or the file itself) into ``model`` (and ``loss_fn``)."""
-    tensors = read_weights(path)
-    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(model_sd, strict=strict)
-    if loss_fn is not None:
-        loss_sd = {k[len("loss."):]: v for k, v in tensors.items() if k.startswith("loss.")}
-        loss_fn.load_state_dict(loss_sd, strict=strict)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the run folder
-
-_PARTIAL = ".partial-"  # the infix of a checkpoint folder still being written
-# What a run leaves in its folder, beside the checkpoint-<step> folders and latest (what --overwrite removes).
-_RUN_FILES = ("metrics.jsonl", "loss.png", "tensorboard", "profile")
-
-
-@dataclass
-class _RunFolderPlan:
-    """What to do to ``out`` before the first step: decided (and refused) before anything is built, done
-    only when the run is about to start, so a run that fails to start changes nothing."""
-
-    out: Path
-    discard: List[Path]            # removed (overwrite)
-    keep_metrics_to: Optional[int]  # resuming a checkpoint of out: metrics.jsonl cut back to this step
-    latest: Optional[str]          # the name latest is set to (that checkpoint)
-
-
-def _checkpoints_in(out: Path) -> Dict[int, Path]:
-    found = {}
-    if out.is_dir():
-        for entry in out.iterdir():
-            step = checkpoint_step(entry.name)
-            if step is not None and entry.is_dir():
-                found[step] = entry
-    return found
-
-
-def _run_contents(out: Path) -> List[Path]:
-    if not out.is_dir():
-        return []
-    names = [out / n for n in ("metrics.jsonl", LATEST_FILE) if (out / n).exists()]
-    return names + [path for _, path in sorted(_checkpoints_in(out).items())]
-
-
-def _plan_run_folder(out: Path, checkpoint: Optional[Path], resumed_step: Optional[int],
-                     overwrite: bool, via_latest: bool = False) -> _RunFolderPlan:
-    """Refuse a run that would mix with the run already in ``out``; otherwise say what to change."""
-    held = _run_contents(out)
-    shown = ", ".join(p.name for p in held[:4]) + (", ..." if len(held) > 4 else "")
-    whole_run = [p for p in held] + [out / n for n in _RUN_FILES if (out / n).exists() and out / n not in held]
-    if checkpoint is None:
-        if held and not overwrite:
-            raise ValueError(f"out {out} already holds a run ({shown}); continue it with --resume latest "
-                             "(resume='latest'), discard it with --overwrite, or give another --out")
-        return _RunFolderPlan(out, whole_run if overwrite else [], None, None)
-    inside = out.is_dir() and checkpoint.resolve().parent == out.resolve()
-    if not inside:
-        if held and not overwrite:
-            raise ValueError(f"out {out} already holds a run ({shown}) and the checkpoint {checkpoint} is not one of "
-                             "its own; resume into an empty --out, or discard that run with --overwrite")
-        return _RunFolderPlan(out, whole_run if overwrite else [], None, None)
-    later = [path for step, path in sorted(_checkpoints_in(out).items()) if step > resumed_step]
-    if later and not overwrite and via_latest:
-        raise ValueError(f"out {out} holds checkpoint(s) after the one latest names ({checkpoint.name}): "
-                         f"{', '.join(p.name for p in later)}, complete but saved by a run stopped before it updated "
-                         f"latest; resume the newest with --resume {later[-1]}, or discard them with --overwrite")
-    if later and not overwrite:
-        raise ValueError(f"out {out} holds checkpoint(s) after the resumed step {resumed_step} "
-                         f"({', '.join(p.name for p in later)}): resuming {checkpoint.name} would mix two histories; "
-                         "resume from latest, or discard the later checkpoints with --overwrite")
-    return _RunFolderPlan(out, later, resumed_step, checkpoint.name)
-
-
-def _cut_metrics(path: Path, last_step: int) -> int:
-    """Keep the rows of ``metrics.jsonl`` up to ``last_step`` (steps after it are trained again); a line cut
-    short by a kill is dropped. Rewritten through a renamed temporary file. Returns the rows dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-            keep = isinstance(row, dict) and int(row["step"]) <= last_step
-        except (ValueError, KeyError, TypeError):
-            keep = False
-        if keep:
-            kept.append(line)
-        else:
-            dropped += 1
-    fd, tmp = tempfile.mkstemp(prefix=".metrics-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-    return dropped
-
-
-def _apply_run_folder_plan(plan: _RunFolderPlan, log) -> None:
-    plan.out.mkdir(parents=True, exist_ok=True)
-    for stale in plan.out.glob(f".checkpoint-*{_PARTIAL}*"):
-        log(f"removing {stale}, left by a save that was interrupted")
-        shutil.rmtree(stale, ignore_errors=True)
-    if plan.discard:
-        log(f"overwrite: removing {', '.join(p.name for p in plan.discard)} from {plan.out}")
-    for path in plan.discard:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    if plan.keep_metrics_to is not None:
-        dropped = _cut_metrics(plan.out / "metrics.jsonl", plan.keep_metrics_to)
-        if dropped:
-            log(f"metrics.jsonl: dropped {dropped} row(s) after step {plan.keep_metrics_to}, which are trained again")
-    if plan.latest is not None:
-        _write_latest(plan.out, plan.latest)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -637,6 +341,171 @@ def _step_loss(model, loss_fn, micro: List[Dict[str, Any]], *, side: Optional[Ra
 # the run
 
 
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Run ``config``; returns the final metrics: step, loss (last step), first_loss, lr, volumes_per_s,
+    the loss terms, out, checkpoint (the last checkpoint directory), skipped (data rows left out)."""
+    config.validate()
+    ctx = init_distributed(config.device)
+    try:
+        return _train(config, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
+    run = _build(config, ctx)
+    step, position = _restore(run)
+    trained = _loop(run, step, position)
+    return _finish(run, trained)
+
+
+@dataclass
+class _Run:
+    """A run's settings and the objects it trains, built before its first step (:func:`_build`)."""
+
+    config: TrainConfig
+    ctx: DistributedContext
+    recipe: Recipe
+    data: str                                # the source: config.data, or the recipe's
+    kind: str                                # "ct" or "mr"
+    size: Tuple[int, int, int]
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]    # None: fp32
+    out: Path
+    log: Callable[[str], None]               # silent on every rank but the main one
+    checkpoint: Optional[Path]               # the checkpoint resumed from
+    resumed_state: Optional[Dict[str, Any]]  # its state.pt
+    folder_plan: RunFolderPlan
+    dataset: Any
+    info: Dict[str, Any]                     # what build_dataset says about the source
+    model: torch.nn.Module                   # the CLIPModel itself (the loop wraps it for DDP)
+    loss_fn: torch.nn.Module
+    side: Optional[RadFinderInputs]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    run_config: Dict[str, Any]               # saved with every checkpoint
+
+    @property
+    def global_batch(self) -> int:
+        """The samples of one micro-batch over every rank."""
+        return self.config.batch_size * self.ctx.world_size
+
+
+@dataclass
+class _Trained:
+    """What the loop leaves: the last step's record, the first step's loss, the last checkpoint."""
+
+    record: Dict[str, Any] = field(default_factory=dict)
+    first_loss: Optional[float] = None
+    checkpoint: Optional[Path] = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building the run
+
+
+def _build(config: TrainConfig, ctx: DistributedContext) -> _Run:
+    """Everything the run needs before its first step; nothing in ``out`` changes yet. The random numbers are
+    drawn after seeding in one order (dataset, model, RadFinder's inputs, loss), so a seed makes one run."""
+    recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}),
+                        loss_options=dict(config.loss_options or {}))
+    data = config.data or recipe.data
+    size = parse_size(config.size)
+    device = device_for(ctx, config.device)
+    autocast_dtype = torch.bfloat16 if (config.precision == "bf16" or
+                                        (config.precision == "auto" and device.type == "cuda")) else None
+    out = Path(config.out)
+    checkpoint, resumed_state = _resumed(config, out)
+    # every rank decides (and refuses) alike; the main rank changes the folder just before the first step
+    folder_plan = plan_run_folder(out, checkpoint, None if resumed_state is None else resumed_state["step"],
+                                  config.overwrite, via_latest=config.resume == "latest")
+    log = (config.log_fn or (lambda _msg: None)) if ctx.is_main else (lambda _msg: None)
+
+    _seed_everything(config.seed)
+    kind = _data_kind(recipe, data)
+    dataset, info = _dataset(config, ctx, data, kind, size, log)
+    architecture, model = _model(config, recipe, kind, size, device)
+    side = _radfinder_inputs(config, recipe, data, info, dataset, model)
+    group = ctx.group if ctx.enabled and recipe.loss != "medtrim" else None
+    loss_fn = create_loss(recipe, embed_dim=model.visual.embed_dim, proj_dim=model.embed_dim, group=group)
+    if recipe.loss == "siglip":
+        loss_fn.prompts.init_from(model.visual.proj)
+    loss_fn = loss_fn.to(device)
+
+    lr = recipe.lr if config.lr is None else float(config.lr)
+    weight_decay = recipe.weight_decay if config.weight_decay is None else float(config.weight_decay)
+    warmup = min(recipe.warmup_steps, config.steps // 10) if config.warmup_steps is None else int(config.warmup_steps)
+    optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, weight_decay), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(warmup, config.steps))
+    run_config = {"model": config.model or recipe.model, "model_config": architecture,
+                  "recipe": recipe.name, "loss": recipe.loss, "loss_weights": dict(recipe.loss_weights),
+                  "loss_options": dict(recipe.loss_options), "data": str(data),
+                  "data_kind": kind, "size": list(size), "seed": config.seed, "batch_size": config.batch_size,
+                  "world_size": ctx.world_size, "accum_steps": config.accum_steps, "steps": config.steps,
+                  "lr": lr, "precision": "bf16" if autocast_dtype is not None else "fp32"}
+    return _Run(config=config, ctx=ctx, recipe=recipe, data=data, kind=kind, size=size, device=device,
+                autocast_dtype=autocast_dtype, out=out, log=log, checkpoint=checkpoint, resumed_state=resumed_state,
+                folder_plan=folder_plan, dataset=dataset, info=info, model=model, loss_fn=loss_fn, side=side,
+                optimizer=optimizer, scheduler=scheduler, run_config=run_config)
+
+
+def _resumed(config: TrainConfig, out: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The checkpoint ``config.resume`` names and its training state; (None, None) for a new run."""
+    if not config.resume:
+        return None, None
+    named = read_latest(out) if config.resume == "latest" else config.resume
+    checkpoint = checkpoint_dir(named, needs=(WEIGHTS_FILE, STATE_FILE))
+    state = load_training_state(checkpoint)
+    if state["step"] >= config.steps:
+        raise ValueError(f"checkpoint {checkpoint} is at step {state['step']}, not before "
+                         f"steps={config.steps}; raise --steps to train further")
+    return checkpoint, state
+
+
+def _data_kind(recipe, data: str) -> str:
+    """The kind of a phantom source, or else the kind of the recipe's phantoms (a real source is read as such)."""
+    return SYNTHETIC_SOURCES.get(data, SYNTHETIC_SOURCES[recipe.data])
+
+
+def _dataset(config: TrainConfig, ctx: DistributedContext, data: str, kind: str, size: Tuple[int, int, int],
+             log: Callable[[str], None]) -> Tuple[Any, Dict[str, Any]]:
+    """(dataset, info) of the run's source, holding at least one global batch."""
+    from medvl.data.sources import build_dataset
+
+    # n_train sizes the phantom sets (by default a new phantom for every sample trained on); a real source is
+    # used whole
+    n = None
+    if data in SYNTHETIC_SOURCES:
+        n = config.n_train or config.steps * config.batch_size * ctx.world_size * config.accum_steps
+    dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size, cache_dir=config.cache_dir,
+                                  skip_bad=config.skip_bad, split=config.split, log=log, augment=True)
+    global_batch = config.batch_size * ctx.world_size
+    if len(dataset) < global_batch:
+        raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {global_batch} "
+                         f"(batch_size {config.batch_size} x {ctx.world_size} ranks)")
+    return dataset, info
+
+
+def _model(config: TrainConfig, recipe: Recipe, kind: str, size: Tuple[int, int, int], device: torch.device
+           ) -> Tuple[Dict[str, Any], torch.nn.Module]:
+    """(the model config, the CLIPModel built from it on ``device``)."""
+    from medvl.models.factory import create_model, model_config
+
+    vision = {"img_size": list(size), **(config.vision or {})}
+    if kind == "mr" and "window" not in (config.vision or {}):
+        vision["window"] = None  # MR volumes are already normalised; the HU window is for CT
+    architecture = model_config(config.model or recipe.model, vision=vision, text=dict(config.text or {}))
+    model = create_model(architecture)
+    if config.grad_checkpointing:
+        model.visual.set_grad_checkpointing(True)
+    if recipe.loss in ("mrclip", "medtrim"):
+        # these losses have their own temperature (or none): SigLIP's scale and bias stay as initialised,
+        # and DDP must not wait for gradients they never get
+        model.logit_scale.requires_grad_(False)
+        model.logit_bias.requires_grad_(False)
+    return architecture, model.to(device)
+
+
 def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
     names = info.get("findings")
     if names:
@@ -653,150 +522,70 @@ def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
     return None
 
 
-def _data_kind(recipe, data: str) -> str:
-    """The kind of a phantom source, or else the kind of the recipe's phantoms (a real source is read as such)."""
-    return SYNTHETIC_SOURCES.get(data, SYNTHETIC_SOURCES[recipe.data])
-
-
-def train(config: TrainConfig) -> Dict[str, Any]:
-    """Run ``config``; returns the final metrics: step, loss (last step), first_loss, lr, volumes_per_s,
-    the loss terms, out, checkpoint (the last checkpoint directory), skipped (data rows left out)."""
-    config.validate()
-    ctx = init_distributed(config.device)
-    try:
-        return _train(config, ctx)
-    finally:
-        ctx.close()
-
-
-def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
-    from medvl.models.factory import create_model, model_config
-    from medvl.data.sources import build_dataset
-
-    recipe = get_recipe(config.recipe, loss_weights=dict(config.loss_weights or {}),
-                        loss_options=dict(config.loss_options or {}))
-    data = config.data or recipe.data
-    lr = recipe.lr if config.lr is None else float(config.lr)
-    weight_decay = recipe.weight_decay if config.weight_decay is None else float(config.weight_decay)
-    warmup = min(recipe.warmup_steps, config.steps // 10) if config.warmup_steps is None else int(config.warmup_steps)
-    size = parse_size(config.size)
-    device = device_for(ctx, config.device)
-    autocast_dtype = torch.bfloat16 if (config.precision == "bf16" or
-                                        (config.precision == "auto" and device.type == "cuda")) else None
-    out = Path(config.out)
-    checkpoint_path = resolve_checkpoint(config.resume, str(out)) if config.resume else None
-    resumed_state = load_training_state(checkpoint_path) if checkpoint_path is not None else None
-    if resumed_state is not None and resumed_state["step"] >= config.steps:
-        raise ValueError(f"checkpoint {checkpoint_path} is at step {resumed_state['step']}, not before "
-                         f"steps={config.steps}; raise --steps to train further")
-    # every rank decides (and refuses) alike; the main rank changes the folder just before the first step
-    folder_plan = _plan_run_folder(out, checkpoint_path, None if resumed_state is None else resumed_state["step"],
-                                   config.overwrite, via_latest=config.resume == "latest")
-    main_rank = ctx.is_main
-    log = (config.log_fn or (lambda _msg: None)) if main_rank else (lambda _msg: None)
-
-    _seed_everything(config.seed)
-    kind = _data_kind(recipe, data)
-    # n_train sizes the phantom sets (by default a new phantom for every sample trained on); a real source is
-    # used whole
-    n = None
-    if data in SYNTHETIC_SOURCES:
-        n = config.n_train or config.steps * config.batch_size * ctx.world_size * config.accum_steps
-    dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size, cache_dir=config.cache_dir,
-                                  skip_bad=config.skip_bad, split=config.split, log=log, augment=True)
-    global_batch = config.batch_size * ctx.world_size
-    if len(dataset) < global_batch:
-        raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {global_batch} "
-                         f"(batch_size {config.batch_size} x {ctx.world_size} ranks)")
-
-    vision = {"img_size": list(size), **(config.vision or {})}
-    if kind == "mr" and "window" not in (config.vision or {}):
-        vision["window"] = None  # MR volumes are already normalised; the HU window is for CT
-    model_name = config.model or recipe.model
-    model = create_model(model_name, vision=vision, text=dict(config.text or {}))
-    if config.grad_checkpointing:
-        model.visual.set_grad_checkpointing(True)
-    if recipe.loss in ("mrclip", "medtrim"):
-        # these losses have their own temperature (or none): SigLIP's scale and bias stay as initialised,
-        # and DDP must not wait for gradients they never get
-        model.logit_scale.requires_grad_(False)
-        model.logit_bias.requires_grad_(False)
-    model = model.to(device)
-
+def _radfinder_inputs(config: TrainConfig, recipe: Recipe, data: str, info: Mapping[str, Any], dataset,
+                      model: torch.nn.Module) -> Optional[RadFinderInputs]:
+    """The disease prompts and report snippets of the "siglip" recipe's prompt and localization terms; None
+    when neither term is on."""
     weights = recipe.loss_weights
-    side = None
-    if recipe.loss == "siglip" and (weights.get("prompts") or weights.get("localization")):
-        findings = _finding_names(info, dataset) if weights.get("prompts") else []
-        if findings is None:
-            raise ValueError(f"the prompt term needs the names of the finding labels of {data!r}, which are unknown "
-                             "(give the manifest CT-RATE's 18 findings, or switch the term off: loss weight prompts=0)")
-        side = RadFinderInputs(findings, model.visual.patch_size[2], prompts=bool(weights.get("prompts")),
-                               localization=bool(weights.get("localization")), seed=config.seed)
-    group = ctx.group if ctx.enabled and recipe.loss != "medtrim" else None
-    loss_fn = create_loss(recipe, embed_dim=model.visual.embed_dim, proj_dim=model.embed_dim, group=group)
-    if recipe.loss == "siglip":
-        loss_fn.prompts.init_from(model.visual.proj)
-    loss_fn = loss_fn.to(device)
+    if recipe.loss != "siglip" or not (weights.get("prompts") or weights.get("localization")):
+        return None
+    findings = _finding_names(info, dataset) if weights.get("prompts") else []
+    if findings is None:
+        raise ValueError(f"the prompt term needs the names of the finding labels of {data!r}, which are unknown "
+                         "(give the manifest CT-RATE's 18 findings, or switch the term off: loss weight prompts=0)")
+    return RadFinderInputs(findings, model.visual.patch_size[2], prompts=bool(weights.get("prompts")),
+                           localization=bool(weights.get("localization")), seed=config.seed)
 
-    optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, weight_decay), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(warmup, config.steps))
-    position = {"epoch": 0, "batch": 0}
-    step = 0
-    if checkpoint_path is not None:
-        state = resumed_state
-        _restore(checkpoint_path, state, model, loss_fn, optimizer, scheduler)
-        step, position = int(state["step"]), {"epoch": int(state["epoch"]), "batch": int(state["batch"])}
-        log(f"resumed from {checkpoint_path} at step {step}")
 
-    core = model
+# ----------------------------------------------------------------------------------------------------------
+# restoring a checkpoint
+
+
+def _restore(run: _Run) -> Tuple[int, Dict[str, int]]:
+    """The step and data position the loop starts from: the resumed checkpoint's (loaded into the run's
+    model, loss module, optimizer, scheduler and RNG states), or the start."""
+    if run.checkpoint is None:
+        return 0, {"epoch": 0, "batch": 0}
+    state = run.resumed_state
+    restore_checkpoint(run.checkpoint, state, run.model, run.loss_fn, run.optimizer, run.scheduler)
+    step, position = int(state["step"]), {"epoch": int(state["epoch"]), "batch": int(state["batch"])}
+    run.log(f"resumed from {run.checkpoint} at step {step}")
+    return step, position
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _loop(run: _Run, step: int, position: Dict[str, int]) -> _Trained:
+    """Train from ``step`` to ``config.steps``, the data from ``position`` on: each step logged, a checkpoint
+    every ``checkpoint_every`` steps and at the end."""
+    config, ctx, device = run.config, run.ctx, run.device
+    model = run.model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run_config = {"model": model_name, "model_config": model_config(model_name, vision=vision, text=dict(config.text or {})),
-                  "recipe": recipe.name, "loss": recipe.loss, "loss_weights": dict(weights),
-                  "loss_options": dict(recipe.loss_options), "data": str(data),
-                  "data_kind": kind, "size": list(size), "seed": config.seed, "batch_size": config.batch_size,
-                  "world_size": ctx.world_size, "accum_steps": config.accum_steps, "steps": config.steps,
-                  "lr": lr, "precision": "bf16" if autocast_dtype is not None else "fp32"}
-
-    if main_rank:
-        _apply_run_folder_plan(folder_plan, log)
+    if ctx.is_main:
+        apply_run_folder_plan(run.folder_plan, run.log)
     ctx.barrier()
-    params = [p for p in list(core.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    batches = _batches(dataset, config.batch_size, config.seed, position, ctx, config.num_workers)
+    params = [p for p in list(run.model.parameters()) + list(run.loss_fn.parameters()) if p.requires_grad]
+    batches = _batches(run.dataset, config.batch_size, config.seed, position, ctx, config.num_workers)
     model.train()
-    loss_fn.train()
+    run.loss_fn.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    first_loss, record, last_checkpoint = None, {}, checkpoint_path
-    progress = Progress(config.steps, step, config.progress and main_rank)
-    board = tensorboard_writer(out / "tensorboard") if main_rank else None
-    profiler = StepProfiler(out / "profile", device) if config.profile else None
-    # appended to only when resuming this folder's own run (cut back to the resumed step above)
-    metrics = open(out / "metrics.jsonl", "a" if folder_plan.keep_metrics_to is not None else "w") \
-        if main_rank else None
+    trained = _Trained(checkpoint=run.checkpoint)
+    step_log = _StepLog(run, step)
+    profiler = StepProfiler(run.out / "profile", device) if config.profile else None
+    trace = run.out / "profile" / "trace.json"
     steps_this_run = 0
     try:
         if profiler is not None:
             profiler.__enter__()
         while step < config.steps:
             start = time.perf_counter()
-            with stage("medvl.data", profiler is not None):
-                micro = []
-                for _ in range(config.accum_steps):
-                    batch = _to_device(next(batches), device)
-                    micro.append(side.prepare(batch, step) if side else batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms = _step_loss(model, loss_fn, micro, side=side, autocast_dtype=autocast_dtype,
-                               profiling=profiler is not None)
-            with stage("medvl.optimizer", profiler is not None):
-                ctx.average_gradients(loss_fn.parameters())
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                lr_now = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
+            terms, lr = _optimizer_step(run, model, batches, params, step, profiling=profiler is not None)
             step += 1
             if profiler is not None:
                 profiler.step()
@@ -804,53 +593,115 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> Dict[str, Any]:
                 torch.cuda.synchronize(device)
             elapsed = max(time.perf_counter() - start, 1e-9)
             values = {k: ctx.mean(float(v), device) for k, v in terms.items()}
-            loss_value = values["loss"]
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"step {step}: the loss is {loss_value}")
-            first_loss = loss_value if first_loss is None else first_loss
-            peak = peak_memory_mib(device)
-            record = {"step": step, "loss": loss_value, "lr": lr_now,
-                      "volumes_per_s": global_batch * config.accum_steps / elapsed, "peak_memory_mib": peak}
-            record.update({k: v for k, v in values.items() if k != "loss"})
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if board is not None:
-                for key, value in record.items():
-                    if key != "step":
-                        board.add_scalar(f"train/{key}", value, step)
-            progress.update(record, peak)
-            if (step % config.log_every == 0 or step == config.steps) and not config.progress:
-                log(f"step {step}/{config.steps}  loss {loss_value:.4f}  lr {lr_now:.2e}  "
-                    f"{record['volumes_per_s']:.1f} vol/s  peak {peak:.0f} MiB")
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"step {step}: the loss is {values['loss']}")
+            trained.first_loss = values["loss"] if trained.first_loss is None else trained.first_loss
+            trained.record = step_log.write(step, values, lr, elapsed)
             if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                if main_rank:
-                    calibrate_standardizers(core, loss_fn, dataset, device=device, autocast_dtype=autocast_dtype,
-                                            prompts=side.prompt_texts if side and side.prompts else None)
-                    last_checkpoint = _save_checkpoint(out, step, core, loss_fn, optimizer, scheduler, position,
-                                                       run_config)
-                else:
-                    last_checkpoint = out / f"checkpoint-{step}"
-                ctx.barrier()
+                trained.checkpoint = _checkpoint(run, step, position)
             steps_this_run += 1
             if profiler is not None and not profiler.done and steps_this_run >= 5:
                 profiler.__exit__(None, None, None)
-                log("profile of this run's steps 3-5 (trace: " + str(out / "profile" / "trace.json") + ")\n" + profiler.table())
+                run.log(f"profile of this run's steps 3-5 (trace: {trace})\n" + profiler.table())
     finally:
         if profiler is not None and not profiler.done:
             profiler.__exit__(None, None, None)
             if steps_this_run >= 3:
-                log("profile (trace: " + str(out / "profile" / "trace.json") + ")\n" + profiler.table())
-        progress.close()
-        if metrics is not None:
-            metrics.close()
-        if board is not None:
-            board.close()
+                run.log(f"profile (trace: {trace})\n" + profiler.table())
+        step_log.close()
+    return trained
+
+
+def _optimizer_step(run: _Run, model, batches: Iterator[Dict[str, Any]], params: List[torch.Tensor], step: int, *,
+                    profiling: bool) -> Tuple[Dict[str, torch.Tensor], float]:
+    """One optimiser step over ``accum_steps`` micro-batches: (the loss terms, the learning rate it took)."""
+    config, side = run.config, run.side
+    with stage("medvl.data", profiling):
+        micro = []
+        for _ in range(config.accum_steps):
+            batch = _to_device(next(batches), run.device)
+            micro.append(side.prepare(batch, step) if side else batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    terms = _step_loss(model, run.loss_fn, micro, side=side, autocast_dtype=run.autocast_dtype, profiling=profiling)
+    with stage("medvl.optimizer", profiling):
+        run.ctx.average_gradients(run.loss_fn.parameters())
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.optimizer.step()
+        run.scheduler.step()
+    return terms, lr
+
+
+def _checkpoint(run: _Run, step: int, position: Mapping[str, int]) -> Path:
+    """The checkpoint of ``step``, saved by the main rank after measuring the stored standardisation
+    statistics; every rank waits for it."""
+    if run.ctx.is_main:
+        side = run.side
+        calibrate_standardizers(run.model, run.loss_fn, run.dataset, device=run.device,
+                                autocast_dtype=run.autocast_dtype,
+                                prompts=side.prompt_texts if side and side.prompts else None)
+        path = save_checkpoint(run.out, step, run.model, run.loss_fn, run.optimizer, run.scheduler, position,
+                               run.run_config)
+    else:
+        path = run.out / checkpoint_name(step)
+    run.ctx.barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the log
+
+
+class _StepLog:
+    """Where each step's record goes: metrics.jsonl and TensorBoard (main rank), the progress bar, and a log
+    line every ``log_every`` steps when there is no bar."""
+
+    def __init__(self, run: _Run, step: int):
+        config, main = run.config, run.ctx.is_main
+        self.config, self.device, self.log = config, run.device, run.log
+        self.samples_per_step = run.global_batch * config.accum_steps
+        self.progress = Progress(config.steps, step, config.progress and main)
+        self.board = tensorboard_writer(run.out / "tensorboard") if main else None
+        # appended to only when resuming this folder's own run (cut back to the resumed step by the folder plan)
+        self.metrics = open(run.out / METRICS_FILE, "a" if run.folder_plan.keep_metrics_to is not None else "w") \
+            if main else None
+
+    def write(self, step: int, values: Mapping[str, float], lr: float, elapsed: float) -> Dict[str, Any]:
+        """Log step ``step`` (``values``: the loss terms averaged over the ranks); returns its record."""
+        peak = peak_memory_mib(self.device)
+        record = {"step": step, "loss": values["loss"], "lr": lr,
+                  "volumes_per_s": self.samples_per_step / elapsed, "peak_memory_mib": peak}
+        record.update({k: v for k, v in values.items() if k != "loss"})
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.board.add_scalar(f"train/{key}", value, step)
+        self.progress.update(record, peak)
+        if (step % self.config.log_every == 0 or step == self.config.steps) and not self.config.progress:
+            self.log(f"step {step}/{self.config.steps}  loss {values['loss']:.4f}  lr {lr:.2e}  "
+                     f"{record['volumes_per_s']:.1f} vol/s  peak {peak:.0f} MiB")
+        return record
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _finish(run: _Run, trained: _Trained) -> Dict[str, Any]:
+    """The loss curve and the collapse diagnostics (main rank), and the run's final metrics."""
     diagnostics = None
-    if main_rank:
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
-        diagnostics = run_diagnostics(core, recipe, dataset, data=str(data), kind=kind, size=size,
-                                      global_batch=global_batch * config.accum_steps, out=out, device=device, log=log)
-    return {**record, "first_loss": first_loss, "out": str(out), "skipped": list(info.get("skipped", [])),
-            "diagnostics": diagnostics,
-            "checkpoint": None if last_checkpoint is None else str(last_checkpoint)}
+    if run.ctx.is_main:
+        plot_loss(run.out / METRICS_FILE, run.out / "loss.png")
+        diagnostics = run_diagnostics(run.model, run.recipe, run.dataset, data=str(run.data), kind=run.kind,
+                                      size=run.size, global_batch=run.global_batch * run.config.accum_steps,
+                                      out=run.out, device=run.device, log=run.log)
+    return {**trained.record, "first_loss": trained.first_loss, "out": str(run.out),
+            "skipped": list(run.info.get("skipped", [])), "diagnostics": diagnostics,
+            "checkpoint": None if trained.checkpoint is None else str(trained.checkpoint)}

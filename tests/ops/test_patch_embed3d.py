@@ -492,6 +492,19 @@ def test_module_position_embeddings():
         medvl.nn.PatchEmbed3d(1, 12, 10, 4)
 
 
+def test_module_adds_the_table_it_is_given():
+    """A table passed to the forward (the encoder's, resampled for another grid) replaces the module's own."""
+    torch.manual_seed(0)
+    embed = medvl.nn.PatchEmbed3d(1, 12, img_size=(8, 8, 16), patch_size=(4, 4, 8), window=(-1000, 400))
+    volume = torch.randint(-1024, 2000, (2, 1, 12, 8, 16), dtype=torch.int16)
+    table = torch.randn(12, 12, requires_grad=True)
+    out = embed(volume, pos_embed=table)
+    expected = medvl.patch_embed3d(volume, embed.weight, embed.bias, table, patch_size=(4, 4, 8), window=(-1000, 400))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert embed.pos_embed.grad is None and torch.equal(table.grad, torch.full((12, 12), 2.0))
+
+
 def test_from_monai_rejects_a_block_without_a_conv():
     # A proj_type="perceptron" block holds a Linear (MONAI builds it with einops, not installed here).
     block = torch.nn.Module()

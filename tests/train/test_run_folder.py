@@ -134,7 +134,7 @@ def test_resume_with_other_settings_says_which(run, capsys):
 _KILLED_SAVE = """
 import os, signal, sys
 import torch
-import medvl.train.trainer as trainer
+import medvl.train.run_folder as run_folder
 
 point = sys.argv[1]
 if point == "state":      # half of state.pt written, then killed
@@ -146,12 +146,12 @@ if point == "state":      # half of state.pt written, then killed
         os.kill(os.getpid(), signal.SIGKILL)
     torch.save = save
 else:                     # the checkpoint renamed into place, killed before latest names it
-    real_write_latest = trainer._write_latest
+    real_write_latest = run_folder._write_latest
     def write_latest(out, name):
         if name == "checkpoint-3":
             os.kill(os.getpid(), signal.SIGKILL)
         real_write_latest(out, name)
-    trainer._write_latest = write_latest
+    run_folder._write_latest = write_latest
 from medvl.train.main import main
 main(sys.argv[2:])
 """

@@ -38,7 +38,7 @@ def test_loss_falls_and_metrics(run):
 
 def test_checkpoint_layout_and_roundtrip(run):
     from medvl.models.factory import create_model
-    from medvl.train.trainer import load_checkpoint_weights
+    from medvl.train.run_folder import load_checkpoint_weights
 
     assert (run / "latest").read_text().strip() == "checkpoint-12"
     for step in (6, 12):
@@ -208,7 +208,7 @@ def test_outputs_progress_and_profile(tmp_path, capsys):
     (["--steps", "0"], "positive integer"),
     (["--resume", "/nonexistent/checkpoint-3"], "does not exist"),
     (["--batch-size", "8", "--n-train", "4"], "at least batch_size"),
-    (["--model", "bogus"], "model 'bogus' is unknown; choose one of vit3d-"),
+    (["--model", "bogus"], "model must be one of 'vit3d-"),
     (["--patch-size", "5,5,5"], "size 64,64,32 must be a multiple of the patch size 5,5,5"),
     (["--grad-clip", "nan"], "expected a finite number (0 turns clipping off)"),
     (["--grad-clip", "inf"], "expected a finite number"),

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from medvl.data.phantoms.ct_anatomy import HEART, LOBE_FRACTIONS, LUNG, LUNG_L, LUNG_R, MEDIASTINAL_FAT, CTAnatomy
+from medvl.options import look_up_option
 
 SIZES = ("small", "moderate", "large")
 SEVERITIES = ("mild", "moderate", "severe")
@@ -480,9 +481,7 @@ CT_SURFACE_FORMS: dict[str, tuple[str, ...]] = {name: kind.surface_forms for nam
 
 def finding_kind(name: str) -> FindingKind:
     """The record of the finding called ``name``; a ValueError naming the known ones when there is none."""
-    if name not in CT_FINDING_KINDS:
-        raise ValueError(f"unknown finding {name!r}; expected one of {CT_FINDINGS}")
-    return CT_FINDING_KINDS[name]
+    return CT_FINDING_KINDS[look_up_option(name, CT_FINDINGS, name="finding")]
 
 
 def finding_templates(f: Finding) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medvl.data.phantoms.geometry import checked_geometry
+from medvl.options import look_up_option
 
 #: The MR phantom's default grid: (slices, rows, cols) voxels and their spacing in mm.
 MR_SHAPE = (32, 64, 64)
@@ -222,8 +223,7 @@ def make_mr_phantom(
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4D52]))
     if sequence is None:
         sequence = str(rng.choice(sorted(MR_SEQUENCES)))
-    if sequence not in MR_SEQUENCES:
-        raise ValueError(f"unknown sequence {sequence!r}; expected one of {sorted(MR_SEQUENCES)}")
+    look_up_option(sequence, sorted(MR_SEQUENCES), name="sequence")
     p = MR_SEQUENCES[sequence]
     b0 = float(field_strength) if field_strength is not None else float(rng.choice([1.5, 3.0]))
     if b0 not in (1.5, 3.0):

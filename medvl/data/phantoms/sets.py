@@ -8,6 +8,7 @@ import numpy as np
 
 from medvl.data.phantoms.ct import CTPhantom, make_ct_phantom
 from medvl.data.phantoms.mr import MRPhantom, make_mr_phantom
+from medvl.options import look_up_option
 
 #: The seed of held-out phantom sets (evaluation, the trainer's diagnostics): phantom i of a set comes from
 #: (seed, i), and training runs use small seeds, so no held-out phantom is ever trained on.
@@ -19,8 +20,7 @@ _STREAMS = {"ct": 1, "mr": 2}
 def phantom_seeds(kind: str, seed: int, n: int) -> list[int]:
     """The seeds of the first ``n`` phantoms of ``kind`` "ct" or "mr" in the set of ``seed`` (prefix-stable: the
     first k do not depend on ``n``)."""
-    if kind not in _STREAMS:
-        raise ValueError(f"unknown phantom kind {kind!r}; choose 'ct' or 'mr'")
+    look_up_option(kind, _STREAMS, name="kind")
     state = np.random.SeedSequence([int(seed), _STREAMS[kind]]).generate_state(max(int(n), 1), dtype=np.uint32)
     return [int(s) for s in state[: int(n)]]
 

@@ -18,6 +18,7 @@ from medvl.eval.markdown import table
 from medvl.eval.metrics import localization_metrics, predict_depth
 from medvl.eval.plots import plot_localization
 from medvl.eval.tasks.task import NotEnoughData, Plot, Task, as_numpy
+from medvl.nn.localization_loss import center_depth
 
 __all__ = ["TASK", "localization_task"]
 
@@ -43,7 +44,7 @@ def localization_task(encoder, data, *, seed: int = 0) -> Dict[str, Any]:
     rows = [(i, s) for i, m in enumerate(data.metas) for s in (m.get("snippets") or [])]
     depth = encoder.project(data.volumes(encoder).depth, normalize=False)  # (N, n_z, D)
     if encoder.model_standardizes:
-        depth = depth - depth.mean(1, keepdim=True)  # as in training (medvl.train.losses.center_depth)
+        depth = center_depth(depth)  # as in training
     n_z = int(depth.shape[1])
     if n_z < 2:
         raise NotEnoughData(f"task 'localization': the volumes have {n_z} depth bin (Z {data.size[2]} / patch_z "

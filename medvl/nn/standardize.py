@@ -25,45 +25,17 @@ are mean 0 and variance 1, i.e. (up to eps) no standardisation.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
+
+from medvl.nn.distributed import all_reduce_sum, global_sum, world_size
 
 __all__ = ["EPS", "FeatureStandardizer", "batch_statistics", "standardize"]
 
 # Added to the variance, as BatchNorm's default.
 EPS = 1e-5
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks of ``group``; backward sums the ranks' gradients, since every rank's loss depends
-    on the global sum (DistributedDataParallel then averages, as for the other losses' shares)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        import torch.distributed as dist
-
-        ctx.group = group
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _world(group) -> int:
-    if group is None:
-        return 1
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
 
 
 def batch_statistics(x: torch.Tensor, group=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -74,12 +46,9 @@ def batch_statistics(x: torch.Tensor, group=None) -> Tuple[torch.Tensor, torch.T
     rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
     sums = torch.cat([rows.sum(0), rows.square().sum(0)])
     count = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=x.device)
-    if _world(group) > 1:
-        import torch.distributed as dist
-
-        sums = _AllReduceSum.apply(sums, group)
-        count = count.clone()
-        dist.all_reduce(count, group=group)
+    if world_size(group) > 1:
+        sums = all_reduce_sum(sums, group)
+        count = global_sum(count, group)
     mean = sums[:rows.shape[1]] / count
     var = (sums[rows.shape[1]:] / count - mean.square()).clamp_min(0.0)
     return mean, var
