@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from medvl.data.sources import SYNTHETIC_SOURCES
 from medvl.options import positive_int, size_argument, unknown_option
 from medvl.train.recipes import LOSS_TERMS, RECIPES
+from medvl.train.trainer import TrainConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable volumes and report them")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--model", default="vit3d-tiny")
-    p.add_argument("--steps", type=positive_int, default=200)
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--steps", type=positive_int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
     p.add_argument("--accum-steps", type=positive_int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=_nonneg_float, default=None, help="default: the recipe's")
     p.add_argument("--weight-decay", type=_nonneg_float, default=None, help="default: the recipe's")
