@@ -40,20 +40,12 @@ def _case_id(case):
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_patch_embed3d_forward_backward(benchmark, method, case):
     inputs = op_bench.patch_embed3d_inputs(case, DEVICE)
-    inner = op_bench.patch_embed3d_step(op_bench.patch_embed3d_methods(DEVICE)[method], inputs)
-
-    def step():
-        inner()
-        harness.sync(DEVICE)
-
-    benchmark.pedantic(step, rounds=7, iterations=1, warmup_rounds=1)
-    with harness.peak_memory(DEVICE) as peak:
-        step()
-    median = benchmark.stats.stats.median
+    step = op_bench.patch_embed3d_step(op_bench.patch_embed3d_methods(DEVICE)[method], inputs)
+    median, peak_mib = harness.benchmark_call(benchmark, step, DEVICE, rounds=7)
     limit = op_bench.patch_embed3d_gemm_seconds(inputs["tokens"], inputs["columns"], inputs["embed"],
                                              inputs["weight"].dtype, DEVICE, 3)
     volume = inputs["volume"]
-    benchmark.extra_info.update(peak_mib=peak["mib"], gflops=inputs["flops"] / median / 1e9, gemm_limit_s=limit,
+    benchmark.extra_info.update(peak_mib=peak_mib, gflops=inputs["flops"] / median / 1e9, gemm_limit_s=limit,
                                 of_limit=limit / median, volume_gbps=volume.numel() * volume.element_size() / median / 1e9,
                                 device=harness.machine_name(DEVICE))
 
@@ -97,14 +89,10 @@ def test_patch_embed3d_forward(benchmark, method, case):
     def step():
         with torch.no_grad():
             inner()
-        harness.sync(DEVICE)
 
-    benchmark.pedantic(step, rounds=7, iterations=1, warmup_rounds=1)
-    with harness.peak_memory(DEVICE) as peak:
-        step()
-    median = benchmark.stats.stats.median
+    median, peak_mib = harness.benchmark_call(benchmark, step, DEVICE, rounds=7)
     volume = inputs["volume"]
-    benchmark.extra_info.update(peak_mib=peak["mib"], gflops=inputs["flops"] / 2 / median / 1e9,
+    benchmark.extra_info.update(peak_mib=peak_mib, gflops=inputs["flops"] / 2 / median / 1e9,
                                 volume_gbps=volume.numel() * volume.element_size() / median / 1e9,
                                 device=harness.machine_name(DEVICE))
 

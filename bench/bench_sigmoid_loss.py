@@ -40,14 +40,9 @@ def test_sigmoid_loss_forward_backward(benchmark, method, n, dim):
         for v in (x, t, s, b):
             v.grad = None
         loss_fn(x, t, s, b).backward()
-        harness.sync(DEVICE)
 
-    rounds = 3 if n >= 16384 else 5
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
-    with harness.peak_memory(DEVICE) as peak:
-        step()
+    median, peak_mib = harness.benchmark_call(benchmark, step, DEVICE, rounds=3 if n >= 16384 else 5)
     flops = 6.0 * n * n * dim
-    median = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        peak_mib=peak["mib"], gflops=flops / median / 1e9, device=harness.machine_name(DEVICE), dtype=str(DTYPE),
+        peak_mib=peak_mib, gflops=flops / median / 1e9, device=harness.machine_name(DEVICE), dtype=str(DTYPE),
     )

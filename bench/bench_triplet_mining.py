@@ -48,14 +48,9 @@ def test_batch_hard_mining(benchmark, method, n, dim, dtype):
     miner = op_bench.triplet_mining_methods(DEVICE)[method]
     x, labels, _ = _inputs(n, dim, dtype)
 
-    def step():
-        miner(x, labels)
-        harness.sync(DEVICE)
-
-    benchmark.pedantic(step, rounds=3 if n >= 16384 else 5, iterations=1, warmup_rounds=1)
-    with harness.peak_memory(DEVICE) as peak:
-        step()
-    benchmark.extra_info.update(peak_mib=peak["mib"], gflops=2.0 * n * n * dim / benchmark.stats.stats.median / 1e9,
+    median, peak_mib = harness.benchmark_call(benchmark, lambda: miner(x, labels), DEVICE,
+                                              rounds=3 if n >= 16384 else 5)
+    benchmark.extra_info.update(peak_mib=peak_mib, gflops=2.0 * n * n * dim / median / 1e9,
                                 device=harness.machine_name(DEVICE), dtype=str(dtype))
 
 
@@ -74,17 +69,12 @@ def test_mining_strategies(benchmark, backend, strategy, n, dim):
     x, labels, entities = _inputs(n, dim, torch.bfloat16)
     kw = {"entities": entities} if strategy == "entities" else {"labels": labels}
 
-    def step():
-        medvl.triplet_mining(x, strategy=strategy, backend=backend, **kw)
-        harness.sync(DEVICE)
-
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-    with harness.peak_memory(DEVICE) as peak:
-        step()
+    median, peak_mib = harness.benchmark_call(
+        benchmark, lambda: medvl.triplet_mining(x, strategy=strategy, backend=backend, **kw), DEVICE, rounds=5)
     rate = harness.gemm_rate(n, dim, torch.bfloat16, DEVICE)
     flops = 2.0 * n * n * dim * (2 if strategy == "semi_hard" else 1)  # semi-hard computes the tiles twice
-    benchmark.extra_info.update(peak_mib=peak["mib"], gflops=flops / benchmark.stats.stats.median / 1e9,
-                                of_gemm_rate=2.0 * n * n * dim / benchmark.stats.stats.median / rate,
+    benchmark.extra_info.update(peak_mib=peak_mib, gflops=flops / median / 1e9,
+                                of_gemm_rate=2.0 * n * n * dim / median / rate,
                                 device=harness.machine_name(DEVICE), strategy=strategy)
 
 

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -93,6 +93,19 @@ def peak_memory(device: torch.device):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def benchmark_call(benchmark, fn: Callable[[], None], device: torch.device, rounds: int) -> Tuple[float, Optional[float]]:
+    """Time ``fn`` (synchronised on ``device``) with pytest-benchmark's ``benchmark`` fixture, one warm-up
+    round first, then measure its peak extra memory in one more call: (median seconds, peak MiB)."""
+    def step():
+        fn()
+        sync(device)
+
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    with peak_memory(device) as peak:
+        step()
+    return benchmark.stats.stats.median, peak["mib"]
 
 
 def time_call(fn: Callable[[], None], device: torch.device, repeats: int) -> List[float]:
