@@ -117,12 +117,13 @@ def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     results = _evaluate(checkpoint, out / "mrclip" / "eval", ("qc", "probe", "fewshot", "collapse"), run["eval_n"],
                         log)
     qc = results["qc"]["by_case"]
-    # the CNN sees the volumes of the very split and shots the few-shot probe saw
+    # the CNN sees the volumes of the very split and shots the few-shot probe saw: evaluate() splits with its
+    # seed, DEFAULT_EVAL_SEED, and the draws use FEWSHOT_SEEDS
     source = synthetic_source("mr")
     dataset, _ = build_dataset(source, "mr", n=run["eval_n"], seed=DEFAULT_EVAL_SEED, size=run["size"])
     data = EvalSet.from_dataset(dataset, "mr", source=source, size=run["size"])
     y, _, _ = class_target(data)
-    train, test = stratified_halves(y, 0)
+    train, test = stratified_halves(y, DEFAULT_EVAL_SEED)
     volumes = torch.stack([dataset[i].volume for i in range(len(dataset))])
     ks = [int(k) for k in results["fewshot"]["by_k"]]
     log(f"[mrclip] supervised 3D CNN on the same shots (k = {ks}, {len(FEWSHOT_SEEDS)} draws each)")
@@ -141,7 +142,8 @@ def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
                    "wrong_tag": split("wrong_tag@0.5")},
         "probe_accuracy": results["probe"]["accuracy"],
         "probe_majority_accuracy": results["probe"]["majority_accuracy"],
-        "fewshot": {"clip_linear_probe": results["fewshot"]["by_k"], "supervised_cnn": cnn},
+        "fewshot": {"clip_linear_probe": results["fewshot"]["by_k"], "supervised_cnn": cnn,
+                    "split": results["fewshot"]["split"], "cnn_split_seed": DEFAULT_EVAL_SEED},
         "collapse": _spread(results), "diagnostics": _diagnostics(checkpoint),
         "checkpoint": str(checkpoint), "eval": str(out / "mrclip" / "eval"),
     }

@@ -49,6 +49,8 @@ def test_mrclip_keys_and_same_shots(tmp_path):
     assert 0.0 <= r["probe_accuracy"] <= 1.0
     clip, cnn = r["fewshot"]["clip_linear_probe"], r["fewshot"]["supervised_cnn"]
     assert set(clip) == set(cnn) and all(len(cnn[k]["values"]) == len(clip[k]["values"]) for k in clip)
+    # the CNN trains on the halves the few-shot probe split off (the probe's split names its seed)
+    assert r["fewshot"]["split"].endswith(f"(seed {r['fewshot']['cnn_split_seed']})")
 
 
 def _check_floors(r, out, count):
