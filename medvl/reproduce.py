@@ -225,10 +225,7 @@ def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
                 "collapse": _spread(r), "diagnostics": _diagnostics(checkpoints[name])}
 
     names = {"centre_mae_mm": "middle", "random_mae_mm": "random", "mean_depth_mae_mm": "finding_mean"}
-    base = {}
-    for key, label in names.items():
-        match = [v for k, v in baselines.items() if label in k]
-        base[key] = match[0]["mae_mm"] if match else None
+    base = {key: (baselines.get(label) or {}).get("mae_mm") for key, label in names.items()}
     return {"localization_mae_mm": with_term["model"]["mae_mm"], **base,
             "with_localization": summary("with_localization"),
             "without_localization": summary("without_localization"),

@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from medvl.bench.harness import append_record
+from medvl.bench.harness import append_record, peak_memory, sync
 from medvl.models.volume_encoder import VolumeEncoder
 from medvl.options import look_up_option
 
@@ -188,11 +188,6 @@ def indexed(device) -> torch.device:
     return device
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _state_bytes(module: torch.nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -274,7 +269,6 @@ def measure_step(model, loss_fn, batch_size: int, volume_shape: Sequence[int], s
     RSS growth, in this process), state_mib (parameters and buffers) and threads (CPU). The batch and the
     optimizer are made inside the measured window; the gradients are dropped at the end.
     """
-    from medvl.bench.harness import peak_memory
 
     if int(steps) < 1 or int(warmup) < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps}, {warmup}")

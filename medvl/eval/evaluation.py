@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medvl.data.phantoms import HELD_OUT_SEED
-from medvl.eval.cache import CachedEncoder, EmbeddingCache, head_tensors, model_fingerprint
+from medvl.eval.cache import CachedEncoder, EmbeddingCache
 from medvl.eval.eval_set import EvalSet, class_target
 from medvl.eval.loading import check_device, check_size, device_of, load_model
 from medvl.eval.markdown import jsonable
@@ -85,8 +85,6 @@ def evaluate(checkpoint_or_model, *, data: Any = None, tasks: Union[None, str, S
         chosen, skipped = _choose_tasks(requested, eval_set)
         if cache_dir is None and out is not None:
             cache_dir = Path(out) / "cache"
-        if model_key is None:
-            model_key = model_fingerprint(model, head_tensors(head))
         cache = EmbeddingCache(cache_dir, model_key)
         encoder = CachedEncoder(model, cache, device=device, batch_size=batch_size, prompt_head=head)
         emit(f"evaluating on {len(eval_set)} {eval_set.kind.upper()} samples of {eval_set.source} (seed {seed}, "

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from medvl.eval.cache import _fold, head_tensors, model_fingerprint
 from medvl.options import look_up_option, parse_size
 
 __all__ = ["check_device", "check_size", "device_of", "load_model", "prompt_head_of"]
@@ -32,9 +33,7 @@ def prompt_head_of(checkpoint: Path) -> Optional[torch.nn.Linear]:
         if f"{prefix}mean" in keys:
             standardizer = FeatureStandardizer(weight.shape[0])
             standardizer.load_state_dict({k: f.get_tensor(prefix + k) for k in ("mean", "var", "num_samples")})
-    bias = None
-    if standardizer is not None and int(standardizer.num_samples) > 0:
-        weight, bias = standardizer.fold(weight)
+    weight, bias = _fold(weight, standardizer)
     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         head.weight.copy_(weight)
@@ -56,7 +55,8 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
 
 
 def load_model(checkpoint_or_model, device, prompt_head):
-    """(model, run_config, prompt head weight or None, model key, checkpoint dir or None)."""
+    """(model, run_config, prompt head weight or None, model key, checkpoint dir or None). The key of an
+    in-memory model is the fingerprint of its weights and head."""
     from medvl.models.checkpoint import checkpoint_dir, checkpoint_hash, load_checkpoint
 
     if isinstance(checkpoint_or_model, (str, os.PathLike)):
@@ -71,7 +71,7 @@ def load_model(checkpoint_or_model, device, prompt_head):
                             f"{type(run_config).__name__}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"checkpoint_or_model: the first item must be the CLIPModel, got {type(model).__name__}")
-        return model, dict(run_config), prompt_head, None, None
+        return model, dict(run_config), prompt_head, model_fingerprint(model, head_tensors(prompt_head)), None
     raise TypeError("checkpoint_or_model: expected a checkpoint path (a checkpoint-<step> or run directory of "
                     f"`medvl train`) or a (model, run_config) pair, got {type(checkpoint_or_model).__name__}")
 

@@ -15,7 +15,7 @@ import torch
 
 from medvl.data.metadata import dicom_terms
 from medvl.data.values import finite_float
-from medvl.eval.cache import CachedEncoder, EmbeddingCache, head_tensors, model_fingerprint, volume_ids
+from medvl.eval.cache import CachedEncoder, EmbeddingCache, volume_ids
 from medvl.eval.loading import check_device, check_size, device_of, load_model
 from medvl.eval.metrics import cosine_distance
 from medvl.eval.tasks.task import as_numpy
@@ -202,8 +202,6 @@ def qc_dicom(checkpoint_or_model, folder: Union[str, os.PathLike], *, device: Un
         raise FileNotFoundError(f"no DICOM files under {root}; give the folder holding the series folders")
     size = check_size(None, run_config, tuple(int(p) for p in model.visual.patch_size), emit)
     dataset, records, unreadable = _read_series(folders, root, size, cache_dir, emit)
-    if model_key is None:
-        model_key = model_fingerprint(model, head_tensors(head))
     was_training, home = model.training, device_of(model)
     try:
         encoder = CachedEncoder(model, EmbeddingCache(cache_dir, model_key), device=device, batch_size=batch_size,
