@@ -233,10 +233,13 @@ class VolumeTextDataset(Dataset):
             raise ValueError(f"record {index}: entities must be three multi-hot vectors, got {len(raw)}")
         return tuple(_as_bool_vector(v, f"record {index}: entities[{k}]") for k, v in enumerate(raw))
 
-    def text_and_labels(self, index: int) -> Tuple[str, int, Optional[torch.Tensor]]:
+    def text_and_labels(self, index: int, record: Optional[Mapping[str, Any]] = None
+                        ) -> Tuple[str, int, Optional[torch.Tensor]]:
         """(text, label, findings labels or None) of record ``index`` as :meth:`__getitem__` gives them,
-        without reading or transforming its volume."""
-        record = self.records[index]
+        without reading or transforming its volume. ``record``: that record when the caller holds it already
+        (a phantom's record is generated when it is read)."""
+        if record is None:
+            record = self.records[index]
         metadata = record.get("metadata")
         if self.text_fn is not None and "metadata" in record:
             text = self.text_fn(metadata)
@@ -256,7 +259,7 @@ class VolumeTextDataset(Dataset):
     def _load(self, index: int) -> Sample:
         record = self.records[index]
         volume, affine = self._volume(record, index)
-        text, label, labels = self.text_and_labels(index)
+        text, label, labels = self.text_and_labels(index, record)
         entities = self._entities(record, index)
         meta = record.get("meta") or {}
         if not isinstance(meta, Mapping):

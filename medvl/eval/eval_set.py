@@ -90,7 +90,7 @@ class EvalSet:
 def _record_info(dataset: VolumeTextDataset, index: int):
     """(text, findings, label, meta, metadata) of a record, read without its volume."""
     record = dataset.records[index]
-    text, label, findings = dataset.text_and_labels(index)
+    text, label, findings = dataset.text_and_labels(index, record)
     findings = None if findings is None else findings.numpy()
     return text, findings, label, dict(record.get("meta") or {}), record.get("metadata")
 

@@ -145,10 +145,11 @@ def run_diagnostics(model, recipe, dataset, *, data: str, kind: str, size, globa
             held_out = _measure(model, synthetic_dataset(kind, min(n, len(dataset)), HELD_OUT_SEED, size), device)
     finally:
         model.train(was_training)
-    samples = [dataset[i] for i in range(len(train_subset))]
-    labels = torch.stack([s.labels for s in samples]) if samples and samples[0].labels is not None else None
+    # the texts and labels of the samples measured, without loading their volumes again
+    read = [dataset.text_and_labels(i) for i in range(len(train_subset))]
+    labels = torch.stack([findings for _, _, findings in read]) if read and read[0][2] is not None else None
     level = collapsed_loss_level(recipe.loss, global_batch, labels=labels,
-                                 label=torch.tensor([s.label for s in samples]),
+                                 label=torch.tensor([label for _, label, _ in read]),
                                  margin=recipe.loss_options.get("margin", 0.3) if recipe.loss == "medtrim" else None,
                                  weights=recipe.loss_weights)
     final = _final_contrastive(Path(out) / "metrics.jsonl", recipe.loss)

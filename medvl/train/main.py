@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from medvl.data.sources import SYNTHETIC_SOURCES
-from medvl.options import positive_int, size_argument, unknown_option
+from medvl.options import non_negative_int, positive_int, size_argument, unknown_option
 from medvl.train.recipes import LOSS_TERMS, RECIPES
 from medvl.train.trainer import TrainConfig
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="CT-RATE split (train or valid)")
     p.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed volumes (.npy, no pickle)")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable volumes and report them")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--model", default="vit3d-tiny")
     p.add_argument("--steps", type=positive_int, default=TrainConfig.steps)
     p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=size_argument, default=(64, 64, 32), help="volume size X,Y,Z (e.g. 64,64,32)")
     p.add_argument("--patch-size", type=size_argument, default=None, help="vision patch size X,Y,Z (default: the model's)")
     p.add_argument("--log-every", type=positive_int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: end only)")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=0, help="also checkpoint every N steps (0: end only)")
     return p
 
 
@@ -110,10 +110,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = args.out or str(Path("runs") / args.recipe)
-    if args.checkpoint_every < 0:
-        parser.error("--checkpoint-every must be >= 0")
-    if args.workers < 0:
-        parser.error("--workers must be >= 0")
     weights = dict(args.loss_weight)
     terms = LOSS_TERMS[RECIPES[args.recipe].loss]
     unknown = sorted(set(weights) - set(terms))

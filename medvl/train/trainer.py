@@ -516,10 +516,10 @@ def _finding_names(info: Mapping[str, Any], dataset) -> Optional[List[str]]:
     from medvl.data.entities import CT_RATE_FINDINGS
     from medvl.data.phantoms import CT_FINDINGS
 
-    sample = dataset[0]
-    width = None if sample.labels is None else int(sample.labels.shape[0])
     if SYNTHETIC_SOURCES.get(info.get("source")) == "ct":
         return list(CT_FINDINGS)
+    findings = dataset.text_and_labels(0)[2]  # the width of the findings labels, without loading a volume
+    width = None if findings is None else int(findings.shape[0])
     if width == len(CT_RATE_FINDINGS):
         return list(CT_RATE_FINDINGS)
     return None
