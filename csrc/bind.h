@@ -28,6 +28,7 @@ class Keywords {
 
   // Every keyword was read: a name Python got wrong is an error, not an argument silently left at 0.
   void done() const {
+    if (used_.size() == kwargs_.size()) return;  // take() read only names that exist: nothing unexpected
     for (const auto& item : kwargs_) {
       const std::string key = py::str(item.first);
       if (!used_.count(key))

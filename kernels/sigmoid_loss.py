@@ -383,17 +383,25 @@ def _g_scale(dtype: torch.dtype) -> float:
     return _FP16_G_SCALE if dtype == torch.float16 else 1.0
 
 
-def _forward_fused(image, text, scale, bias, image_labels, text_labels, label_words, target, diagonal_is_pair,
-                   compute_grad, interpreted, overrides):
+def _outputs(image, text, compute_grad: bool, accumulate_text: bool):
+    """(row_loss, row_gsum, grad_image, grad_text) in fp32; without gradients the last three are one empty
+    tensor. ``accumulate_text``: grad_text starts at zero (the chunked strategy adds each chunk's G^T X)."""
     n_image, dim = image.shape
     device = image.device
     row_loss = torch.empty(n_image, dtype=torch.float32, device=device)
-    if compute_grad:
-        row_gsum = torch.empty(n_image, dtype=torch.float32, device=device)
-        grad_image = torch.empty(n_image, dim, dtype=torch.float32, device=device)
-        grad_text = torch.empty(text.shape[0], dim, dtype=torch.float32, device=device)
-    else:
-        row_gsum = grad_image = grad_text = torch.empty(0, dtype=torch.float32, device=device)
+    if not compute_grad:
+        none = torch.empty(0, dtype=torch.float32, device=device)
+        return row_loss, none, none, none
+    row_gsum = torch.empty(n_image, dtype=torch.float32, device=device)
+    grad_image = torch.empty(n_image, dim, dtype=torch.float32, device=device)
+    make = torch.zeros if accumulate_text else torch.empty
+    grad_text = make(text.shape[0], dim, dtype=torch.float32, device=device)
+    return row_loss, row_gsum, grad_image, grad_text
+
+
+def _forward_fused(image, text, scale, bias, image_labels, text_labels, label_words, target, diagonal_is_pair,
+                   compute_grad, interpreted, overrides):
+    row_loss, row_gsum, grad_image, grad_text = _outputs(image, text, compute_grad, accumulate_text=False)
     # Pass 1: rows of images -> row_loss, row_gsum, grad_image.
     _launch(image, text, scale, bias, image_labels, text_labels, label_words,
             row_loss, row_gsum if compute_grad else row_loss, grad_image if compute_grad else row_loss,
@@ -441,7 +449,7 @@ def _add_mm_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
 
 def _forward_chunked(image, text, scale, bias, image_labels, text_labels, label_words, target, diagonal_is_pair,
                      compute_grad, interpreted, overrides, chunk_bytes):
-    n_image, dim = image.shape
+    n_image = image.shape[0]
     n_text = text.shape[0]
     device = image.device
     # S in bf16 for bf16 inputs (the GEMM rounds its fp32 sums once, as plain PyTorch does), else in
@@ -453,13 +461,7 @@ def _forward_chunked(image, text, scale, bias, image_labels, text_labels, label_
     rows = (overrides or {}).get("CHUNK_ROWS") or chunk_rows(n_image, n_text, per_element, chunk_bytes)
     block_m = (overrides or {}).get("BLOCK_M", 16 if not interpreted else 32)
     block_n = (overrides or {}).get("BLOCK_N", 256 if not interpreted else 64)
-    row_loss = torch.empty(n_image, dtype=torch.float32, device=device)
-    if compute_grad:
-        row_gsum = torch.empty(n_image, dtype=torch.float32, device=device)
-        grad_image = torch.empty(n_image, dim, dtype=torch.float32, device=device)
-        grad_text = torch.zeros(n_text, dim, dtype=torch.float32, device=device)
-    else:
-        row_gsum = grad_image = grad_text = torch.empty(0, dtype=torch.float32, device=device)
+    row_loss, row_gsum, grad_image, grad_text = _outputs(image, text, compute_grad, accumulate_text=True)
     text_t = text.t()
     for row0 in range(0, n_image, rows):
         row1 = min(row0 + rows, n_image)

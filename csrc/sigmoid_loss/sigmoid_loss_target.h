@@ -3,17 +3,12 @@
 // rule as medvl/reference/sigmoid_loss.py's sigmoid_loss_targets and kernels/sigmoid_loss.py).
 #include <cstdint>
 
+#include "common/host_device.h"
 #include "sigmoid_loss/sigmoid_loss.h"
-
-#if defined(__CUDACC__)
-#define MEDVL_TARGET_FN __host__ __device__ __forceinline__
-#else
-#define MEDVL_TARGET_FN inline
-#endif
 
 namespace medvl {
 
-MEDVL_TARGET_FN int count_bits(uint32_t word) {
+MEDVL_HD int count_bits(uint32_t word) {
 #if defined(__CUDA_ARCH__)
   return __popc(word);
 #else
@@ -38,7 +33,7 @@ inline SigmoidTargets targets_of(const SigmoidLossArgs& a) {
 
 // y of image i against text j: the pair (i == j on a rank's own texts), equal class ids, or the
 // Jaccard index of two packed label sets (two empty sets: 1; the own pair: 1).
-MEDVL_TARGET_FN float sigmoid_target(const SigmoidTargets& t, int64_t i, int64_t j) {
+MEDVL_HD float sigmoid_target(const SigmoidTargets& t, int64_t i, int64_t j) {
   const bool own_pair = t.diagonal_is_pair && i == j;
   if (t.target == SigmoidTarget::kPair) return own_pair ? 1.f : 0.f;
   if (t.target == SigmoidTarget::kLabel) return t.image_labels[i] == t.text_labels[j] ? 1.f : 0.f;
@@ -55,4 +50,3 @@ MEDVL_TARGET_FN float sigmoid_target(const SigmoidTargets& t, int64_t i, int64_t
 
 }  // namespace medvl
 
-#undef MEDVL_TARGET_FN

@@ -28,11 +28,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define MEDVL_HD __host__ __device__ __forceinline__
-#else
-#define MEDVL_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace medvl {
 namespace mining {

@@ -89,7 +89,7 @@ struct Config {
 
 #include "common/cuda_score_tile.cuh"
 
-constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+using mining::align128;
 
 // Tiled kernel: dynamic shared memory layout, in bytes from the (128-byte aligned) base.
 template <typename T>
@@ -220,6 +220,18 @@ __device__ __forceinline__ void combine4(Extremum<V>& m, bool largest, bool use_
 }
 
 // Batch-hard (kEntities = false) and entities (kEntities = true): one block per 64 anchors.
+// Anchor i's triplet from its two extrema: entities keep the negative only when it scores strictly below
+// the positive (else -1, no triplet).
+template <bool kEntities, typename V>
+__device__ __forceinline__ void write_result(const MineParams& p, int64_t i, const Extremum<V>& first,
+                                             const Extremum<V>& second) {
+  p.positive[i] = first.index;
+  if constexpr (kEntities)
+    p.negative[i] = (second.index >= 0 && first.index >= 0 && second.value < first.value) ? second.index : -1;
+  else
+    p.negative[i] = second.index;
+}
+
 template <typename T, bool kEntities>
 __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
   using L = TiledSmem<T>;
@@ -302,11 +314,7 @@ __global__ void __launch_bounds__(kThreads) mine_tiled(const MineParams p) {
     p.part_index[other + at] = second.index;
     return;
   }
-  p.positive[i] = first.index;
-  if constexpr (kEntities)
-    p.negative[i] = (second.index >= 0 && first.index >= 0 && second.value < first.value) ? second.index : -1;
-  else
-    p.negative[i] = second.index;
+  write_result<kEntities>(p, i, first, second);
 }
 
 // Thread per anchor: the splits' extrema folded in ascending split order (ascending candidates) with
@@ -324,11 +332,7 @@ __global__ void __launch_bounds__(kThreads) combine_splits(const MineParams p, i
     if (beats(f, first, true, kEntities, true)) first = f;
     if (beats(g, second, false, kEntities, false)) second = g;
   }
-  p.positive[i] = first.index;
-  if constexpr (kEntities)
-    p.negative[i] = (second.index >= 0 && first.index >= 0 && second.value < first.value) ? second.index : -1;
-  else
-    p.negative[i] = second.index;
+  write_result<kEntities>(p, i, first, second);
 }
 
 // The block and score-tile policies of mining::semi_hard_tile on the GPU (the host emulation has its own).
