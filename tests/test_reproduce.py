@@ -22,6 +22,11 @@ def test_radfinder_keys(tmp_path):
         assert r[variant]["diagnostics"]["loss"]["collapsed_level"] > 0
     assert r["localization_mae_mm"] == r["with_localization"]["localization_mae_mm"]
     _check_floors(r, tmp_path, 6)
+    # the seed's own settings (SEED_SETTINGS) reach both trainings
+    for variant in ("with_localization", "without_localization"):
+        config = json.loads((tmp_path / "radfinder" / variant / "checkpoint-2" / "config.json").read_text())
+        assert config["model_config"]["vision"]["patch_size"] == [8, 8, 8] and config["lr"] == 1e-3
+    assert saved["settings"]["lr"] == 1e-3
 
 
 def test_medtrim_keys(tmp_path):
@@ -77,5 +82,5 @@ def test_each_reproduction_trains_afresh(tmp_path, monkeypatch):
     configs = []
     monkeypatch.setattr(medvl.train.trainer, "train", lambda config: configs.append(config) or
                         {"first_loss": 1.0, "loss": 0.5, "checkpoint": str(tmp_path / "checkpoint-2")})
-    _train("x", tmp_path, "siglip", dict(TOY, model="vit3d-tiny", lr=1e-3, seed=0), log=lambda _: None)
+    _train("x", tmp_path, "siglip", dict(TOY, model="vit3d-tiny", lr=1e-3, seed=0, vision={}), log=lambda _: None)
     assert configs[0].overwrite is True
