@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from medvl.data.values import finite_float
 from medvl.eval.eval_set import EvalSet
 from medvl.eval.markdown import fmt, table
 from medvl.eval.metrics import cosine_distance, qc_auc
@@ -27,6 +28,14 @@ def _changed_tag(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
     return changed[0] if len(changed) == 1 else "+".join(sorted(changed))
 
 
+def _numeric_factor(before: Mapping[str, Any], after: Mapping[str, Any], tag: str) -> Optional[str]:
+    """``"x<factor>"`` when the corruption multiplied the number ``tag`` held (a numeric error), else None."""
+    old, new = finite_float(before.get(tag)), finite_float(after.get(tag))
+    if old is None or new is None or old == 0 or old == new:
+        return None
+    return f"x{new / old:.3g}"
+
+
 def _auc_or_none(clean: np.ndarray, corrupted: Sequence[float]) -> Optional[float]:
     return qc_auc(clean, np.asarray(corrupted, dtype=np.float64)) if len(corrupted) else None
 
@@ -34,7 +43,8 @@ def _auc_or_none(clean: np.ndarray, corrupted: Sequence[float]) -> Optional[floa
 def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional[Sequence[str]] = None,
             seed: int = 0) -> Dict[str, Any]:
     """Metadata QC: AUC of the volume-sentence cosine distance, corrupted vs clean, per kind and rate, and
-    within each, per corrupted tag and split by whether the image determines the tag.
+    within each, per corrupted tag and split by whether the image determines the tag; numeric errors also per
+    factor (``by_factor``, keys like ``"x0.5"``).
 
     A corruption that leaves the sentence unchanged (e.g. an inversion time moved within its sentence bin)
     cannot be seen by any sentence-based score: it is counted (``n_text_unchanged``) and left out of the
@@ -63,7 +73,7 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
         for rate in rates:
             rng = np.random.default_rng([int(seed), k, int(round(rate * 1000))])
             wanted = min(n - 1, max(1, int(round(rate * n))))
-            chosen, texts, tags = [], [], []
+            chosen, texts, tags, factors = [], [], [], []
             for i in rng.permutation(n).tolist():
                 if len(chosen) == wanted:
                     break
@@ -74,6 +84,7 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
                 chosen.append(i)
                 texts.append(metadata_to_text(corrupted))
                 tags.append(_changed_tag(data.metadata[i], corrupted))
+                factors.append(_numeric_factor(data.metadata[i], corrupted, tags[-1]))
             key = f"{kind}@{rate:g}"
             if not chosen:
                 by_case[key] = {"auc": None, "n_clean": n, "n_corrupted": 0}
@@ -83,10 +94,13 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
             changed = [t != clean_text[i] for t, i in zip(texts, chosen)]
             seen = [float(s) for s, c in zip(corrupted_scores, changed) if c]
             by_tag: Dict[str, List[float]] = {}
+            by_factor: Dict[str, List[float]] = {}
             split: Dict[str, List[float]] = {"image_determined": [], "image_independent": []}
-            for score, tag, c in zip(corrupted_scores, tags, changed):
+            for score, tag, factor, c in zip(corrupted_scores, tags, factors, changed):
                 if c:
                     by_tag.setdefault(tag, []).append(float(score))
+                    if factor is not None:
+                        by_factor.setdefault(factor, []).append(float(score))
                     split["image_independent" if tag in MR_IMAGE_INDEPENDENT_TAGS else "image_determined"].append(
                         float(score))
             by_case[key] = {"auc": _auc_or_none(clean, seen), "n_clean": int(clean.size),
@@ -94,6 +108,9 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
                             **{group: {"auc": _auc_or_none(clean, v), "n": len(v)} for group, v in split.items()},
                             "by_tag": {tag: {"auc": _auc_or_none(clean, v), "n": len(v)}
                                        for tag, v in sorted(by_tag.items())}}
+            if by_factor:  # numeric errors: a x2 error may stay inside the sequence's own range, a x10 may not
+                by_case[key]["by_factor"] = {f: {"auc": _auc_or_none(clean, v), "n": len(v)}
+                                             for f, v in sorted(by_factor.items(), key=lambda kv: float(kv[0][1:]))}
             scores[key] = {"clean": clean.round(6).tolist(), "corrupted": corrupted_scores.round(6).tolist()}
     aucs = [v["auc"] for v in by_case.values() if v["auc"] is not None]
     return {"by_case": by_case, "mean_auc": float(np.mean(aucs)) if aucs else None,
@@ -123,9 +140,14 @@ def _report(r: Mapping[str, Any]) -> str:
     note = (f"Score: {r['score']} (corrupted = positive); mean AUC {fmt(r['mean_auc'])}. Corruptions that leave "
             f"the sentence unchanged are left out of the AUCs (n unchanged). Image-independent tags (the image "
             f"cannot show them): {', '.join(r.get('image_independent_tags', []))}.")
+    factors = sorted({f for v in r["by_case"].values() for f in v.get("by_factor", {})}, key=lambda f: float(f[1:]))
+    factor_cases = [c for c, v in r["by_case"].items() if v.get("by_factor")]
+    factor_rows = [[f] + [_auc_n(r["by_case"][c]["by_factor"].get(f)) for c in factor_cases] for f in factors]
+    by_factor = ("\n\nAUC (n) of numeric errors by factor:\n\n" + table(["factor"] + factor_cases, factor_rows)
+                 if factor_rows else "")
     return (note + "\n\n" + table(("corruption@rate", "AUC", "image-determined", "image-independent", "n clean",
                                    "n corrupted", "n unchanged"), rows)
-            + "\n\nAUC (n) by corrupted tag:\n\n" + table(["tag"] + cases, tag_rows))
+            + "\n\nAUC (n) by corrupted tag:\n\n" + table(["tag"] + cases, tag_rows) + by_factor)
 
 
 TASK = Task(

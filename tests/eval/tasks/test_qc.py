@@ -27,6 +27,16 @@ def test_qc_scores_corruptions_per_kind_and_rate(mr):
         assert entry["image_determined"]["n"] + independent == entry["n_corrupted"] - entry["n_text_unchanged"]
     assert set(result["by_case"]["numeric_error@0.5"]["by_tag"]) <= {"EchoTime", "RepetitionTime", "InversionTime"}
     assert set(result["image_independent_tags"]) == {"Manufacturer", "ManufacturerModelName"}
+    # numeric errors also by factor, every seen one counted once; other kinds change no number
+    from medvl.data.metadata import NUMERIC_ERROR_FACTORS
+
+    for rate in ("0.1", "0.5"):
+        entry = result["by_case"][f"numeric_error@{rate}"]
+        assert set(entry["by_factor"]) <= {f"x{f:.3g}" for f in NUMERIC_ERROR_FACTORS}
+        assert sum(v["n"] for v in entry["by_factor"].values()) == entry["n_corrupted"] - entry["n_text_unchanged"]
+        assert all(v["auc"] is None or is_share(v["auc"]) for v in entry["by_factor"].values())
+        assert "by_factor" not in result["by_case"][f"missing_tag@{rate}"]
+        assert "by_factor" not in result["by_case"][f"wrong_tag@{rate}"]
 
 
 def test_qc_refuses_ct(ct):
