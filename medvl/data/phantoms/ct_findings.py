@@ -84,9 +84,16 @@ class Canvas:
                 return int(zi), int(yi), int(xi)
         raise RuntimeError(f"no lung voxels in the {side} {lobe}; volume too small?")
 
-    def paint(self, sl, mask, value, allowed=None, mode="set"):
+    def paint(self, sl, mask, value, allowed=None, mode="set", into=None):
+        """Paint ``value`` where the local ``mask`` (on the box ``sl``) holds and the anatomy is ``allowed``;
+        returns the painted voxels as a whole-volume mask, ``into`` (or'ed in place) when one is given: a
+        finding drawn as many small pieces then builds one mask, not one whole-volume array per piece."""
         if allowed is not None:
-            mask = mask & np.isin(self.A.labels[sl], allowed)
+            labels = self.A.labels[sl]
+            inside = labels == allowed[0]
+            for label in allowed[1:]:
+                inside |= labels == label
+            mask = mask & inside
         v = self.vol[sl]
         if mode == "set":
             v[mask] = value
@@ -94,8 +101,8 @@ class Canvas:
             v[mask] = np.maximum(v[mask], value)
         else:  # callable of the old values
             v[mask] = mode(v[mask])
-        full = np.zeros(self.A.shape, bool)
-        full[sl] = mask
+        full = np.zeros(self.A.shape, bool) if into is None else into
+        full[sl] |= mask
         return full
 
     def finish(self, f: Finding, mask: np.ndarray, center_idx=None) -> Finding:
@@ -263,7 +270,7 @@ def _draw_emphysema(canvas: Canvas, f: Finding) -> Finding:
         c = np.unravel_index(int(rng.choice(cand)), A.shape)
         rxy = rng.uniform(6, 12)
         sl, m = A.ellipsoid(c, (max(rxy, 0.75 * A.spacing[0]), rxy, rxy))
-        mask |= canvas.paint(sl, m, rng.uniform(-1000, -975), allowed=[LUNG_R, LUNG_L])
+        canvas.paint(sl, m, rng.uniform(-1000, -975), allowed=[LUNG_R, LUNG_L], into=mask)
     return canvas.finish(f, mask)
 
 
@@ -319,7 +326,7 @@ def _draw_atelectasis(canvas: Canvas, f: Finding) -> Finding:
         sl, m = A.ellipsoid(c, r)
         zr = np.arange(sl[0].start, sl[0].stop)
         m = m & ((zr >= i0) & (zr < i1))[:, None, None]
-        mask |= canvas.paint(sl, m, hu, allowed=[LUNG[f.side]])
+        canvas.paint(sl, m, hu, allowed=[LUNG[f.side]], into=mask)
         first = first or c
     return canvas.finish(f, mask, first)
 
@@ -378,7 +385,7 @@ def _draw_lymphadenopathy(canvas: Canvas, f: Finding) -> Finding:
         c = A.index_of_mm((z * A.kz, y * A.kxy, x * A.kxy))
         d = rng.uniform(15, 26)  # short axis > 10 mm: enlarged
         sl, m = A.ellipsoid(c, (0.65 * d, d / 2, d / 2))
-        mask |= canvas.paint(sl, m, rng.uniform(40, 60), allowed=[MEDIASTINAL_FAT, LUNG_R, LUNG_L])
+        canvas.paint(sl, m, rng.uniform(40, 60), allowed=[MEDIASTINAL_FAT, LUNG_R, LUNG_L], into=mask)
         if d > best[0]:
             best = (d, c)
     out = canvas.finish(f, mask, best[1])
@@ -437,12 +444,12 @@ def _draw_arterial_wall_calcification(canvas: Canvas, f: Finding) -> Finding:
         th, half = rng.uniform(-np.pi, np.pi), rng.uniform(0.8, 1.3)  # arc of 90-150 degrees
         arc = wall & (np.abs(np.angle(np.exp(1j * (angle - th)))) <= half)
         hz = max(rng.uniform(8, 14), 0.5 * A.spacing[0])
-        zsel = np.abs(A.z1 - zmm) <= hz
-        plaque = zsel[:, None, None] & arc[None]
-        if not plaque.any():
+        zs_in = np.flatnonzero(np.abs(A.z1 - zmm) <= hz)
+        if zs_in.size == 0 or not arc.any():
             continue
-        sl = (slice(None),) * 3
-        mask |= canvas.paint(sl, plaque, rng.uniform(500, 1000), mode="max")
+        sl = (slice(int(zs_in[0]), int(zs_in[-1]) + 1), slice(None), slice(None))  # the slices are contiguous
+        plaque = np.broadcast_to(arc, (zs_in.size, *arc.shape))
+        canvas.paint(sl, plaque, rng.uniform(500, 1000), mode="max", into=mask)
         zi = int(np.argmin(np.abs(A.z1 - zmm)))
         yy, xx = np.nonzero(arc)
         centers.append((zi, int(round(yy.mean())), int(round(xx.mean()))))
