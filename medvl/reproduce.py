@@ -39,13 +39,18 @@ SEEDS = ("mrclip", "medtrim", "radfinder")
 # where 5e-4 reached 3.47 in 300 steps and 3.17 in 600 (2-core EPYC, 2026-12-04).
 SETTINGS: Dict[str, Any] = {"model": "vit3d-tiny", "size": (64, 64, 32), "n_train": None, "batch_size": 16,
                             "lr": 5e-4, "seed": 0, "vision": {}}
-# What a seed changes of SETTINGS. radfinder: 8 x 8 x 8 patches (256 tokens, not 64) and lr 1e-3. Its findings
-# are local (a 14-36 mm nodule fills under 2 % of a 16 x 16 x 8 patch of the 64 x 64 x 32 input); with the same
-# 500 steps of 16 this took held-out volume->text R@5 from 0.16 to 0.32 and R@10 from 0.25 to 0.48, and
-# zero-shot macro AUC from 0.62 to 0.64 (2-core EPYC, 2026-12-05). lr 2e-3 with those patches fell back to
-# R@5 0.13.
-SEED_SETTINGS: Dict[str, Dict[str, Any]] = {"radfinder": {"vision": {"patch_size": (8, 8, 8)}, "lr": 1e-3}}
-STEPS = {"mrclip": 500, "medtrim": 300, "radfinder": 500}
+# What a seed changes of SETTINGS. radfinder: 8 x 8 x 8 patches (256 tokens, not 64), a convolutional stem of width 8
+# before them (VolumeEncoder's stem), lr 1e-3, and 400 steps, not 500. Its findings are local: a 14-36 mm nodule fills
+# under 2 % of a 16 x 16 x 8 patch of the 64 x 64 x 32 input, and a patch embedding, linear in the voxels, cannot
+# tell a small blob from an edge. Measured on held-out phantoms, 2-core EPYC, one seed each (2026-12-05):
+#   16x16x8 patches, 500 steps:           R@5 0.16, R@10 0.25, zero-shot macro AUC 0.62
+#   8x8x8, 500 steps:                     R@5 0.32-0.34, R@10 0.48, zero-shot 0.64, 329 s the whole seed
+#   8x8x8 + stem (8,), 500 steps:         R@5 0.61, R@10 0.81, zero-shot 0.71, 418 s (over the 5 minutes a seed)
+#   8x8x8 + stem (8,), 400 steps:         R@5 0.32, R@10 0.56, zero-shot 0.68, probe 0.75 (was 0.69), 295 s
+# lr 2e-3 with 8x8x8 patches fell back to R@5 0.13.
+SEED_SETTINGS: Dict[str, Dict[str, Any]] = {
+    "radfinder": {"vision": {"patch_size": (8, 8, 8), "stem": (8,)}, "lr": 1e-3}}
+STEPS = {"mrclip": 500, "medtrim": 300, "radfinder": 400}
 EVAL_N = {"mrclip": 160, "medtrim": 128, "radfinder": 128}
 
 

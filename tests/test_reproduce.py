@@ -26,6 +26,7 @@ def test_radfinder_keys(tmp_path):
     for variant in ("with_localization", "without_localization"):
         config = json.loads((tmp_path / "radfinder" / variant / "checkpoint-2" / "config.json").read_text())
         assert config["model_config"]["vision"]["patch_size"] == [8, 8, 8] and config["lr"] == 1e-3
+        assert config["model_config"]["vision"]["stem"] == [8]  # and the evaluation rebuilt it from there
     assert saved["settings"]["lr"] == 1e-3
 
 

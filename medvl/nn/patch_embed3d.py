@@ -13,7 +13,7 @@ from medvl.options import look_up_option
 POS_EMBED_KINDS = ("learnable", "sincos", None)
 
 
-def _triple(value, name: str) -> Tuple[int, int, int]:
+def as_triple(value, name: str) -> Tuple[int, int, int]:
     values = (value,) * 3 if isinstance(value, int) else tuple(value)
     if len(values) != 3 or not all(isinstance(v, int) and v >= 1 for v in values):
         raise ValueError(f"{name} must be a positive int or three positive ints, got {value!r}")
@@ -52,7 +52,7 @@ class PatchEmbed3d(torch.nn.Module):
                  pad: bool = False, bias: bool = True):
         super().__init__()
         look_up_option(pos_embed, POS_EMBED_KINDS, name="pos_embed")
-        self.img_size, self.patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
+        self.img_size, self.patch_size = as_triple(img_size, "img_size"), as_triple(patch_size, "patch_size")
         if not pad and any(s % p for s, p in zip(self.img_size, self.patch_size)):
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}; "
                              "pass pad=True to zero-pad after the window")

@@ -203,3 +203,65 @@ def test_seeded_init_and_no_weight_decay():
     # Init: Linear biases zero, LayerNorm ones/zeros, Linear weights ~ 0.02.
     assert torch.all(a.blocks[0].mlp.fc1.bias == 0) and torch.all(a.norm.weight == 1)
     assert 0.01 < a.blocks[0].mlp.fc1.weight.std() < 0.03
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The convolutional stem (hybrid ViT)
+
+
+def test_stem_keeps_the_token_grid_and_depth_rows_in_input_voxels():
+    model = encoder(stem=(8,), pool="mean").eval()
+    assert model.patch_size == (8, 8, 4) and model.img_size == (32, 32, 16) and tuple(model.grid) == GRID
+    assert model.patch_embed.patch_size == (4, 4, 2) and model.patch_embed.window is None
+    out = model(ct(32, 32, 16), return_tokens=True, return_depth=True)
+    assert out["tokens"].shape == (2, 64, 24) and out["depth"].shape == (2, 4, 24)
+    # a change confined to slices [9, 11) of the input moves depth row 2 most; the others move too, through
+    # the stem's GroupNorm statistics (per sample, over the whole volume)
+    base = torch.full((1, 1, 32, 32, 16), -800, dtype=torch.int16)
+    bumped = base.clone()
+    bumped[..., 9:11] = 40
+    delta = (model(bumped, return_depth=True)["depth"] - model(base, return_depth=True)["depth"]).abs().amax(-1)
+    assert delta[0, 2] > 1e-3 and int(delta[0].argmax()) == 2
+    # another size goes through the resampled table as without a stem
+    assert model(ct(48, 32, 24), return_depth=True)["depth"].shape == (2, 6, 24)
+
+
+def test_stem_windows_the_raw_volume_first():
+    """The stem applies the model's window: an int16 volume equals the pre-windowed float volume through a
+    model without a window, with the same weights."""
+    windowed = encoder(stem=(8, 12)).eval()
+    raw = encoder(stem=(8, 12), window=None).eval()
+    raw.load_state_dict(windowed.state_dict())
+    volume = ct(32, 32, 16)
+    scaled = (volume.float().clamp(-1000, 400) + 1000) / 1400
+    torch.testing.assert_close(windowed(volume)["embedding"], raw(scaled)["embedding"], atol=1e-5, rtol=1e-4)
+    assert windowed.patch_embed.patch_size == (2, 2, 1) and windowed.patch_embed.weight.shape[1] == 12
+
+
+def test_stem_gradients_and_weight_decay():
+    model = encoder(stem=(8,), pool="max").train()
+    model(ct(32, 32, 16))["embedding"].square().sum().backward()
+    params = dict(model.named_parameters())
+    for name in ("stem.layers.0.weight", "stem.layers.0.bias", "stem.layers.1.weight", "patch_embed.weight"):
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+    assert "stem.layers.0.weight" not in model.no_weight_decay()
+    assert {"stem.layers.0.bias", "stem.layers.1.weight", "stem.layers.1.bias"} <= model.no_weight_decay()
+
+
+def test_stem_does_not_mix_the_samples_of_a_batch():
+    model = encoder(stem=(8,)).eval()
+    volume = ct(32, 32, 16, batch=3)
+    together = model(volume)["embedding"]
+    alone = torch.cat([model(volume[i : i + 1])["embedding"] for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(stem=(8,), patch_size=(8, 8, 3)), "multiples of the stem's stride 2"),
+    (dict(stem=(8, 8), patch_size=(8, 8, 2)), "multiples of the stem's stride 4"),
+    (dict(stem=(8,), img_size=(32, 32, 15)), "img_size"),
+    (dict(stem=(0,)), "stem widths must be positive"),
+])
+def test_stem_bad_settings_name_the_argument(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        encoder(**overrides)
