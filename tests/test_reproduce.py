@@ -57,6 +57,9 @@ def test_mrclip_keys_and_same_shots(tmp_path):
     assert set(clip) == set(cnn) and all(len(cnn[k]["values"]) == len(clip[k]["values"]) for k in clip)
     # the CNN trains on the halves the few-shot probe split off (the probe's split names its seed)
     assert r["fewshot"]["split"].endswith(f"(seed {r['fewshot']['cnn_split_seed']})")
+    # the seed's stem reaches the model; MR volumes are normalised, so the stem windows nothing
+    vision = json.loads((tmp_path / "mrclip" / "checkpoint-2" / "config.json").read_text())["model_config"]["vision"]
+    assert vision["stem"] == [8] and vision["window"] is None
 
 
 def _check_floors(r, out, count):
