@@ -374,9 +374,11 @@ def _collapse_text(spread: Optional[Mapping[str, Any]], training: Optional[Mappi
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reproduce(seed: str, out="runs/reproduce", log: Optional[Callable[[str], None]] = print,
+def reproduce(seed: str, /, out="runs/reproduce", log: Optional[Callable[[str], None]] = print,
               **overrides: Any) -> Dict[str, Any]:
     """Train and evaluate ``seed`` ("mrclip", "medtrim" or "radfinder"); writes ``out/results.json``.
+
+    ``seed`` is positional only, so that ``seed=`` stays free for the training seed (a setting like the others).
 
     ``overrides`` replace :data:`SETTINGS` (with the seed's :data:`SEED_SETTINGS`) and its ``steps`` / ``eval_n`` / ``cnn_epochs``
     (the tests run a seed in seconds this way; the recorded figures use the defaults)."""

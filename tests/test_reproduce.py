@@ -78,6 +78,25 @@ def test_unknown_seed_and_setting(tmp_path):
         reproduce("mrclip", tmp_path, epochs=3)
 
 
+def test_the_training_seed_is_a_setting_too(tmp_path, monkeypatch):
+    """``seed=`` overrides the training seed (the paper's name is positional), on top of the seed's own settings."""
+    import medvl.reproduce
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def record(out, run, log):
+        seen.update(run)
+        raise Stop
+
+    monkeypatch.setattr(medvl.reproduce, "_mrclip", record)
+    with pytest.raises(Stop):
+        reproduce("mrclip", tmp_path, log=None, seed=1)
+    assert seen["seed"] == 1 and seen["vision"] == {"stem": (8,)} and seen["steps"] == 400
+
+
 def test_each_reproduction_trains_afresh(tmp_path, monkeypatch):
     """A second `medvl reproduce` into the same folder replaces its runs instead of being refused."""
     import medvl.train.trainer
