@@ -140,7 +140,7 @@ class PlainVolumeEncoder(VolumeEncoder):
 def plain_volume_path(model):
     """A copy of the CLIPModel ``model`` whose vision tower embeds patches the plain way (MONAI window and
     ``PatchEmbeddingBlock``) with the same weights; everything else is a copy of ``model``'s own."""
-    if getattr(model.visual, "stem", None) is not None:
+    if model.visual.stem is not None:
         raise ValueError("plain_volume_path compares the fused patch embedding with MONAI's on the raw volume; "
                          "this model's vision tower has a convolutional stem first (vision stem=...): benchmark "
                          "a model without one")

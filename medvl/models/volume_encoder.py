@@ -28,6 +28,7 @@ from medvl.data.transforms import CT_WINDOW
 from medvl.nn.standardize import FeatureStandardizer
 from medvl.nn.patch_embed3d import PatchEmbed3d, as_triple
 from medvl.options import look_up_option
+from medvl.reference.patch_embed3d import window_volume
 
 POOLS = ("cls", "mean", "max")
 POS_EMBEDS = ("learnable", "sincos")
@@ -97,11 +98,8 @@ class ConvStem(torch.nn.Module):
         self.out_channels, self.stride = width, 2 ** len(widths)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        x = volume.to(self.layers[0].weight.dtype)
-        if self.window is not None:
-            lo, hi = self.window
-            x = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
-        return self.layers(x)
+        # the window the fused patch embedding applies without a stem, to [0, 1]
+        return self.layers(window_volume(volume, self.window, (0.0, 1.0), self.layers[0].weight.dtype))
 
 
 class Block(torch.nn.Module):
@@ -199,24 +197,19 @@ class VolumeEncoder(torch.nn.Module):
         window = None if window is None else tuple(float(w) for w in window)
         self.embed_dim, self.output_dim, self.pool = embed_dim, output_dim, pool
         self.grad_checkpointing = bool(grad_checkpointing)
-        if stem:
-            self.stem = ConvStem(in_channels, stem, window)
-            stride = self.stem.stride
-            img_size, patch_size = as_triple(img_size, "img_size"), as_triple(patch_size, "patch_size")
-            bad = [f"{name} {value}" for name, value in (("img_size", img_size), ("patch_size", patch_size))
-                   if any(v % stride for v in value)]
-            if bad:
-                raise ValueError(f"{' and '.join(bad)} must be multiples of the stem's stride {stride} "
-                                 f"(2 ** len(stem), stem={tuple(stem)}) on each axis")
-            self.patch_embed = PatchEmbed3d(self.stem.out_channels, embed_dim, tuple(v // stride for v in img_size),
-                                            tuple(v // stride for v in patch_size), window=None,
-                                            pos_embed=pos_embed)
-            self.img_size, self.patch_size = img_size, patch_size
-        else:
-            self.stem = None
-            self.patch_embed = PatchEmbed3d(in_channels, embed_dim, img_size, patch_size, window=window,
-                                            pos_embed=pos_embed)
-            self.img_size, self.patch_size = self.patch_embed.img_size, self.patch_embed.patch_size
+        # With a stem the patch embedding reads the stem's feature map, already windowed, at 1/stride the size.
+        self.stem = ConvStem(in_channels, stem, window) if stem else None
+        stride = self.stem.stride if self.stem is not None else 1
+        img_size, patch_size = as_triple(img_size, "img_size"), as_triple(patch_size, "patch_size")
+        bad = [f"{name} {value}" for name, value in (("img_size", img_size), ("patch_size", patch_size))
+               if any(v % stride for v in value)]
+        if bad:
+            raise ValueError(f"{' and '.join(bad)} must be multiples of the stem's stride {stride} "
+                             f"(2 ** len(stem), stem={tuple(stem)}) on each axis")
+        self.patch_embed = PatchEmbed3d(self.stem.out_channels if self.stem is not None else in_channels, embed_dim,
+                                        tuple(v // stride for v in img_size), tuple(v // stride for v in patch_size),
+                                        window=None if self.stem is not None else window, pos_embed=pos_embed)
+        self.img_size, self.patch_size = img_size, patch_size
         self.grid = self.patch_embed.grid
         if pool == "cls":
             self.cls_token = torch.nn.Parameter(torch.empty(1, 1, embed_dim))

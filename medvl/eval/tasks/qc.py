@@ -36,6 +36,11 @@ def _numeric_factor(before: Mapping[str, Any], after: Mapping[str, Any], tag: st
     return f"x{new / old:.3g}"
 
 
+def _factor_order(label: str) -> float:
+    """Sort key of a ``by_factor`` label ("x0.25" -> 0.25)."""
+    return float(label[1:])
+
+
 def _auc_or_none(clean: np.ndarray, corrupted: Sequence[float]) -> Optional[float]:
     return qc_auc(clean, np.asarray(corrupted, dtype=np.float64)) if len(corrupted) else None
 
@@ -110,7 +115,7 @@ def qc_task(encoder, data, *, rates: Sequence[float] = QC_RATES, kinds: Optional
                                        for tag, v in sorted(by_tag.items())}}
             if by_factor:  # numeric errors: a x2 error may stay inside the sequence's own range, a x10 may not
                 by_case[key]["by_factor"] = {f: {"auc": _auc_or_none(clean, v), "n": len(v)}
-                                             for f, v in sorted(by_factor.items(), key=lambda kv: float(kv[0][1:]))}
+                                             for f, v in sorted(by_factor.items(), key=lambda kv: _factor_order(kv[0]))}
             scores[key] = {"clean": clean.round(6).tolist(), "corrupted": corrupted_scores.round(6).tolist()}
     aucs = [v["auc"] for v in by_case.values() if v["auc"] is not None]
     return {"by_case": by_case, "mean_auc": float(np.mean(aucs)) if aucs else None,
@@ -140,7 +145,7 @@ def _report(r: Mapping[str, Any]) -> str:
     note = (f"Score: {r['score']} (corrupted = positive); mean AUC {fmt(r['mean_auc'])}. Corruptions that leave "
             f"the sentence unchanged are left out of the AUCs (n unchanged). Image-independent tags (the image "
             f"cannot show them): {', '.join(r.get('image_independent_tags', []))}.")
-    factors = sorted({f for v in r["by_case"].values() for f in v.get("by_factor", {})}, key=lambda f: float(f[1:]))
+    factors = sorted({f for v in r["by_case"].values() for f in v.get("by_factor", {})}, key=_factor_order)
     factor_cases = [c for c, v in r["by_case"].items() if v.get("by_factor")]
     factor_rows = [[f] + [_auc_n(r["by_case"][c]["by_factor"].get(f)) for c in factor_cases] for f in factors]
     by_factor = ("\n\nAUC (n) of numeric errors by factor:\n\n" + table(["factor"] + factor_cases, factor_rows)
