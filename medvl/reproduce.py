@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,8 +43,14 @@ SEEDS = ("mrclip", "medtrim", "radfinder")
 # a new phantom for every sample trained on (256 phantoms were memorised: train R@5 1.0, held-out 0.13). lr 5e-4:
 # on new phantoms, 2e-3 left the siglip recipe's contrastive loss at the collapsed level (3.75 after 400 steps)
 # where 5e-4 reached 3.47 in 300 steps and 3.17 in 600 (2-core EPYC, 2026-12-04).
+# jobs: how many of a seed's trainings run at once, each in its own process with an equal share of torch's threads
+# (None: all of them, on a machine with at least two threads; 1: one after the other in this process). The phantom
+# generator is single-threaded Python and numpy, about 40 % of a step, and leaves the second core idle while it runs:
+# 80 steps of RadFinder's model took 36 s in one process with 2 threads, and two such trainings side by side with
+# one thread each 45 s for both (1.6x the throughput); two gloo ranks (DDP) of one training took 36 s (2-core EPYC,
+# 2026-12-06). The numbers a training gives depend on its thread count only in rounding.
 SETTINGS: Dict[str, Any] = {"model": "vit3d-tiny", "size": (64, 64, 32), "n_train": None, "batch_size": 16,
-                            "lr": 5e-4, "seed": 0, "vision": {}}
+                            "lr": 5e-4, "seed": 0, "vision": {}, "jobs": None}
 # What a seed changes of SETTINGS. radfinder: 8 x 8 x 8 patches (256 tokens, not 64), a convolutional stem of width 8
 # before them (VolumeEncoder's stem), lr 1e-3, and 400 steps, not 500. Its findings are local: a 14-36 mm nodule fills
 # under 2 % of a 16 x 16 x 8 patch of the 64 x 64 x 32 input, and a patch embedding, linear in the voxels, cannot
@@ -82,6 +94,89 @@ def _evaluate(checkpoint: Path, out: Path, tasks: Sequence[str], n: int, log) ->
     summary = evaluate(checkpoint, tasks=list(tasks), out=out, n=n, log=None)
     log(f"  evaluated {', '.join(tasks)} on {n} held-out phantoms -> {out}")
     return summary["results"]
+
+
+@dataclass(frozen=True)
+class _Training:
+    """One model of a comparison: trained in ``folder``, then evaluated on ``tasks`` in ``folder / "eval"``."""
+    name: str
+    folder: Path
+    recipe: str
+    tasks: Tuple[str, ...]
+    loss_weights: Optional[Dict[str, float]] = None
+    loss_options: Optional[Dict[str, Any]] = None
+
+
+def _train_and_evaluate(job: _Training, run: Dict[str, Any], log) -> Tuple[Path, Dict[str, Any]]:
+    checkpoint = _train(job.name, job.folder, job.recipe, run, log=log, loss_weights=job.loss_weights,
+                        loss_options=job.loss_options)
+    return checkpoint, _evaluate(checkpoint, job.folder / "eval", job.tasks, run["eval_n"], log)
+
+
+def _jobs_at_once(n_jobs: int, jobs: Optional[int]) -> int:
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be a positive integer or None (as many as the machine's threads allow), "
+                         f"got {jobs!r}")
+    wanted = n_jobs if jobs is None else jobs
+    if jobs is None and torch.get_num_threads() < 2:
+        wanted = 1
+    return max(1, min(n_jobs, wanted))
+
+
+def _train_all(jobs: Sequence[_Training], run: Dict[str, Any], log) -> List[Tuple[Path, Dict[str, Any]]]:
+    """(checkpoint, evaluation results) of every job, in order; ``run["jobs"]`` of them at a time (SETTINGS).
+
+    Side by side, each job runs in a fresh Python process (``python -c``, not multiprocessing: that would import
+    the caller's main script again in every worker) with an equal share of torch's threads; its log lines come
+    back through its stdout, its results through a pickle in its folder."""
+    at_once = _jobs_at_once(len(jobs), run["jobs"])
+    if at_once == 1:
+        return [_train_and_evaluate(job, run, log) for job in jobs]
+    threads = max(1, torch.get_num_threads() // at_once)
+    log(f"training {', '.join(job.name for job in jobs)}: {at_once} at a time, {threads} thread(s) each")
+    lock = threading.Lock()
+
+    def locked_log(message: str) -> None:
+        with lock:
+            log(message)
+
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(lambda job: _train_in_process(job, run, threads, locked_log), jobs))
+
+
+def _train_in_process(job: _Training, run: Dict[str, Any], threads: int, log) -> Tuple[Path, Dict[str, Any]]:
+    job.folder.mkdir(parents=True, exist_ok=True)
+    spec, result, errors = (job.folder / name for name in ("job.pkl", "job-result.pkl", "job-stderr.txt"))
+    result.unlink(missing_ok=True)
+    spec.write_bytes(pickle.dumps((job, run, threads)))
+    command = [sys.executable, "-c", f"import medvl.reproduce as r; r._job_main({str(spec)!r})"]
+    # the child imports this very medvl, wherever the caller found it
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
+    try:
+        with open(errors, "w") as stderr:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1, env=env)
+            for line in process.stdout:
+                log(line.rstrip("\n"))
+            code = process.wait()
+        if code != 0 or not result.is_file():
+            tail = "\n".join(errors.read_text().splitlines()[-25:])
+            raise RuntimeError(f"{job.name}: its training process exited with code {code}; the end of its stderr "
+                               f"({errors}):\n{tail}")
+        checkpoint, results = pickle.loads(result.read_bytes())
+    finally:
+        spec.unlink(missing_ok=True)
+        result.unlink(missing_ok=True)
+    return checkpoint, results
+
+
+def _job_main(spec: str) -> None:
+    """The body of one side-by-side training process (see :func:`_train_all`)."""
+    job, run, threads = pickle.loads(Path(spec).read_bytes())
+    torch.set_num_threads(threads)
+    tag = f"[{job.name}]"
+    done = _train_and_evaluate(job, run, lambda m: print(m if m.startswith(tag) else f"{tag} {m}", flush=True))
+    (job.folder / "job-result.pkl").write_bytes(pickle.dumps(done))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,15 +294,15 @@ def _medtrim(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     }
     precision: Dict[str, Any] = {}
     collapse: Dict[str, Any] = {}
-    for name, (recipe, weights, options) in variants.items():
-        checkpoint = _train(f"medtrim/{name}", out / "medtrim" / name, recipe, run, log=log,
-                            loss_weights=weights, loss_options=options)
-        results = _evaluate(checkpoint, out / "medtrim" / name / "eval", ("precision", "collapse"), run["eval_n"], log)
+    jobs = [_Training(f"medtrim/{name}", out / "medtrim" / name, recipe, ("precision", "collapse"), weights, options)
+            for name, (recipe, weights, options) in variants.items()]
+    for name, (checkpoint, results) in zip(variants, _train_all(jobs, run, log)):
         by_relevance = results["precision"]["by_relevance"]
         precision[name] = {mode: {k: v for k, v in values.items() if k.startswith("P@") or k == "chance"}
                            for mode, values in by_relevance.items()}
         collapse[name] = {"held_out": _spread(results), "training": _diagnostics(checkpoint)}
-    return {"precision_at_r": precision, "collapse": collapse}
+    return {"precision_at_r": precision, "collapse": collapse,
+            "trainings_at_once": _jobs_at_once(len(jobs), run["jobs"])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,12 +310,13 @@ def _medtrim(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
 
 
 def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
-    runs, checkpoints = {}, {}
-    for name, weight in (("with_localization", 1.0), ("without_localization", 0.0)):
-        checkpoints[name] = _train(f"radfinder/{name}", out / "radfinder" / name, "siglip", run, log=log,
-                                   loss_weights={"localization": weight})
-        runs[name] = _evaluate(checkpoints[name], out / "radfinder" / name / "eval",
-                               ("localization", "retrieval", "zeroshot", "collapse"), run["eval_n"], log)
+    variants = {"with_localization": 1.0, "without_localization": 0.0}
+    jobs = [_Training(f"radfinder/{name}", out / "radfinder" / name, "siglip",
+                      ("localization", "retrieval", "zeroshot", "collapse"), {"localization": weight})
+            for name, weight in variants.items()]
+    checkpoints, runs = {}, {}
+    for name, (checkpoint, results) in zip(variants, _train_all(jobs, run, log)):
+        checkpoints[name], runs[name] = checkpoint, results
     with_term = runs["with_localization"]["localization"]
     baselines = with_term["baselines"]
 
@@ -246,7 +342,7 @@ def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     return {"localization_mae_mm": with_term["model"]["mae_mm"], **base,
             "with_localization": summary("with_localization"),
             "without_localization": summary("without_localization"),
-            "baseline_names": sorted(baselines)}
+            "baseline_names": sorted(baselines), "trainings_at_once": _jobs_at_once(len(jobs), run["jobs"])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,8 +397,10 @@ def format_summary(results: Mapping[str, Any]) -> str:
     """The human-readable summary of a seed's run (what bench/results/reproduce-*.txt records)."""
     seed, run = results["seed"], results["settings"]
     phantoms = f"{run['n_train']} training phantoms" if run["n_train"] else "a new phantom for every sample"
+    at_once = results.get("trainings_at_once", 1)
+    side_by_side = f", {at_once} trainings at a time" if at_once > 1 else ""
     lines = [f"{seed} ({run['steps']} steps of {run['batch_size']}, {phantoms}, eval n={run['eval_n']}, "
-             f"{results['wall_s']:.0f} s):"]
+             f"{results['wall_s']:.0f} s{side_by_side}):"]
     if seed == "radfinder":
         r, w = results["with_localization"], results["without_localization"]
         lines.append(f"  zero-shot macro AUC {r['zeroshot_macro_auc']:.3f} (without the localization term "
@@ -388,6 +486,7 @@ def reproduce(seed: str, /, out="runs/reproduce", log: Optional[Callable[[str], 
     if unknown:
         raise TypeError(f"reproduce: unknown setting(s) {unknown}; valid: {sorted(run)}")
     run.update(overrides)
+    _jobs_at_once(1, run["jobs"])  # a bad value is refused here, also for a seed with one training
     log = log or (lambda _m: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from medvl.reproduce import reproduce
 from tests.utils import is_share
@@ -107,3 +108,33 @@ def test_each_reproduction_trains_afresh(tmp_path, monkeypatch):
                         {"first_loss": 1.0, "loss": 0.5, "checkpoint": str(tmp_path / "checkpoint-2")})
     _train("x", tmp_path, "siglip", dict(TOY, model="vit3d-tiny", lr=1e-3, seed=0, vision={}), log=lambda _: None)
     assert configs[0].overwrite is True
+
+
+def test_trainings_side_by_side_give_what_one_process_gives(tmp_path):
+    """``jobs=2``: RadFinder's two trainings run at once, each in its own process with half the threads; their
+    models and results are those of the same trainings one after another in this process at that thread count."""
+    from safetensors.torch import load_file
+
+    threads = torch.get_num_threads()
+    side = reproduce("radfinder", tmp_path / "side", log=None, jobs=2, **TOY)
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        alone = reproduce("radfinder", tmp_path / "alone", log=None, jobs=1, **TOY)
+    finally:
+        torch.set_num_threads(threads)
+    assert (side["trainings_at_once"], alone["trainings_at_once"]) == (2, 1)
+    for variant in ("with_localization", "without_localization"):
+        a, b = (load_file(str(tmp_path / run / "radfinder" / variant / "checkpoint-2" / "model.safetensors"))
+                for run in ("side", "alone"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), variant
+        for key in ("zeroshot_auc", "probe_auc", "retrieval_volume_to_text", "localization_mae_mm"):
+            assert side[variant][key] == alone[variant][key], (variant, key)
+    assert not list((tmp_path / "side").rglob("job*.pkl"))  # the hand-over files are cleaned up
+
+
+def test_a_failed_side_by_side_training_names_itself(tmp_path):
+    with pytest.raises(RuntimeError, match=r"radfinder/with_localization: its training process exited with code 1"
+                                           r"(.|\n)*no-such-model"):
+        reproduce("radfinder", tmp_path, log=None, jobs=2, model="no-such-model", **TOY)
+    with pytest.raises(ValueError, match="jobs must be a positive integer or None"):
+        reproduce("radfinder", tmp_path, log=None, jobs=0, **TOY)
