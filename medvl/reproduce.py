@@ -22,6 +22,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +44,9 @@ SEEDS = ("mrclip", "medtrim", "radfinder")
 # a new phantom for every sample trained on (256 phantoms were memorised: train R@5 1.0, held-out 0.13). lr 5e-4:
 # on new phantoms, 2e-3 left the siglip recipe's contrastive loss at the collapsed level (3.75 after 400 steps)
 # where 5e-4 reached 3.47 in 300 steps and 3.17 in 600 (2-core EPYC, 2026-12-04).
-# jobs: how many of a seed's trainings run at once, each in its own process with an equal share of torch's threads
-# (None: all of them, on a machine with at least two threads; 1: one after the other in this process). The phantom
+# jobs: how many of a seed's jobs (its trainings; MR-CLIP's supervised CNN baseline) run at once, each in its own
+# process with an equal share of torch's threads (None: all of them, on a machine with at least two threads; 1: one
+# after the other in this process). The phantom
 # generator is single-threaded Python and numpy, about 40 % of a step, and leaves the second core idle while it runs:
 # 80 steps of RadFinder's model took 36 s in one process with 2 threads, and two such trainings side by side with
 # one thread each 45 s for both (1.6x the throughput); two gloo ranks (DDP) of one training took 36 s (2-core EPYC,
@@ -52,22 +54,28 @@ SEEDS = ("mrclip", "medtrim", "radfinder")
 SETTINGS: Dict[str, Any] = {"model": "vit3d-tiny", "size": (64, 64, 32), "n_train": None, "batch_size": 16,
                             "lr": 5e-4, "seed": 0, "vision": {}, "jobs": None}
 # What a seed changes of SETTINGS. radfinder: 8 x 8 x 8 patches (256 tokens, not 64), a convolutional stem of width 8
-# before them (VolumeEncoder's stem), lr 1e-3, and 400 steps, not 500. Its findings are local: a 14-36 mm nodule fills
-# under 2 % of a 16 x 16 x 8 patch of the 64 x 64 x 32 input, and a patch embedding, linear in the voxels, cannot
-# tell a small blob from an edge. Measured on held-out phantoms, 2-core EPYC, one seed each (2026-12-05):
+# before them (VolumeEncoder's stem) and lr 1e-3. Its findings are local: a 14-36 mm nodule fills under 2 % of a
+# 16 x 16 x 8 patch of the 64 x 64 x 32 input, and a patch embedding, linear in the voxels, cannot tell a small blob
+# from an edge. Measured on held-out phantoms, 2-core EPYC, training seed 0 (2026-12-05, one after the other):
 #   16x16x8 patches, 500 steps:           R@5 0.16, R@10 0.25, zero-shot macro AUC 0.62
 #   8x8x8, 500 steps:                     R@5 0.32-0.34, R@10 0.48, zero-shot 0.64, 329 s the whole seed
 #   8x8x8 + stem (8,), 500 steps:         R@5 0.61, R@10 0.81, zero-shot 0.71, 418 s (over the 5 minutes a seed)
 #   8x8x8 + stem (8,), 400 steps:         R@5 0.32, R@10 0.56, zero-shot 0.68, probe 0.75 (was 0.69), 295 s
-# lr 2e-3 with 8x8x8 patches fell back to R@5 0.13.
-# mrclip: the same stem before its 16 x 16 x 8 patches, and 400 steps, not 500. The contrast that TR, TE and TI set
-# is a local intensity relation between tissues; at 500 steps the stem took QC AUC for missing image-determined tags
-# from 0.91 to 0.96 and for numeric errors from 0.72 to 0.87 (TR 0.56 -> 0.81), few-shot k = 1 from 0.62 to 0.81,
-# in 303 s against 268 s without it (2-core EPYC, 2026-12-05, a slow day for that machine).
+# lr 2e-3 with 8x8x8 patches fell back to R@5 0.13. With its two trainings side by side (SETTINGS' jobs), 500 steps
+# fit: 252 s (2026-12-06). Tried there and not kept (zero-shot, seeds 0 / 1 / 2 against 0.68 / 0.64 / 0.65 for
+# the settings above at 400 steps): the prompt term weighted 3 (0.71 / 0.63 / 0.71); max pooling (0.64, seed 0);
+# four CT windows into the stem (0.67 / 0.66; emphysema 0.88 but lymph nodes and calcification still at chance); a
+# second stem layer (8, 16) (0.67 / 0.65); a stem of three (16, 32, 64), 500 steps, mean or max pooling (0.71 / 0.71
+# against 0.71 for width 8 at 500 steps, seed 0; 30 % slower).
+# mrclip: the same stem before its 16 x 16 x 8 patches. The contrast that TR, TE and TI set is a local intensity
+# relation between tissues; at 500 steps the stem took QC AUC for missing image-determined tags from 0.91 to 0.96 and
+# for numeric errors from 0.72 to 0.87 (TR 0.56 -> 0.81), few-shot k = 1 from 0.62 to 0.81, in 303 s against 268 s
+# without it (2-core EPYC, 2026-12-05, a slow day for that machine). 550 steps: its supervised CNN baseline (about a
+# third of the seed's time) runs beside the training (SETTINGS' jobs), 237 s (2026-12-06).
 SEED_SETTINGS: Dict[str, Dict[str, Any]] = {
     "radfinder": {"vision": {"patch_size": (8, 8, 8), "stem": (8,)}, "lr": 1e-3},
     "mrclip": {"vision": {"stem": (8,)}}}
-STEPS = {"mrclip": 400, "medtrim": 300, "radfinder": 400}
+STEPS = {"mrclip": 550, "medtrim": 300, "radfinder": 500}
 EVAL_N = {"mrclip": 160, "medtrim": 128, "radfinder": 128}
 
 
@@ -107,7 +115,7 @@ class _Training:
     loss_options: Optional[Dict[str, Any]] = None
 
 
-def _train_and_evaluate(job: _Training, run: Dict[str, Any], log) -> Tuple[Path, Dict[str, Any]]:
+def _train_and_evaluate(job: _Training, run: Dict[str, Any], *, log) -> Tuple[Path, Dict[str, Any]]:
     checkpoint = _train(job.name, job.folder, job.recipe, run, log=log, loss_weights=job.loss_weights,
                         loss_options=job.loss_options)
     return checkpoint, _evaluate(checkpoint, job.folder / "eval", job.tasks, run["eval_n"], log)
@@ -123,17 +131,17 @@ def _jobs_at_once(n_jobs: int, jobs: Optional[int]) -> int:
     return max(1, min(n_jobs, wanted))
 
 
-def _train_all(jobs: Sequence[_Training], run: Dict[str, Any], log) -> List[Tuple[Path, Dict[str, Any]]]:
-    """(checkpoint, evaluation results) of every job, in order; ``run["jobs"]`` of them at a time (SETTINGS).
-
-    Side by side, each job runs in a fresh Python process (``python -c``, not multiprocessing: that would import
-    the caller's main script again in every worker) with an equal share of torch's threads; its log lines come
-    back through its stdout, its results through a pickle in its folder."""
-    at_once = _jobs_at_once(len(jobs), run["jobs"])
+def _side_by_side(calls: Sequence[Tuple[str, Callable[..., Any], tuple]], jobs: Optional[int], log) -> List[Any]:
+    """``fn(*args, log=...)`` of every ``(name, fn, args)`` in ``calls``, results in order; ``jobs`` at a time
+    (SETTINGS). ``fn`` is a function of this module and ``args`` pickle: side by side, each call runs in a fresh
+    Python process (``python -c``, not multiprocessing, which would import the caller's main script again in every
+    worker) with an equal share of torch's threads; its log lines come back through its stdout, prefixed with its
+    name, its result through a pickle."""
+    at_once = _jobs_at_once(len(calls), jobs)
     if at_once == 1:
-        return [_train_and_evaluate(job, run, log) for job in jobs]
+        return [fn(*args, log=log) for _, fn, args in calls]
     threads = max(1, torch.get_num_threads() // at_once)
-    log(f"training {', '.join(job.name for job in jobs)}: {at_once} at a time, {threads} thread(s) each")
+    log(f"running {', '.join(name for name, _, _ in calls)}: {at_once} at a time, {threads} thread(s) each")
     lock = threading.Lock()
 
     def locked_log(message: str) -> None:
@@ -141,19 +149,17 @@ def _train_all(jobs: Sequence[_Training], run: Dict[str, Any], log) -> List[Tupl
             log(message)
 
     with ThreadPoolExecutor(at_once) as pool:
-        return list(pool.map(lambda job: _train_in_process(job, run, threads, locked_log), jobs))
+        return list(pool.map(lambda call: _call_in_process(*call, threads=threads, log=locked_log), calls))
 
 
-def _train_in_process(job: _Training, run: Dict[str, Any], threads: int, log) -> Tuple[Path, Dict[str, Any]]:
-    job.folder.mkdir(parents=True, exist_ok=True)
-    spec, result, errors = (job.folder / name for name in ("job.pkl", "job-result.pkl", "job-stderr.txt"))
-    result.unlink(missing_ok=True)
-    spec.write_bytes(pickle.dumps((job, run, threads)))
-    command = [sys.executable, "-c", f"import medvl.reproduce as r; r._job_main({str(spec)!r})"]
-    # the child imports this very medvl, wherever the caller found it
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
-    try:
+def _call_in_process(name: str, fn: Callable[..., Any], args: tuple, *, threads: int, log) -> Any:
+    with tempfile.TemporaryDirectory(prefix="medvl-reproduce-") as folder:
+        spec, result, errors = (Path(folder) / f for f in ("call.pkl", "result.pkl", "stderr.txt"))
+        spec.write_bytes(pickle.dumps((name, fn, args, threads, str(result))))
+        command = [sys.executable, "-c", f"import medvl.reproduce as r; r._call_main({str(spec)!r})"]
+        # the child imports this very medvl, wherever the caller found it
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
         with open(errors, "w") as stderr:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1, env=env)
             for line in process.stdout:
@@ -161,22 +167,17 @@ def _train_in_process(job: _Training, run: Dict[str, Any], threads: int, log) ->
             code = process.wait()
         if code != 0 or not result.is_file():
             tail = "\n".join(errors.read_text().splitlines()[-25:])
-            raise RuntimeError(f"{job.name}: its training process exited with code {code}; the end of its stderr "
-                               f"({errors}):\n{tail}")
-        checkpoint, results = pickle.loads(result.read_bytes())
-    finally:
-        spec.unlink(missing_ok=True)
-        result.unlink(missing_ok=True)
-    return checkpoint, results
+            raise RuntimeError(f"{name}: its process exited with code {code}; the end of its stderr:\n{tail}")
+        return pickle.loads(result.read_bytes())
 
 
-def _job_main(spec: str) -> None:
-    """The body of one side-by-side training process (see :func:`_train_all`)."""
-    job, run, threads = pickle.loads(Path(spec).read_bytes())
+def _call_main(spec: str) -> None:
+    """The body of one side-by-side process (see :func:`_side_by_side`)."""
+    name, fn, args, threads, result = pickle.loads(Path(spec).read_bytes())
     torch.set_num_threads(threads)
-    tag = f"[{job.name}]"
-    done = _train_and_evaluate(job, run, lambda m: print(m if m.startswith(tag) else f"{tag} {m}", flush=True))
-    (job.folder / "job-result.pkl").write_bytes(pickle.dumps(done))
+    tag = f"[{name}]"
+    done = fn(*args, log=lambda m: print(m if m.startswith(tag) else f"{tag} {m}", flush=True))
+    Path(result).write_bytes(pickle.dumps(done))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,28 +220,39 @@ def cnn_fit(train_x: torch.Tensor, train_y, test_x: torch.Tensor, test_y, seed: 
     return float((predicted == truth).float().mean())
 
 
-def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
+def _supervised_cnn(run: Dict[str, Any], *, log) -> Dict[str, Any]:
+    """MR-CLIP's few-shot baseline: a :class:`_SmallCNN` from scratch on the very volumes, split and shots of the
+    ``fewshot`` task (its halves split with DEFAULT_EVAL_SEED, the seed evaluate() uses; its draws FEWSHOT_SEEDS;
+    its shot counts those the split allows). Needs no checkpoint, so it runs beside the training."""
+    from medvl.data.sources import build_dataset, synthetic_source
     from medvl.eval.eval_set import EvalSet, class_target
     from medvl.eval.probe import few_shot, stratified_halves
-    from medvl.eval.tasks.fewshot import FEWSHOT_SEEDS
-    from medvl.data.sources import build_dataset, synthetic_source
+    from medvl.eval.tasks.fewshot import FEWSHOT_KS, FEWSHOT_SEEDS
+    from medvl.eval.tasks.task import cutoffs
 
-    checkpoint = _train("mrclip", out / "mrclip", "mrclip", run, log=log)
-    results = _evaluate(checkpoint, out / "mrclip" / "eval", ("qc", "probe", "fewshot", "collapse"), run["eval_n"],
-                        log)
-    qc = results["qc"]["by_case"]
-    # the CNN sees the volumes of the very split and shots the few-shot probe saw: evaluate() splits with its
-    # seed, DEFAULT_EVAL_SEED, and the draws use FEWSHOT_SEEDS
     source = synthetic_source("mr")
     dataset, _ = build_dataset(source, "mr", n=run["eval_n"], seed=DEFAULT_EVAL_SEED, size=run["size"])
     data = EvalSet.from_dataset(dataset, "mr", source=source, size=run["size"])
     y, _, _ = class_target(data)
     train, test = stratified_halves(y, DEFAULT_EVAL_SEED)
+    ks = cutoffs(FEWSHOT_KS, int(np.unique(y[train], return_counts=True)[1].max()))
     volumes = torch.stack([dataset[i].volume for i in range(len(dataset))])
-    ks = [int(k) for k in results["fewshot"]["by_k"]]
     log(f"[mrclip] supervised 3D CNN on the same shots (k = {ks}, {len(FEWSHOT_SEEDS)} draws each)")
-    cnn = few_shot(volumes[train], y[train], volumes[test], y[test], ks=ks, seeds=FEWSHOT_SEEDS,
-                   fit=lambda *a: cnn_fit(*a, epochs=run["cnn_epochs"]))
+    by_k = few_shot(volumes[train], y[train], volumes[test], y[test], ks=ks, seeds=FEWSHOT_SEEDS,
+                    fit=lambda *a: cnn_fit(*a, epochs=run["cnn_epochs"]))
+    return {"ks": ks, "by_k": by_k}
+
+
+def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
+    job = _Training("mrclip", out / "mrclip", "mrclip", ("qc", "probe", "fewshot", "collapse"))
+    (checkpoint, results), cnn = _side_by_side(
+        [(job.name, _train_and_evaluate, (job, run)), ("mrclip/supervised_cnn", _supervised_cnn, (run,))],
+        run["jobs"], log)
+    ks = [int(k) for k in results["fewshot"]["by_k"]]
+    if ks != cnn["ks"]:  # the two sides derive the shot counts from the same split: a mismatch is a bug
+        raise RuntimeError(f"mrclip: the few-shot probe ran k = {ks}, the supervised CNN k = {cnn['ks']}")
+    cnn = cnn["by_k"]
+    qc = results["qc"]["by_case"]
 
     def split(case):
         entry = qc[case]
@@ -258,6 +270,7 @@ def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
                     "split": results["fewshot"]["split"], "cnn_split_seed": DEFAULT_EVAL_SEED},
         "collapse": _spread(results), "diagnostics": _diagnostics(checkpoint),
         "checkpoint": str(checkpoint), "eval": str(out / "mrclip" / "eval"),
+        "side_by_side": _jobs_at_once(2, run["jobs"]),
     }
 
 
@@ -296,13 +309,14 @@ def _medtrim(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     collapse: Dict[str, Any] = {}
     jobs = [_Training(f"medtrim/{name}", out / "medtrim" / name, recipe, ("precision", "collapse"), weights, options)
             for name, (recipe, weights, options) in variants.items()]
-    for name, (checkpoint, results) in zip(variants, _train_all(jobs, run, log)):
+    trained = _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in jobs], run["jobs"], log)
+    for name, (checkpoint, results) in zip(variants, trained):
         by_relevance = results["precision"]["by_relevance"]
         precision[name] = {mode: {k: v for k, v in values.items() if k.startswith("P@") or k == "chance"}
                            for mode, values in by_relevance.items()}
         collapse[name] = {"held_out": _spread(results), "training": _diagnostics(checkpoint)}
     return {"precision_at_r": precision, "collapse": collapse,
-            "trainings_at_once": _jobs_at_once(len(jobs), run["jobs"])}
+            "side_by_side": _jobs_at_once(len(jobs), run["jobs"])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,7 +329,8 @@ def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
                       ("localization", "retrieval", "zeroshot", "collapse"), {"localization": weight})
             for name, weight in variants.items()]
     checkpoints, runs = {}, {}
-    for name, (checkpoint, results) in zip(variants, _train_all(jobs, run, log)):
+    trained = _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in jobs], run["jobs"], log)
+    for name, (checkpoint, results) in zip(variants, trained):
         checkpoints[name], runs[name] = checkpoint, results
     with_term = runs["with_localization"]["localization"]
     baselines = with_term["baselines"]
@@ -342,7 +357,7 @@ def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     return {"localization_mae_mm": with_term["model"]["mae_mm"], **base,
             "with_localization": summary("with_localization"),
             "without_localization": summary("without_localization"),
-            "baseline_names": sorted(baselines), "trainings_at_once": _jobs_at_once(len(jobs), run["jobs"])}
+            "baseline_names": sorted(baselines), "side_by_side": _jobs_at_once(len(jobs), run["jobs"])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -397,8 +412,8 @@ def format_summary(results: Mapping[str, Any]) -> str:
     """The human-readable summary of a seed's run (what bench/results/reproduce-*.txt records)."""
     seed, run = results["seed"], results["settings"]
     phantoms = f"{run['n_train']} training phantoms" if run["n_train"] else "a new phantom for every sample"
-    at_once = results.get("trainings_at_once", 1)
-    side_by_side = f", {at_once} trainings at a time" if at_once > 1 else ""
+    at_once = results.get("side_by_side", 1)
+    side_by_side = f", {at_once} jobs side by side" if at_once > 1 else ""
     lines = [f"{seed} ({run['steps']} steps of {run['batch_size']}, {phantoms}, eval n={run['eval_n']}, "
              f"{results['wall_s']:.0f} s{side_by_side}):"]
     if seed == "radfinder":
