@@ -165,8 +165,10 @@ def _call_in_process(name: str, fn: Callable[..., Any], args: tuple, *, threads:
             for line in process.stdout:
                 log(line.rstrip("\n"))
             code = process.wait()
+        written = errors.read_text()
+        sys.stderr.write(written)  # its warnings, or its traceback, as the caller's own would appear
         if code != 0 or not result.is_file():
-            tail = "\n".join(errors.read_text().splitlines()[-25:])
+            tail = "\n".join(written.splitlines()[-25:])
             raise RuntimeError(f"{name}: its process exited with code {code}; the end of its stderr:\n{tail}")
         return pickle.loads(result.read_bytes())
 

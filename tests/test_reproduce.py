@@ -132,9 +132,10 @@ def test_trainings_side_by_side_give_what_one_process_gives(tmp_path):
     assert not list((tmp_path / "side").rglob("*.pkl"))  # the hand-over files live and die elsewhere
 
 
-def test_a_failed_side_by_side_training_names_itself(tmp_path):
+def test_a_failed_side_by_side_training_names_itself(tmp_path, capfd):
     with pytest.raises(RuntimeError, match=r"radfinder/with_localization: its process exited with code 1"
                                            r"(.|\n)*no-such-model"):
         reproduce("radfinder", tmp_path, log=None, jobs=2, model="no-such-model", **TOY)
+    assert "Traceback" in capfd.readouterr().err  # the child's whole stderr reaches the caller's
     with pytest.raises(ValueError, match="jobs must be a positive integer or None"):
         reproduce("radfinder", tmp_path, log=None, jobs=0, **TOY)
