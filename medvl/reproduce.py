@@ -348,6 +348,7 @@ def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
                 "zeroshot_auc": {k: v["auc"] for k, v in zeroshot["per_class"].items()},
                 "probe_macro_auc": zeroshot["probe"]["macro"]["auc"],
                 "probe_auc": {k: v["auc"] for k, v in zeroshot["probe"]["per_class"].items()},
+                "prompt_direction_cosine": zeroshot["prompt_separation"]["mean_offdiagonal_cosine"],
                 "retrieval_volume_to_text": {k: retrieval[k] for k in ("R@1", "R@5", "R@10")},
                 "retrieval_chance": {f"R@{k}": min(1.0, k / n) for k in (1, 5, 10)},
                 "retrieval_volume_to_text_R@1": retrieval["R@1"],
@@ -426,6 +427,8 @@ def format_summary(results: Mapping[str, Any]) -> str:
         lines.append("    per finding, zero-shot / probe: " + ", ".join(
             f"{k} {v:.2f}/{(r['probe_auc'].get(k) or float('nan')):.2f}" for k, v in r["zeroshot_auc"].items()
             if v is not None))
+        lines.append(f"    mean cosine between two findings' prompt directions {r['prompt_direction_cosine']:.2f} "
+                     "(near 1: the text side ranks the volumes alike for every finding)")
         chance = r["retrieval_chance"]
         lines.append("  volume->text retrieval: " + ", ".join(
             f"{k} {r['retrieval_volume_to_text'][k]:.3f} (chance {chance[k]:.3f})" for k in ("R@1", "R@5", "R@10")))

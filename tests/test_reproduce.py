@@ -18,7 +18,7 @@ def test_radfinder_keys(tmp_path):
         assert saved[key] is not None and saved[key] >= 0, key
     for variant in ("with_localization", "without_localization"):
         assert is_share(r[variant]["zeroshot_macro_auc"]) and is_share(r[variant]["retrieval_volume_to_text_R@1"])
-        assert is_share(r[variant]["probe_macro_auc"])
+        assert is_share(r[variant]["probe_macro_auc"]) and -1 <= r[variant]["prompt_direction_cosine"] <= 1
         assert r[variant]["retrieval_chance"] == {"R@1": 1 / 24, "R@5": 5 / 24, "R@10": 10 / 24}
         assert r[variant]["diagnostics"]["loss"]["collapsed_level"] > 0
     assert r["localization_mae_mm"] == r["with_localization"]["localization_mae_mm"]

@@ -6,8 +6,8 @@ localization, quality control), linear / few-shot probes, the evaluation tasks (
 from medvl.eval.cache import CachedEncoder, EmbeddingCache, VolumeEmbeddings, model_fingerprint
 from medvl.eval.eval_set import EvalSet
 from medvl.eval.evaluation import DEFAULT_EVAL_SEED, evaluate
-from medvl.eval.metrics import (cosine_distance, localization_metrics, precision_at_r, predict_depth, qc_auc,
-                                retrieval_metrics, zero_shot_auc, zero_shot_scores)
+from medvl.eval.metrics import (cosine_distance, localization_metrics, precision_at_r, predict_depth,
+                                prompt_separation, qc_auc, retrieval_metrics, zero_shot_auc, zero_shot_scores)
 from medvl.eval.probe import draw_shots, few_shot, linear_probe, stratified_halves
 from medvl.eval.qc import REQUIRED_MR_TAGS, SEQUENCE_RANGES, find_series_folders, metadata_issues, qc_dicom, \
     sequence_family
@@ -26,6 +26,7 @@ __all__ = ["CachedEncoder", "DEFAULT_EVAL_SEED", "EmbeddingCache", "EvalSet", "N
            "SEQUENCE_RANGES", "TASKS", "TASK_KINDS", "Task", "VolumeEmbeddings", "collapse_task", "cosine_distance",
            "draw_shots", "evaluate", "few_shot", "fewshot_task", "find_series_folders", "format_report",
            "linear_probe", "localization_metrics", "localization_task", "metadata_issues", "model_fingerprint",
-           "parse_tasks", "precision_at_r", "precision_task", "predict_depth", "probe_task", "qc_auc", "qc_dicom",
+           "parse_tasks", "precision_at_r", "precision_task", "predict_depth", "probe_task", "prompt_separation",
+           "qc_auc", "qc_dicom",
            "qc_task", "retrieval_metrics", "retrieval_task", "sequence_family", "stratified_halves",
            "task_requirement", "zero_shot_auc", "zero_shot_scores", "zeroshot_task"]

@@ -29,7 +29,7 @@ from medvl.options import look_up_option
 
 __all__ = [
     "RELEVANCE_MODES", "retrieval_metrics", "precision_at_r", "zero_shot_scores", "zero_shot_auc", "probe_auc",
-    "predict_depth", "localization_metrics", "qc_auc", "cosine_distance",
+    "prompt_separation", "predict_depth", "localization_metrics", "qc_auc", "cosine_distance",
 ]
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
@@ -414,6 +414,39 @@ def zero_shot_scores(volume_embeddings: ArrayLike, positive_prompts: ArrayLike,
     volumes = _normalize_rows(volumes)
     margin = volumes @ positive.T - volumes @ negative.T
     return 1.0 / (1.0 + np.exp(-margin))
+
+
+def prompt_separation(positive_prompts: ArrayLike, negative_prompts: ArrayLike,
+                      class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """How far apart the text side puts the findings' zero-shot directions.
+
+    Each finding's score in :func:`zero_shot_scores` is ``v . d_f`` with ``d_f = p+_f - p-_f`` (the two
+    template ensembles, each normalised). Two findings whose ``d_f`` are parallel get the same ranking of the
+    volumes, whatever the image side encodes: their zero-shot AUCs cannot both be high unless their labels
+    agree. ``|d_f|`` (0 to 2) bounds the margin a volume can reach on finding f.
+
+    Returns ``{"mean_offdiagonal_cosine", "per_class": {name: {"closest", "cosine", "direction_norm"}}}``: the
+    mean cosine between two findings' directions and, per finding, the other finding nearest to it.
+    """
+    positive = _prompt_embeddings(positive_prompts, "positive_prompts", np.shape(positive_prompts)[-1])
+    negative = _prompt_embeddings(negative_prompts, "negative_prompts", positive.shape[1])
+    if positive.shape != negative.shape:
+        raise ValueError(f"positive_prompts and negative_prompts: the number of findings F must match, got "
+                         f"{positive.shape[0]} and {negative.shape[0]}")
+    n = positive.shape[0]
+    if n < 2:
+        raise ValueError(f"prompt_separation needs at least two findings, got {n}")
+    names = _class_names(class_names, n, "findings") or list(range(n))
+    directions = positive - negative
+    norms = np.linalg.norm(directions, axis=1)
+    unit = _normalize_rows(directions)
+    cosine = unit @ unit.T
+    np.fill_diagonal(cosine, -np.inf)
+    closest = cosine.argmax(axis=1)
+    off = cosine[~np.eye(n, dtype=bool)]
+    return {"mean_offdiagonal_cosine": float(off.mean()),
+            "per_class": {names[i]: {"closest": names[int(closest[i])], "cosine": float(cosine[i, closest[i]]),
+                                     "direction_norm": float(norms[i])} for i in range(n)}}
 
 
 def zero_shot_auc(scores: ArrayLike, labels: ArrayLike,

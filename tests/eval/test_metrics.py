@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import medvl.eval.metrics as metrics_module
-from medvl.eval import (cosine_distance, localization_metrics, precision_at_r, predict_depth, qc_auc,
-                        retrieval_metrics, zero_shot_auc, zero_shot_scores)
+from medvl.eval import (cosine_distance, localization_metrics, precision_at_r, predict_depth, prompt_separation,
+                        qc_auc, retrieval_metrics, zero_shot_auc, zero_shot_scores)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +391,26 @@ def test_zero_shot_scores_match_torch():
 def test_zero_shot_scores_errors(v, pos, neg, match):
     with pytest.raises(ValueError, match=match):
         zero_shot_scores(v, pos, neg)
+
+
+def test_prompt_separation_hand_case():
+    """Findings a and b get parallel directions from different prompts, c an orthogonal one: a and b rank every
+    set of volumes alike, which is what the diagnostic flags."""
+    e = np.eye(4)
+    pos = np.stack([e[0], e[0] + e[2], e[2]])
+    neg = np.stack([e[1], e[1] + e[2], e[3]])   # d_a = e0 - e1, d_b = (e0 - e1) / sqrt 2, d_c = e2 - e3
+    out = prompt_separation(pos, neg, class_names=["a", "b", "c"])
+    assert out["per_class"]["a"] == {"closest": "b", "cosine": pytest.approx(1.0),
+                                     "direction_norm": pytest.approx(2 ** 0.5)}
+    assert out["per_class"]["b"]["closest"] == "a" and out["per_class"]["b"]["direction_norm"] == pytest.approx(1.0)
+    assert out["per_class"]["c"]["cosine"] == pytest.approx(0.0)
+    assert out["mean_offdiagonal_cosine"] == pytest.approx(1 / 3)
+    scores = zero_shot_scores(np.random.default_rng(0).normal(size=(7, 4)), pos, neg)
+    assert (np.argsort(scores[:, 0]) == np.argsort(scores[:, 1])).all()  # parallel: the same ranking
+    with pytest.raises(ValueError, match="at least two findings"):
+        prompt_separation(pos[:1], neg[:1])
+    with pytest.raises(ValueError, match="number of findings F must match"):
+        prompt_separation(pos, neg[:2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 
 from medvl.eval.eval_set import EvalSet
 from medvl.eval.markdown import table
-from medvl.eval.metrics import probe_auc, zero_shot_auc, zero_shot_scores
+from medvl.eval.metrics import probe_auc, prompt_separation, zero_shot_auc, zero_shot_scores
 from medvl.eval.plots import plot_zeroshot_roc
 from medvl.eval.tasks.task import Plot, Task, as_numpy
 
@@ -23,7 +23,10 @@ def zeroshot_task(encoder, data, *, templates=None, seed: int = 0) -> Dict[str, 
 
     ``probe``: the supervised ceiling beside it, per finding: the AUC of a logistic regression trained on
     labelled folds of the same held-out volumes' pooled features (:func:`~medvl.eval.metrics.probe_auc`):
-    what the image tower encodes of a finding, of which zero-shot reaches what is aligned with text."""
+    what the image tower encodes of a finding, of which zero-shot reaches what is aligned with text.
+    ``prompt_separation``: whether the text side tells the findings apart at all
+    (:func:`~medvl.eval.metrics.prompt_separation`): findings whose prompt directions are parallel rank the
+    volumes alike, whatever the probe says."""
     from medvl.data.prompts import disease_prompts
 
     encoder, data = TASK.prepare(encoder, data)
@@ -42,7 +45,9 @@ def zeroshot_task(encoder, data, *, templates=None, seed: int = 0) -> Dict[str, 
     metrics = zero_shot_auc(scores, labels, class_names=names)
     macro = metrics.pop("macro")
     ceiling = probe_auc(as_numpy(volumes.pooled), labels, names, seed=seed)
+    separation = prompt_separation(as_numpy(positive), as_numpy(negative), class_names=names)
     return {"macro": macro, "per_class": metrics, "n": len(data), "n_templates": n_templates,
+            "prompt_separation": separation,
             "probe": {"macro": ceiling.pop("macro"), "per_class": ceiling,
                       "note": "supervised ceiling: cross-validated logistic regression on the same held-out volumes' "
                               "pooled features (4 stratified folds)"},
@@ -59,14 +64,24 @@ def _missing(data: EvalSet) -> Optional[str]:
 def _report(r: Mapping[str, Any]) -> str:
     keys = ("auc", "f1", "balanced_accuracy", "sensitivity", "specificity", "n_pos", "n_neg")
     probe = r.get("probe") or {"per_class": {}, "macro": {}}
-    rows = [[name, m.get("auc"), (probe["per_class"].get(name) or {}).get("auc")] + [m.get(k) for k in keys[1:]]
-            for name, m in r["per_class"].items()]
-    rows.append(["macro", r["macro"].get("auc"), probe["macro"].get("auc")] + [r["macro"].get(k) for k in keys[1:5]]
-                + [None, None])
+    separation = r.get("prompt_separation") or {"per_class": {}}
+
+    def closest(name):
+        entry = separation["per_class"].get(name)
+        return None if entry is None else f"{entry['closest']} ({entry['cosine']:.2f})"
+
+    rows = [[name, m.get("auc"), (probe["per_class"].get(name) or {}).get("auc"), closest(name)]
+            + [m.get(k) for k in keys[1:]] for name, m in r["per_class"].items()]
+    rows.append(["macro", r["macro"].get("auc"), probe["macro"].get("auc"), None]
+                + [r["macro"].get(k) for k in keys[1:5]] + [None, None])
     note = (f"{r['n']} volumes, {r['n_templates']} templates per finding, volume side: {r['volume_side']}. "
             "Chance AUC 0.5. probe AUC: the supervised ceiling, a linear probe on the same volumes' features "
-            "(4-fold cross-validated).")
-    return note + "\n\n" + table(("finding", "zero-shot AUC", "probe AUC") + keys[1:], rows)
+            "(4-fold cross-validated). closest prompt direction: the finding whose positive-minus-negative prompt "
+            "direction is nearest (cosine; near 1, the two rank the volumes alike)")
+    if separation.get("mean_offdiagonal_cosine") is not None:
+        note += f"; mean cosine between two findings' directions {separation['mean_offdiagonal_cosine']:.2f}"
+    return note + ".\n\n" + table(("finding", "zero-shot AUC", "probe AUC", "closest prompt direction") + keys[1:],
+                                    rows)
 
 
 TASK = Task(

@@ -21,6 +21,10 @@ def test_zeroshot_on_ct(ct):
     assert 0 < result["macro"]["n_classes"] <= len(CT_FINDINGS) and is_share(result["macro"]["auc"])
     scores = np.asarray(result["data"]["scores"])
     assert scores.shape == (16, len(CT_FINDINGS)) and ((scores > 0) & (scores < 1)).all()
+    separation = result["prompt_separation"]  # whether the text side tells the findings apart
+    assert list(separation["per_class"]) == list(CT_FINDINGS) and -1 <= separation["mean_offdiagonal_cosine"] <= 1
+    for name, entry in separation["per_class"].items():
+        assert entry["closest"] in CT_FINDINGS and entry["closest"] != name and 0 <= entry["direction_norm"] <= 2
     probe = result["probe"]  # the supervised ceiling beside each zero-shot AUC
     assert list(probe["per_class"]) == list(CT_FINDINGS) and is_share(probe["macro"]["auc"])
     for name, entry in probe["per_class"].items():
