@@ -46,11 +46,11 @@ SEEDS = ("mrclip", "medtrim", "radfinder")
 # where 5e-4 reached 3.47 in 300 steps and 3.17 in 600 (2-core EPYC, 2026-12-04).
 # jobs: how many of a seed's jobs (its trainings; MR-CLIP's supervised CNN baseline) run at once, each in its own
 # process with an equal share of torch's threads (None: all of them, on a machine with at least two threads; 1: one
-# after the other in this process). The phantom
-# generator is single-threaded Python and numpy, about 40 % of a step, and leaves the second core idle while it runs:
-# 80 steps of RadFinder's model took 36 s in one process with 2 threads, and two such trainings side by side with
-# one thread each 45 s for both (1.6x the throughput); two gloo ranks (DDP) of one training took 36 s (2-core EPYC,
-# 2026-12-06). The numbers a training gives depend on its thread count only in rounding.
+# after the other in this process). The phantom generator is single-threaded Python and numpy, about 40 % of a step,
+# and leaves the second core idle while it runs: 80 steps of RadFinder's model took 36 s in one process with 2
+# threads, and two such trainings side by side with one thread each 45 s for both (1.6x the throughput); two gloo
+# ranks (DDP) of one training took 36 s (2-core EPYC, 2026-12-06). The numbers a training gives depend on its thread
+# count only in rounding.
 SETTINGS: Dict[str, Any] = {"model": "vit3d-tiny", "size": (64, 64, 32), "n_train": None, "batch_size": 16,
                             "lr": 5e-4, "seed": 0, "vision": {}, "jobs": None}
 # What a seed changes of SETTINGS. radfinder: 8 x 8 x 8 patches (256 tokens, not 64), a convolutional stem of width 8
