@@ -121,25 +121,29 @@ def _train_and_evaluate(job: _Training, run: Dict[str, Any], *, log) -> Tuple[Pa
     return checkpoint, _evaluate(checkpoint, job.folder / "eval", job.tasks, run["eval_n"], log)
 
 
-def _jobs_at_once(n_jobs: int, jobs: Optional[int]) -> int:
+def _check_jobs(jobs: Optional[int]) -> None:
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"jobs must be a positive integer or None (as many as the machine's threads allow), "
                          f"got {jobs!r}")
+
+
+def _jobs_at_once(n_jobs: int, jobs: Optional[int]) -> int:
     wanted = n_jobs if jobs is None else jobs
     if jobs is None and torch.get_num_threads() < 2:
         wanted = 1
     return max(1, min(n_jobs, wanted))
 
 
-def _side_by_side(calls: Sequence[Tuple[str, Callable[..., Any], tuple]], jobs: Optional[int], log) -> List[Any]:
-    """``fn(*args, log=...)`` of every ``(name, fn, args)`` in ``calls``, results in order; ``jobs`` at a time
-    (SETTINGS). ``fn`` is a function of this module and ``args`` pickle: side by side, each call runs in a fresh
-    Python process (``python -c``, not multiprocessing, which would import the caller's main script again in every
-    worker) with an equal share of torch's threads; its log lines come back through its stdout, prefixed with its
-    name, its result through a pickle."""
+def _side_by_side(calls: Sequence[Tuple[str, Callable[..., Any], tuple]], jobs: Optional[int],
+                  log) -> Tuple[List[Any], int]:
+    """(``fn(*args, log=...)`` of every ``(name, fn, args)`` in ``calls``, in order; how many ran at once):
+    ``jobs`` at a time (SETTINGS). ``fn`` is a function of this module and ``args`` pickle: side by side, each
+    call runs in a fresh Python process (``python -c``, not multiprocessing, which would import the caller's main
+    script again in every worker) with an equal share of torch's threads; its log lines come back through its
+    stdout, prefixed with its name, its result through a pickle."""
     at_once = _jobs_at_once(len(calls), jobs)
     if at_once == 1:
-        return [fn(*args, log=log) for _, fn, args in calls]
+        return [fn(*args, log=log) for _, fn, args in calls], at_once
     threads = max(1, torch.get_num_threads() // at_once)
     log(f"running {', '.join(name for name, _, _ in calls)}: {at_once} at a time, {threads} thread(s) each")
     lock = threading.Lock()
@@ -149,7 +153,7 @@ def _side_by_side(calls: Sequence[Tuple[str, Callable[..., Any], tuple]], jobs: 
             log(message)
 
     with ThreadPoolExecutor(at_once) as pool:
-        return list(pool.map(lambda call: _call_in_process(*call, threads=threads, log=locked_log), calls))
+        return list(pool.map(lambda call: _call_in_process(*call, threads=threads, log=locked_log), calls)), at_once
 
 
 def _call_in_process(name: str, fn: Callable[..., Any], args: tuple, *, threads: int, log) -> Any:
@@ -247,7 +251,7 @@ def _supervised_cnn(run: Dict[str, Any], *, log) -> Dict[str, Any]:
 
 def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     job = _Training("mrclip", out / "mrclip", "mrclip", ("qc", "probe", "fewshot", "collapse"))
-    (checkpoint, results), cnn = _side_by_side(
+    ((checkpoint, results), cnn), at_once = _side_by_side(
         [(job.name, _train_and_evaluate, (job, run)), ("mrclip/supervised_cnn", _supervised_cnn, (run,))],
         run["jobs"], log)
     ks = [int(k) for k in results["fewshot"]["by_k"]]
@@ -272,7 +276,7 @@ def _mrclip(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
                     "split": results["fewshot"]["split"], "cnn_split_seed": DEFAULT_EVAL_SEED},
         "collapse": _spread(results), "diagnostics": _diagnostics(checkpoint),
         "checkpoint": str(checkpoint), "eval": str(out / "mrclip" / "eval"),
-        "side_by_side": _jobs_at_once(2, run["jobs"]),
+        "side_by_side": at_once,
     }
 
 
@@ -311,14 +315,14 @@ def _medtrim(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     collapse: Dict[str, Any] = {}
     jobs = [_Training(f"medtrim/{name}", out / "medtrim" / name, recipe, ("precision", "collapse"), weights, options)
             for name, (recipe, weights, options) in variants.items()]
-    trained = _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in jobs], run["jobs"], log)
+    trained, at_once = _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in jobs], run["jobs"], log)
     for name, (checkpoint, results) in zip(variants, trained):
         by_relevance = results["precision"]["by_relevance"]
         precision[name] = {mode: {k: v for k, v in values.items() if k.startswith("P@") or k == "chance"}
                            for mode, values in by_relevance.items()}
         collapse[name] = {"held_out": _spread(results), "training": _diagnostics(checkpoint)}
     return {"precision_at_r": precision, "collapse": collapse,
-            "side_by_side": _jobs_at_once(len(jobs), run["jobs"])}
+            "side_by_side": at_once}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,7 +335,7 @@ def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
                       ("localization", "retrieval", "zeroshot", "collapse"), {"localization": weight})
             for name, weight in variants.items()]
     checkpoints, runs = {}, {}
-    trained = _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in jobs], run["jobs"], log)
+    trained, at_once = _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in jobs], run["jobs"], log)
     for name, (checkpoint, results) in zip(variants, trained):
         checkpoints[name], runs[name] = checkpoint, results
     with_term = runs["with_localization"]["localization"]
@@ -360,7 +364,7 @@ def _radfinder(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     return {"localization_mae_mm": with_term["model"]["mae_mm"], **base,
             "with_localization": summary("with_localization"),
             "without_localization": summary("without_localization"),
-            "baseline_names": sorted(baselines), "side_by_side": _jobs_at_once(len(jobs), run["jobs"])}
+            "baseline_names": sorted(baselines), "side_by_side": at_once}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,7 +510,7 @@ def reproduce(seed: str, /, out="runs/reproduce", log: Optional[Callable[[str], 
     if unknown:
         raise TypeError(f"reproduce: unknown setting(s) {unknown}; valid: {sorted(run)}")
     run.update(overrides)
-    _jobs_at_once(1, run["jobs"])  # a bad value is refused here, also for a seed with one training
+    _check_jobs(run["jobs"])
     log = log or (lambda _m: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

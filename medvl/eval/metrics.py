@@ -19,7 +19,7 @@ optimistic or pessimistic one that depends on the sort implementation.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -389,6 +389,16 @@ def _prompt_embeddings(prompts: ArrayLike, name: str, dim: int) -> np.ndarray:
     return _normalize_rows(arr)
 
 
+def _prompt_pair(positive_prompts: ArrayLike, negative_prompts: ArrayLike, dim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Both sides' (F, D) template ensembles, with the same F."""
+    positive = _prompt_embeddings(positive_prompts, "positive_prompts", dim)
+    negative = _prompt_embeddings(negative_prompts, "negative_prompts", dim)
+    if positive.shape[0] != negative.shape[0]:
+        raise ValueError(f"positive_prompts and negative_prompts: the number of findings F must match, got "
+                         f"{positive.shape[0]} and {negative.shape[0]}")
+    return positive, negative
+
+
 def zero_shot_scores(volume_embeddings: ArrayLike, positive_prompts: ArrayLike,
                      negative_prompts: ArrayLike) -> np.ndarray:
     """Per finding, ``sigmoid(cos(v, p+) - cos(v, p-))`` (RadFinder's prompt-pair zero-shot score).
@@ -405,12 +415,7 @@ def zero_shot_scores(volume_embeddings: ArrayLike, positive_prompts: ArrayLike,
         A zero vector normalises to zero (the eps floor of ``torch.nn.functional.normalize``).
     """
     volumes = _as_float(volume_embeddings, "volume_embeddings", (2,), "(N, D) volume embeddings")
-    dim = volumes.shape[1]
-    positive = _prompt_embeddings(positive_prompts, "positive_prompts", dim)
-    negative = _prompt_embeddings(negative_prompts, "negative_prompts", dim)
-    if positive.shape[0] != negative.shape[0]:
-        raise ValueError(f"positive_prompts and negative_prompts: the number of findings F must match, got "
-                         f"{positive.shape[0]} and {negative.shape[0]}")
+    positive, negative = _prompt_pair(positive_prompts, negative_prompts, volumes.shape[1])
     volumes = _normalize_rows(volumes)
     margin = volumes @ positive.T - volumes @ negative.T
     return 1.0 / (1.0 + np.exp(-margin))
@@ -428,11 +433,7 @@ def prompt_separation(positive_prompts: ArrayLike, negative_prompts: ArrayLike,
     Returns ``{"mean_offdiagonal_cosine", "per_class": {name: {"closest", "cosine", "direction_norm"}}}``: the
     mean cosine between two findings' directions and, per finding, the other finding nearest to it.
     """
-    positive = _prompt_embeddings(positive_prompts, "positive_prompts", np.shape(positive_prompts)[-1])
-    negative = _prompt_embeddings(negative_prompts, "negative_prompts", positive.shape[1])
-    if positive.shape != negative.shape:
-        raise ValueError(f"positive_prompts and negative_prompts: the number of findings F must match, got "
-                         f"{positive.shape[0]} and {negative.shape[0]}")
+    positive, negative = _prompt_pair(positive_prompts, negative_prompts, np.shape(positive_prompts)[-1])
     n = positive.shape[0]
     if n < 2:
         raise ValueError(f"prompt_separation needs at least two findings, got {n}")
