@@ -293,6 +293,46 @@ def test_every_finding_is_visible_at_the_default_input(name):
     assert np.mean(total) >= 30, (name, total)
 
 
+def _default_input_shape():
+    from medvl.models.factory import model_config
+
+    x, y, z = model_config("vit3d-tiny")["vision"]["img_size"]
+    return z, y, x
+
+
+@pytest.mark.parametrize("others, least_median, least_share", [
+    ((), 0.95, 0.85), (("Pleural effusion", "Consolidation", "Atelectasis"), 0.85, 0.65)])
+def test_nodules_lie_in_aerated_lung(others, least_median, least_share):
+    """A nodule is seen by the air around it: the 2-9 mm shell around it is mostly aerated lung (< -400 HU), also
+    with the lung-filling findings drawn first. Its share with over 80 % aerated must reach ``least_share``. With
+    the centre drawn once (not the best of several sites) the medians were 0.83 and 0.63, the shares 0.54 and 0.25."""
+    shape = _default_input_shape()
+    fractions = []
+    for seed in range(24):
+        p = make_ct_phantom(seed, shape=shape, findings=["Lung nodule", *others])
+        nodule = next(f for f in p.findings if f.name == "Lung nodule")
+        grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, p.spacing)], indexing="ij")
+        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, nodule.center_mm)))
+        radius = nodule.diameter_mm / 2
+        shell = (distance > radius + 2) & (distance <= radius + 9)
+        fractions.append(float((p.volume[shell] < -400).mean()))
+    fractions = np.array(fractions)
+    assert np.median(fractions) >= least_median and np.mean(fractions > 0.8) >= least_share, fractions.round(2)
+
+
+def test_calcification_does_not_touch_the_spine():
+    """The window shows a plaque and the vertebra alike (both clip at its top), so a plaque on the aortic wall
+    that faces the spine merges into the bone's outline: no calcified voxel lies next to bone."""
+    shape = _default_input_shape()
+    bone = T["bone"]
+    for seed in range(12):
+        p = make_ct_phantom(seed, shape=shape, findings=["Arterial wall calcification"])
+        base = make_ct_phantom(seed, shape=shape, findings=[])
+        for z, y, x in zip(*np.nonzero(p.volume != base.volume)):
+            around = p.tissue[z, max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
+            assert not (around == bone).any(), (seed, (z, y, x))
+
+
 # ------------------------------------------------------------------------------------------------
 # CT: speed (measured, not asserted)
 # ------------------------------------------------------------------------------------------------

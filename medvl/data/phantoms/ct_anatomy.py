@@ -141,7 +141,8 @@ class CTAnatomy:
             lab[d2 <= L(6) ** 2] = AIRWAY
 
         # Spine: vertebral bodies with discs, spinal canal, posterior elements; sternum; ribs.
-        vb = (y2 - L(48)) ** 2 + x2**2 <= L(17) ** 2
+        self.vertebra_center = (L(48), 0.0)  # (y, x) mm of the vertebral bodies' axis
+        vb = (y2 - self.vertebra_center[0]) ** 2 + (x2 - self.vertebra_center[1]) ** 2 <= L(17) ** 2
         disc = ((z1 % Lz(27)) < Lz(6))[:, None, None]
         lab[vb[None] & ~disc] = BONE
         lab[vb[None] & disc] = DISC

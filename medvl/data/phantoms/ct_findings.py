@@ -182,11 +182,36 @@ class FindingKind:
 NODULE_MM = {"small": (14.0, 18.0), "moderate": (20.0, 26.0), "large": (28.0, 36.0)}
 
 
+# A nodule is a soft-tissue ball told apart by the air around it: one drawn against the heart, the chest wall, the
+# diaphragm or another finding's density is hardly visible at 3.5 mm voxels (a 23 mm nodule against the heart was
+# not). Its centre is the best of NODULE_SITE_TRIES aerated sites by how much of the ball of its radius plus
+# NODULE_CLEARANCE_MM is aerated lung. Of the nodules of 400 phantoms (held-out seeds, 64 x 64 x 32), those with over
+# 60 % aerated lung in a 2-9 mm shell around them: 66 % with one site, 88 % with the best of eight (median 73 -> 94 %).
+NODULE_SITE_TRIES = 8
+NODULE_CLEARANCE_MM = 6.0
+
+
+def _aerated_site(canvas: Canvas, f: Finding, radius_mm: float) -> tuple[int, int, int]:
+    """The centre, among aerated sites of the finding's lobe, whose ball of ``radius_mm`` holds the most aerated
+    lung of the finding's side (the first that is all aerated lung ends the search)."""
+    A, best, best_fraction = canvas.A, None, -1.0
+    for _ in range(NODULE_SITE_TRIES):
+        c = canvas.lobe_center(f.side, f.lobe)
+        sl, ball = A.ellipsoid(c, (radius_mm,) * 3)
+        aerated = (A.labels[sl] == LUNG[f.side]) & (canvas.vol[sl] < -400)
+        fraction = float(aerated[ball].mean())
+        if fraction > best_fraction:
+            best, best_fraction = c, fraction
+        if fraction >= 1.0:
+            break
+    return best
+
+
 def _draw_lung_nodule(canvas: Canvas, f: Finding) -> Finding:
     rng = canvas.rng
     d = {"small": rng.uniform(*NODULE_MM["small"]), "moderate": rng.uniform(*NODULE_MM["moderate"]),
          "large": rng.uniform(*NODULE_MM["large"])}[f.size]
-    c = canvas.lobe_center(f.side, f.lobe)
+    c = _aerated_site(canvas, f, d / 2 + NODULE_CLEARANCE_MM)
     sl, m = canvas.A.ellipsoid(c, (d / 2,) * 3)
     mask = canvas.paint(sl, m, rng.uniform(30, 60), allowed=[LUNG[f.side]])
     return dataclasses.replace(canvas.finish(f, mask, c), diameter_mm=round(float(d), 1))
@@ -427,6 +452,9 @@ LUNG_OPACITY = FindingKind(
     negations=("No ground-glass opacity.", "There is no focal lung opacity."))
 
 
+SPINE_CLEARANCE_RAD = np.pi / 4
+
+
 def _draw_arterial_wall_calcification(canvas: Canvas, f: Finding) -> Finding:
     A, rng = canvas.A, canvas.rng
     # Plaques: arcs of the descending aorta's wall, a few mm thick and 10-20 mm long, so that each covers
@@ -440,8 +468,13 @@ def _draw_arterial_wall_calcification(canvas: Canvas, f: Finding) -> Finding:
     wall = (radius >= ra - max(1.5, 0.4 * A.spacing[1])) & (radius <= ra + max(3.0, 0.9 * A.spacing[1]))
     mask = np.zeros(A.shape, bool)
     centers = []
+    # The descending aorta lies against the vertebral body, which the window shows as bright as a plaque: an arc
+    # facing the spine is part of the bone's outline there. Arcs keep SPINE_CLEARANCE_RAD away from that direction.
+    spine = np.arctan2(A.vertebra_center[0] - cy, A.vertebra_center[1] - cx)
     for zmm in zs:
-        th, half = rng.uniform(-np.pi, np.pi), rng.uniform(0.8, 1.3)  # arc of 90-150 degrees
+        half = rng.uniform(0.8, 1.3)  # arc of 90-150 degrees
+        reach = np.pi - half - SPINE_CLEARANCE_RAD
+        th = spine + np.pi + rng.uniform(-reach, reach)
         arc = wall & (np.abs(np.angle(np.exp(1j * (angle - th)))) <= half)
         hz = max(rng.uniform(8, 14), 0.5 * A.spacing[0])
         zs_in = np.flatnonzero(np.abs(A.z1 - zmm) <= hz)
