@@ -20,6 +20,26 @@ def _weights(path):
     return load_file(str(Path(path) / "model.safetensors"))
 
 
+def _assert_trained_alike(a, b, *, lr, steps):
+    """Two checkpoints trained on the same samples with the gradients summed in another order (micro-batches,
+    ranks). Adam moves an entry by about lr * g / |g| a step, so a gradient near zero (a sum that cancels:
+    several do once the towers standardise across the batch) whose rounding flips its sign moves the two runs'
+    entries apart by up to 2 * lr a step: parameters agree to that bound, and beyond 2e-5 only in isolated
+    entries. The standardisers' statistics are measured on the finished models: a flipped entry of a parameter
+    that every token shares (the token-type embedding) shifts every text's features alike, which the means take
+    up (to 1 % of their scale) and the standardisation removes; their counts agree exactly."""
+    assert set(a) == set(b)
+    for k in a:
+        difference = (a[k] - b[k]).abs()
+        if k.endswith(".num_samples"):
+            assert torch.equal(a[k], b[k]), k
+        elif "standardizer" in k:
+            assert difference.max() <= 1e-2 * a[k].abs().max() + 1e-6, k
+        else:
+            assert difference.max() <= 2 * lr * steps, k
+            assert int(difference.gt(2e-5).sum()) <= max(2, a[k].numel() // 100), k
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "siglip"
@@ -116,12 +136,8 @@ def test_accum_steps_cli_equals_big_batch(tmp_path):
     assert main([*common, "--batch-size", "8", "--out", str(tmp_path / "big")]) == 0
     assert main([*common, "--batch-size", "4", "--accum-steps", "2", "--out", str(tmp_path / "acc")]) == 0
     a, b = _weights(tmp_path / "big" / "checkpoint-2"), _weights(tmp_path / "acc" / "checkpoint-2")
-    # the gradients agree to rounding (test_accumulation_matches_big_batch); after Adam, a near-zero gradient
-    # summed in another order moves its parameter by up to a step of lr (1e-3) either way, as in the 2-rank test
-    # below: no entry is more than one such step apart, and all but a few agree to 2e-5
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-3, rtol=0), k
-        assert int((a[k] - b[k]).abs().gt(2e-5).sum()) <= max(2, a[k].numel() // 100), k
+    # the gradients agree to rounding (test_accumulation_matches_big_batch)
+    _assert_trained_alike(a, b, lr=1e-3, steps=2)
 
 
 def _ddp_rank(rank, world, port, out, recipe):
@@ -153,14 +169,8 @@ def test_two_gloo_ranks_equal_one_process(recipe, tmp_path):
     rows = [json.loads((tmp_path / d / "metrics.jsonl").read_text()) for d in ("ddp", "one")]
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5, abs=1e-6)
     a, b = _weights(tmp_path / "ddp" / "checkpoint-1"), _weights(tmp_path / "one" / "checkpoint-1")
-    assert set(a) == set(b)
-    # Adam's first step is about lr * g / (|g| + eps): a gradient near zero (several are, once the towers
-    # standardise across the batch) summed in another order can move its parameter by up to lr (1e-3), so
-    # parameters agree to lr entry by entry, not to fp32 rounding, and differ beyond 2e-5 only in isolated
-    # entries; the gradients themselves agree to rounding (tests/models/test_standardize.py, the losses' tests)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-3, rtol=1e-4), k
-        assert int((a[k] - b[k]).abs().gt(2e-5).sum()) <= max(2, a[k].numel() // 100), k
+    # the gradients themselves agree to rounding (tests/models/test_standardize.py, the losses' tests)
+    _assert_trained_alike(a, b, lr=1e-3, steps=1)
     before = _weights_at_init(recipe)
     assert any(not torch.equal(before[k], b[k]) for k in before), "the step changed nothing"
 
