@@ -66,7 +66,9 @@ SETTINGS: Dict[str, Any] = {"model": "vit3d-tiny", "size": (64, 64, 32), "n_trai
 # the settings above at 400 steps): the prompt term weighted 3 (0.71 / 0.63 / 0.71); max pooling (0.64, seed 0);
 # four CT windows into the stem (0.67 / 0.66; emphysema 0.88 but lymph nodes and calcification still at chance); a
 # second stem layer (8, 16) (0.67 / 0.65); a stem of three (16, 32, 64), 500 steps, mean or max pooling (0.71 / 0.71
-# against 0.71 for width 8 at 500 steps, seed 0; 30 % slower).
+# against 0.71 for width 8 at 500 steps, seed 0; 30 % slower); at 500 steps, seeds 0 / 1: mean plus max pooling
+# (0.70 / 0.66 against 0.71 / 0.64, before the CT phantom change of 51eca80), a CLS token (0.74 / 0.62 against
+# 0.70 / 0.63, after it).
 # mrclip: the same stem before its 16 x 16 x 8 patches. The contrast that TR, TE and TI set is a local intensity
 # relation between tissues; at 500 steps the stem took QC AUC for missing image-determined tags from 0.91 to 0.96 and
 # for numeric errors from 0.72 to 0.87 (TR 0.56 -> 0.81), few-shot k = 1 from 0.62 to 0.81, in 303 s against 268 s
