@@ -267,37 +267,39 @@ def test_ct_report_function():
 # ------------------------------------------------------------------------------------------------
 
 
+def _tiny_vision():
+    from medvl.models.factory import model_config
+
+    return model_config("vit3d-tiny")["vision"]
+
+
+def _default_input_shape():
+    """The phantom shape (slices, rows, cols) of the tiny model's input."""
+    x, y, z = _tiny_vision()["img_size"]
+    return z, y, x
+
+
 @pytest.mark.parametrize("name", CT_FINDINGS)
 def test_every_finding_is_visible_at_the_default_input(name):
     """At the tiny model's input (64 x 64 x 32, its HU window), each finding changes enough voxels by enough:
     the same phantom with and without it (counterfactual pairs share anatomy and noise) differs in at least
     60 voxels by more than 0.05 of the window (70 HU; the noise is 8-15 HU), 30 windowed units in all. Before
     the sizes were set for this input a nodule changed 30 voxels, atelectasis 31 and a calcification 9."""
-    from medvl.models.factory import model_config
-
-    vision = model_config("vit3d-tiny")["vision"]
-    x, y, z = vision["img_size"]
-    lo, hi = vision["window"]
+    shape = _default_input_shape()
+    lo, hi = _tiny_vision()["window"]
 
     def windowed(volume):
         return (np.clip(volume.astype(np.float32), lo, hi) - lo) / (hi - lo)
 
     changed, total = [], []
     for seed in range(6):
-        with_it = make_ct_phantom(seed, shape=(z, y, x), findings=[name])
-        without = make_ct_phantom(seed, shape=(z, y, x), findings=[])
+        with_it = make_ct_phantom(seed, shape=shape, findings=[name])
+        without = make_ct_phantom(seed, shape=shape, findings=[])
         diff = np.abs(windowed(with_it.volume) - windowed(without.volume))
         changed.append(int((diff > 0.05).sum()))
         total.append(float(diff.sum()))
     assert np.mean(changed) >= 60 and min(changed) >= 15, (name, changed)
     assert np.mean(total) >= 30, (name, total)
-
-
-def _default_input_shape():
-    from medvl.models.factory import model_config
-
-    x, y, z = model_config("vit3d-tiny")["vision"]["img_size"]
-    return z, y, x
 
 
 @pytest.mark.parametrize("others, least_median, least_share", [

@@ -27,6 +27,9 @@ UPPER_LOBES = "upper lobes"  # in both lungs, upper lobe predominant
 CENTRAL = "central"  # the heart, mediastinum or aorta: neither side nor lobe
 PLACEMENTS = (LOBAR, PLEURAL, UPPER_LOBES, CENTRAL)
 
+# Lung below this many HU is still aerated (normal lung is about -850; the findings that fill it are above -600).
+AERATED_HU = -400
+
 
 @dataclass
 class Finding:
@@ -60,6 +63,11 @@ class Canvas:
         # the heart's semi-axes relative to normal: cardiomegaly enlarges it, a pericardial effusion surrounds it
         self.heart_scale = np.ones(3)
 
+    def aerated(self, index, side: str) -> np.ndarray:
+        """Where ``self.vol[index]`` is still-aerated lung of ``side``: that lung's label, below AERATED_HU (the
+        findings drawn so far may have filled some of it)."""
+        return (self.A.labels[index] == LUNG[side]) & (self.vol[index] < AERATED_HU)
+
     def lobe_center(self, side: str, lobe: str, posterior: bool = False) -> tuple[int, int, int]:
         A, rng = self.A, self.rng
         i0, i1 = A.lobes[(side, lobe)]
@@ -67,12 +75,13 @@ class Canvas:
         lab = A.labels
         for _ in range(20):
             zi = int(rng.integers(i0 + m, max(i1 - m, i0 + m + 1)))
-            cand = A.lung[side]["inner"][zi] & (self.vol[zi] < -400)  # still aerated lung
+            air = self.aerated(zi, side)
+            cand = A.lung[side]["inner"][zi] & air
             if posterior:
                 cand = cand & (A.y1 >= A.lung[side]["cy"])[:, None]
             flat = np.flatnonzero(cand)
             if flat.size == 0:
-                flat = np.flatnonzero((lab[zi] == LUNG[side]) & (self.vol[zi] < -400))
+                flat = np.flatnonzero(air)
             if flat.size:
                 yi, xi = np.unravel_index(int(rng.choice(flat)), cand.shape)
                 return zi, int(yi), int(xi)
@@ -198,8 +207,7 @@ def _aerated_site(canvas: Canvas, f: Finding, radius_mm: float) -> tuple[int, in
     for _ in range(NODULE_SITE_TRIES):
         c = canvas.lobe_center(f.side, f.lobe)
         sl, ball = A.ellipsoid(c, (radius_mm,) * 3)
-        aerated = (A.labels[sl] == LUNG[f.side]) & (canvas.vol[sl] < -400)
-        fraction = float(aerated[ball].mean())
+        fraction = float(canvas.aerated(sl, f.side)[ball].mean())
         if fraction > best_fraction:
             best, best_fraction = c, fraction
         if fraction >= 1.0:
