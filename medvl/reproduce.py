@@ -68,7 +68,8 @@ SETTINGS: Dict[str, Any] = {"model": "vit3d-tiny", "size": (64, 64, 32), "n_trai
 # second stem layer (8, 16) (0.67 / 0.65); a stem of three (16, 32, 64), 500 steps, mean or max pooling (0.71 / 0.71
 # against 0.71 for width 8 at 500 steps, seed 0; 30 % slower); at 500 steps, seeds 0 / 1: mean plus max pooling
 # (0.70 / 0.66 against 0.71 / 0.64, before the CT phantom change of 51eca80), a CLS token (0.74 / 0.62 against
-# 0.70 / 0.63, after it).
+# 0.70 / 0.63, after it). The text side's changes (the report prompt term and the prompt terms' own scale, 2026-12-06)
+# are the recipe's: medvl.train.recipes.
 # mrclip: the same stem before its 16 x 16 x 8 patches. The contrast that TR, TE and TI set is a local intensity
 # relation between tissues; at 500 steps the stem took QC AUC for missing image-determined tags from 0.91 to 0.96 and
 # for numeric errors from 0.72 to 0.87 (TR 0.56 -> 0.81), few-shot k = 1 from 0.62 to 0.81, in 303 s against 268 s
@@ -315,7 +316,7 @@ def _medtrim(out: Path, run: Dict[str, Any], log) -> Dict[str, Any]:
     variants = {
         "entities": ("medtrim", None, None),
         "batch_hard": ("medtrim", None, {"mining": "batch_hard"}),
-        "siglip": ("siglip", {"prompts": 0.0, "localization": 0.0}, None),
+        "siglip": ("siglip", {"prompts": 0.0, "report_prompts": 0.0, "localization": 0.0}, None),
     }
     precision: Dict[str, Any] = {}
     collapse: Dict[str, Any] = {}

@@ -530,13 +530,15 @@ def _radfinder_inputs(config: TrainConfig, recipe: Recipe, data: str, info: Mapp
     """The disease prompts and report snippets of the "siglip" recipe's prompt and localization terms; None
     when neither term is on."""
     weights = recipe.loss_weights
-    if recipe.loss != "siglip" or not (weights.get("prompts") or weights.get("localization")):
+    prompts = bool(weights.get("prompts") or weights.get("report_prompts"))
+    if recipe.loss != "siglip" or not (prompts or weights.get("localization")):
         return None
-    findings = _finding_names(info, dataset) if weights.get("prompts") else []
+    findings = _finding_names(info, dataset) if prompts else []
     if findings is None:
-        raise ValueError(f"the prompt term needs the names of the finding labels of {data!r}, which are unknown "
-                         "(give the manifest CT-RATE's 18 findings, or switch the term off: loss weight prompts=0)")
-    return RadFinderInputs(findings, model.visual.patch_size[2], prompts=bool(weights.get("prompts")),
+        raise ValueError(f"the prompt terms need the names of the finding labels of {data!r}, which are unknown "
+                         "(give the manifest CT-RATE's 18 findings, or switch the terms off: loss weights prompts=0 "
+                         "and report_prompts=0)")
+    return RadFinderInputs(findings, model.visual.patch_size[2], prompts=prompts,
                            localization=bool(weights.get("localization")), seed=config.seed)
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from medvl.reference.disease_prompt_loss import disease_prompt_loss
-from medvl.train.recipes import LOSS_TERMS, RECIPES, create_loss, get_recipe
+from medvl.train.recipes import LOSS_TERMS, PROMPT_SCALE, RECIPES, create_loss, get_recipe
 
 B, D, E, NZ, NF = 4, 8, 6, 5, 3
 
@@ -48,12 +48,44 @@ def test_siglip_recipe_total_and_head():
     proj = torch.nn.Linear(E, D, bias=False)
     loss_fn.prompts.init_from(proj)
     result = loss_fn(outputs, batch)
-    total = result["contrastive"] + result["prompts"] + result["localization"]
+    total = result["contrastive"] + result["prompts"] + result["report_prompts"] + result["localization"]
     torch.testing.assert_close(result["loss"], total)
     expected = disease_prompt_loss(outputs["volume_embeddings"], outputs["prompt_positive"], outputs["prompt_negative"],
-                                   batch["labels"].long(), 10.0, head_weight=proj.weight)
+                                   batch["labels"].long(), PROMPT_SCALE, head_weight=proj.weight)
     torch.testing.assert_close(result["prompts"], expected)
+    # the paired reports along the same prompt directions, with the same labels, without the head
+    on_reports = disease_prompt_loss(outputs["text_features"], outputs["prompt_positive"], outputs["prompt_negative"],
+                                     batch["labels"].long(), PROMPT_SCALE)
+    torch.testing.assert_close(result["report_prompts"], on_reports)
     assert any(p is loss_fn.prompts.head.weight for p in loss_fn.parameters())
+
+
+def test_prompt_terms_have_their_own_learnt_scale():
+    outputs, batch = _fake(6)
+    loss_fn = create_loss(get_recipe("siglip", loss_options={"prompt_scale": 12.0}), embed_dim=E, proj_dim=D)
+    result = loss_fn(outputs, batch)
+    # the contrastive term's logit_scale (10) is not the prompt terms'
+    expected = disease_prompt_loss(outputs["text_features"], outputs["prompt_positive"], outputs["prompt_negative"],
+                                   batch["labels"].long(), 12.0)
+    torch.testing.assert_close(result["report_prompts"], expected)
+    (result["prompts"] + result["report_prompts"]).backward()
+    assert loss_fn.prompt_log_scale.grad is not None and loss_fn.prompt_log_scale.grad != 0
+    assert any(p is loss_fn.prompt_log_scale for p in loss_fn.parameters())
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="prompt_scale must be a finite number > 0"):
+            create_loss(get_recipe("siglip", loss_options={"prompt_scale": bad}), embed_dim=E, proj_dim=D)
+
+
+def test_report_prompt_term_trains_the_text_side_only():
+    outputs, batch = _fake(5)
+    outputs["prompt_positive"] = outputs["prompt_positive"].clone().requires_grad_(True)
+    loss_fn = create_loss(get_recipe("siglip", loss_weights={"contrastive": 0.0, "prompts": 0.0, "localization": 0.0}),
+                          embed_dim=E, proj_dim=D)
+    result = loss_fn(outputs, batch)
+    assert set(result) == {"loss", "report_prompts"}
+    result["loss"].backward()
+    assert outputs["text_features"].grad.abs().sum() > 0 and outputs["prompt_positive"].grad.abs().sum() > 0
+    assert outputs["image_features"].grad is None and loss_fn.prompts.head.weight.grad is None
 
 
 def test_recipe_variants():
@@ -68,13 +100,13 @@ def test_zero_weights_switch_terms_off():
     outputs, batch = _fake(3)
     for key in ("volume_embeddings", "prompt_positive", "depth_features", "snippet_features", "depth_target"):
         outputs.pop(key)
-    recipe = get_recipe("siglip", loss_weights={"prompts": 0.0, "localization": 0})
+    recipe = get_recipe("siglip", loss_weights={"prompts": 0.0, "report_prompts": 0.0, "localization": 0})
     result = create_loss(recipe)(outputs, batch)
     assert set(result) == {"loss", "contrastive"}
     torch.testing.assert_close(result["loss"], result["contrastive"])
     with pytest.raises(KeyError, match="volume_embeddings"):
         create_loss("siglip")(outputs, batch)
-    only_loc = get_recipe("siglip", loss_weights={"prompts": 0.0, "contrastive": 0.0})
+    only_loc = get_recipe("siglip", loss_weights={"prompts": 0.0, "report_prompts": 0.0, "contrastive": 0.0})
     with pytest.raises(KeyError, match="depth_features"):
         create_loss(only_loc)(outputs, batch)
     trim = get_recipe("medtrim", loss_weights={"text_text": 0.0, "image_image": 0.0})

@@ -118,9 +118,9 @@ def test_accumulation_matches_big_batch():
 
     terms_a, g_a = grads([full])
     terms_b, g_b = grads(halves)
-    for key in ("loss", "contrastive", "prompts", "localization"):
+    for key in ("loss", "contrastive", "prompts", "report_prompts", "localization"):
         assert torch.allclose(terms_a[key], terms_b[key], atol=1e-5), key
-    assert terms_a["prompts"] > 0 and terms_a["localization"] > 0
+    assert terms_a["prompts"] > 0 and terms_a["report_prompts"] > 0 and terms_a["localization"] > 0
     assert set(g_a) == set(g_b) and "loss.prompts.head.weight" in g_a
     for n in g_a:
         # to rounding, relative to the tensor's scale: a gradient summed over every token (the token-type
@@ -280,7 +280,7 @@ def _manifest(tmp_path, n, truncated_row=None):
 def test_manifest_corrupt_volume_and_skip_bad(tmp_path, capsys):
     manifest = _manifest(tmp_path, 9, truncated_row=3)
     common = ["--data", str(manifest), "--steps", "2", "--batch-size", "4", "--size", "32,32,16", "--no-progress",
-              "--loss-weight", "prompts=0", "--cache-dir", str(tmp_path / "cache")]
+              "--loss-weight", "prompts=0", "--loss-weight", "report_prompts=0", "--cache-dir", str(tmp_path / "cache")]
     with pytest.raises(SystemExit) as e:
         main([*common, "--out", str(tmp_path / "strict")])
     assert e.value.code == 2
