@@ -148,8 +148,9 @@ class Recipe:
 # The prompt terms' own logit multiplier at the start (learnt; "prompt_scale" in loss_options). A finding's prompt
 # logit is t * (cos(v, p+) - cos(v, p-)), and the two prompts of a pair lie close (|p+ - p-| of 0.25-1.1 for
 # normalised prompts after training), so with the contrastive term's t (10 at the start, 8.5 after 500 steps) the
-# logits stay within a few units and the BCE pulls every sample about equally: the head then learns the difference
-# of the class means rather than a discriminant. With its own t from 30 (it settles near 27) the zero-shot AUC of
+# logits stay within a few units, where the BCE's gradient (sigmoid(z) - y) is about the same for every sample: it
+# keeps pulling the samples it already ranks right as hard as those it ranks wrong. With its own t from 30 (it
+# settles near 27) the zero-shot AUC of
 # RadFinder's seeds 0 / 1 went from 0.706 / 0.636 to 0.737 / 0.651, and with the report term from 0.722 / 0.684
 # to 0.746 / 0.720 (512 held-out phantoms, 2026-12-06).
 PROMPT_SCALE = 30.0
