@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CACHE_FORMAT", "CachedEncoder", "EmbeddingCache", "VolumeEmbeddings", "head_tensors", "model_fingerprint",
-           "text_key", "volume_ids", "volume_key"]
+           "text_key", "volume_id", "volume_ids", "volume_key"]
 
 # Bump when what an entry holds changes (fields, normalisation, preprocessing): old entries are then
 # never matched again.
@@ -103,20 +103,22 @@ def volume_ids(dataset, source: str, size: Sequence[int], kind: Optional[str] = 
     ``source`` is the dataset's source as given to ``build_dataset`` ("synthetic-ct", a manifest
     path...); ``size`` the (X, Y, Z) transform size; ``kind`` "ct" / "mr" (the preprocessing family).
     """
+    return [volume_id(dataset, index, source, size, kind) for index in range(len(dataset))]
+
+
+def volume_id(dataset, index: int, source: str, size: Sequence[int],
+              kind: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The :func:`volume_ids` descriptor of sample ``index`` alone (a caller that reads the record anyway asks
+    right after, while a generated record is still kept, rather than in a pass of its own)."""
     records = getattr(dataset, "records", None)
+    identity = None if records is None else _record_identity(records[index])
+    if identity is None:
+        return None
+    descriptor = {"source": str(source), "kind": kind, "index": index, "size": [int(s) for s in size], **identity}
     transform = getattr(dataset, "transform_description", None)
-    out: List[Optional[Dict[str, Any]]] = []
-    for index in range(len(dataset)):
-        identity = None if records is None else _record_identity(records[index])
-        if identity is None:
-            out.append(None)
-            continue
-        descriptor = {"source": str(source), "kind": kind, "index": index, "size": [int(s) for s in size],
-                      **identity}
-        if transform is not None:
-            descriptor["transform"] = transform
-        out.append(descriptor)
-    return out
+    if transform is not None:
+        descriptor["transform"] = transform
+    return descriptor
 
 
 class EmbeddingCache:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from medvl.data.dataset import VolumeTextDataset
-from medvl.eval.cache import CachedEncoder, VolumeEmbeddings, volume_ids
+from medvl.eval.cache import CachedEncoder, VolumeEmbeddings, volume_id
 from medvl.options import look_up_option
 
 __all__ = ["EvalSet", "class_target"]
@@ -54,7 +54,10 @@ class EvalSet:
         n = len(dataset)
         if n == 0:
             raise ValueError("dataset: empty; nothing to evaluate")
-        texts, labels, label, metas, metadata = [], [], [], [], []
+        if size is None:
+            size = tuple(int(s) for s in dataset[0].volume.shape[-3:])
+        size = tuple(int(s) for s in size)
+        texts, labels, label, metas, metadata, ids = [], [], [], [], [], []
         for i in range(n):
             if isinstance(dataset, VolumeTextDataset):
                 info = _record_info(dataset, i)
@@ -65,16 +68,14 @@ class EvalSet:
             label.append(info[2])
             metas.append(info[3])
             metadata.append(info[4])
+            # here, not in a pass of its own: a phantom's record is generated when read and only the last few
+            # hundred are kept, so a second pass over a larger set would generate every phantom again
+            ids.append(volume_id(dataset, i, source, size, kind) if source is not None else None)
         have = [x is not None for x in labels]
         if any(have) and not all(have):
             raise ValueError(f"dataset: samples {[i for i, h in enumerate(have) if not h][:5]} have no findings "
                              "labels while others do")
         label_arr = np.stack(labels).astype(bool) if all(have) else None
-        if size is None:
-            first = dataset[0].volume
-            size = tuple(int(s) for s in first.shape[-3:])
-        size = tuple(int(s) for s in size)
-        ids = volume_ids(dataset, source, size, kind) if source is not None else [None] * n
         names = _finding_names(source, label_arr)
         return cls(dataset, kind, source or "dataset", size, texts, label_arr, np.asarray(label, dtype=np.int64),
                    metas, metadata, ids, names)
