@@ -240,13 +240,13 @@ class RecipeLoss(nn.Module):
         if kind == "siglip":
             self.contrastive = SigLIPLoss(target="pair", group=group,
                                           **({"reduction": options["reduction"]} if "reduction" in options else {}))
-            self.prompts = DiseasePromptLoss(embed_dim, proj_dim, max_pos_weight=options.get("max_pos_weight", 20.0),
-                                             group=group)
+            max_pos_weight = options.get("max_pos_weight", 20.0)
+            self.prompts = DiseasePromptLoss(embed_dim, proj_dim, max_pos_weight=max_pos_weight, group=group)
             # The same prompt term on the paired reports (no head: they are already in the text space). A report
             # states its findings and negates some absent ones, so it teaches the text tower what each finding's
             # prompt pair differs by; without it the pairs of different findings differ mostly by "not" (module
             # docstring).
-            self.report_prompts = DiseasePromptLoss(max_pos_weight=options.get("max_pos_weight", 20.0), group=group)
+            self.report_prompts = DiseasePromptLoss(max_pos_weight=max_pos_weight, group=group)
             prompt_scale = float(options.get("prompt_scale", PROMPT_SCALE))
             if not (math.isfinite(prompt_scale) and prompt_scale > 0):
                 raise ValueError(f"recipe {recipe.name!r}: loss option prompt_scale must be a finite number > 0 (the "
@@ -315,19 +315,19 @@ class RecipeLoss(nn.Module):
         if kind == "siglip" and standardizing and (w.get("prompts") or w.get("localization")):
             volume_side = self.prompts.project(_need("volume_embeddings", "prompts/localization", outputs))
             head_statistics = batch_statistics(volume_side, self.group)
-        for term in ("prompts", "report_prompts"):
-            if kind != "siglip" or not w.get(term):
-                continue
-            labels = _optional("prompt_labels", outputs, batch)
-            if labels is None:
-                labels = _need("labels", term, batch).long()     # bool findings: all known
-            scored = _need("volume_embeddings" if term == "prompts" else "text_features", term, outputs)
-            prompt_pair = _need("prompt_positive", term, outputs), _need("prompt_negative", term, outputs)
-            scale = self.prompt_log_scale.exp()
-            if term == "prompts":
-                terms[term] = self.prompts(scored, *prompt_pair, labels, scale, statistics=head_statistics)
-            else:
-                terms[term] = self.report_prompts(scored, *prompt_pair, labels, scale)
+        if kind == "siglip":
+            # the same prompt pairs, labels and scale; the volumes through the head, the reports as they are
+            prompt_terms = {"prompts": (self.prompts, "volume_embeddings", {"statistics": head_statistics}),
+                            "report_prompts": (self.report_prompts, "text_features", {})}
+            for term, (loss, scored, extra) in prompt_terms.items():
+                if not w.get(term):
+                    continue
+                labels = _optional("prompt_labels", outputs, batch)
+                if labels is None:
+                    labels = _need("labels", term, batch).long()     # bool findings: all known
+                terms[term] = loss(_need(scored, term, outputs), _need("prompt_positive", term, outputs),
+                                   _need("prompt_negative", term, outputs), labels, self.prompt_log_scale.exp(),
+                                   **extra)
         if kind == "siglip" and w.get("localization"):
             depth = self.prompts.project(_need("depth_features", "localization", outputs))
             if head_statistics is not None:

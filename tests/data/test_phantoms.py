@@ -25,6 +25,7 @@ from medvl.data.phantoms import (
     make_mr_phantom,
     make_phantom_set,
 )
+from medvl.data.phantoms.ct_findings import AERATED_HU
 
 SHAPE = (64, 96, 96)
 SPACING = (5.0, 3.5, 3.5)
@@ -317,7 +318,7 @@ def test_nodules_lie_in_aerated_lung(others, least_median, least_share):
         distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, nodule.center_mm)))
         radius = nodule.diameter_mm / 2
         shell = (distance > radius + 2) & (distance <= radius + 9)
-        fractions.append(float((p.volume[shell] < -400).mean()))
+        fractions.append(float((p.volume[shell] < AERATED_HU).mean()))
     fractions = np.array(fractions)
     assert np.median(fractions) >= least_median and np.mean(fractions > 0.8) >= least_share, fractions.round(2)
 
