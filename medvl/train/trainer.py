@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from medvl.data import collate
+from medvl.data.phantom_share import PhantomShare
 from medvl.data.sources import SYNTHETIC_SOURCES
 from medvl.models.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dir, checkpoint_name, read_latest
 from medvl.options import look_up_option, parse_size
@@ -74,6 +75,8 @@ class TrainConfig:
     batch_size: per rank. precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16".
     checkpoint_every: also save every that many steps (0: only at the end).
     progress: a tqdm bar on the main rank. profile: trace steps 3-5 (see :mod:`medvl.train.profiling`).
+    phantom_share: a :class:`~medvl.data.phantom_share.PhantomShare` when other processes train on the same
+    phantoms at the same time (``medvl reproduce``'s side-by-side trainings): each phantom is generated once.
     overwrite: discard the run already in ``out`` (its checkpoints, metrics, plots), or with ``resume``
     the checkpoints of ``out`` after the resumed step; without it such a run is an error.
     """
@@ -107,6 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     split: str = "train"
     cache_dir: Optional[str] = None
+    phantom_share: Any = None  # a medvl.data.phantom_share.PhantomShare (phantom sources; results unchanged)
     skip_bad: bool = False
     num_workers: int = 0
     progress: bool = False
@@ -145,6 +149,10 @@ class TrainConfig:
             raise ValueError(f"device {self.device!r} was asked for but CUDA is not available")
         look_up_option(self.precision, PRECISIONS, name="precision")
         parse_size(self.size)
+        if self.phantom_share is not None:
+            if not isinstance(self.phantom_share, PhantomShare):
+                raise TypeError(f"phantom_share must be a medvl.data.phantom_share.PhantomShare or None, got "
+                                f"{type(self.phantom_share).__name__}")
         if (self.data is None or self.data in SYNTHETIC_SOURCES) and self.n_train is not None \
                 and self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be at least batch_size ({self.batch_size}): "
@@ -346,7 +354,8 @@ def _step_loss(model, loss_fn, micro: List[Dict[str, Any]], *, side: Optional[Ra
 
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Run ``config``; returns the final metrics: step, loss (last step), first_loss, lr, volumes_per_s,
-    the loss terms, out, checkpoint (the last checkpoint directory), skipped (data rows left out)."""
+    the loss terms, out, checkpoint (the last checkpoint directory), skipped (data rows left out), diagnostics,
+    phantom_share (None, or how many phantoms this process generated and read from its ``phantom_share``)."""
     config.validate()
     ctx = init_distributed(config.device)
     try:
@@ -481,7 +490,8 @@ def _dataset(config: TrainConfig, ctx: DistributedContext, data: str, kind: str,
     if data in SYNTHETIC_SOURCES:
         n = config.n_train or config.steps * config.batch_size * ctx.world_size * config.accum_steps
     dataset, info = build_dataset(data, kind, n=n, seed=config.seed, size=size, cache_dir=config.cache_dir,
-                                  skip_bad=config.skip_bad, split=config.split, log=log, augment=True)
+                                  skip_bad=config.skip_bad, split=config.split, log=log, augment=True,
+                                  share=config.phantom_share)
     global_batch = config.batch_size * ctx.world_size
     if len(dataset) < global_batch:
         raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {global_batch} "
@@ -707,6 +717,9 @@ def _finish(run: _Run, trained: _Trained) -> Dict[str, Any]:
         diagnostics = run_diagnostics(run.model, run.recipe, run.dataset, data=str(run.data), kind=run.kind,
                                       size=run.size, global_batch=run.global_batch * run.config.accum_steps,
                                       out=run.out, device=run.device, log=run.log)
+    share = run.config.phantom_share
     return {**trained.record, "first_loss": trained.first_loss, "out": str(run.out),
             "skipped": list(run.info.get("skipped", [])), "diagnostics": diagnostics,
+            # this process's counts (DataLoader workers keep their own)
+            "phantom_share": None if share is None else {"generated": share.generated, "read": share.read},
             "checkpoint": None if trained.checkpoint is None else str(trained.checkpoint)}

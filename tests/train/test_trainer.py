@@ -247,6 +247,15 @@ def test_batch_of_one_is_fine_for_siglip_and_accumulation_counts(tmp_path):
     TrainConfig(recipe="medtrim", batch_size=1, accum_steps=2, out=str(tmp_path / "b")).validate()
 
 
+def test_a_phantom_share_must_be_one(tmp_path):
+    from medvl.data.phantom_share import PhantomShare
+    from medvl.train.trainer import TrainConfig
+
+    TrainConfig(out=str(tmp_path / "a"), phantom_share=PhantomShare(tmp_path, consumers=2)).validate()
+    with pytest.raises(TypeError, match="phantom_share must be a medvl.data.phantom_share.PhantomShare or None, got str"):
+        TrainConfig(out=str(tmp_path / "b"), phantom_share=str(tmp_path)).validate()
+
+
 def test_resume_latest_without_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--resume", "latest", "--out", str(tmp_path / "empty")])
