@@ -12,7 +12,8 @@ A record read from the share is the one the process would have generated (the ke
 seed, size and augmentation, and the record its index). A process that reads a phantom a second time (the trainer's
 calibration pass does) generates it again: its ticket was used. A process that waits longer than ``timeout`` for a
 ticket (its claimer died, or more processes read the set than ``consumers`` says) generates the phantom itself:
-the share can make a run slower, never wrong.
+the share can make a run slower, never wrong. A process that cannot publish a record (a file system without hard
+links, a full disk) says so in the folder, and from then on every process generates what it has not received.
 
 Records are pickled, so the folder must be one that this run created for itself (``tempfile.mkdtemp``); it is
 never a cache to read from later.
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Set, Union
 
 __all__ = ["PhantomShare"]
+
+# a file in the share's folder saying that a process could not publish a record (and why): nobody waits any more
+_UNUSABLE = "unusable"
 
 
 class PhantomShare:
@@ -70,7 +74,10 @@ class PhantomShare:
                 waiting.append((position, name, index))
                 continue
             out[position] = self._generate(make, index)
-            self._publish(name, out[position])
+            try:
+                self._publish(name, out[position])
+            except OSError as error:  # a file system without hard links, a full disk: every process goes it alone
+                self._give_up(error)
         for position, name, index in waiting:
             out[position] = self._take_ticket(name, make, index)
         return [out[position] for position in range(len(indices))]
@@ -89,11 +96,19 @@ class PhantomShare:
             os.replace(self.folder / f"{name}.{os.getpid()}.{ticket}.tmp", self.folder / f"{name}.ticket{ticket}")
         payload.unlink()
 
+    def _give_up(self, error: OSError) -> None:
+        try:
+            (self.folder / _UNUSABLE).write_text(f"{type(error).__name__}: {error}\n")
+        except OSError:
+            pass  # the others then wait out their timeout once per phantom they were promised
+
     def _take_ticket(self, name: str, make: Callable[[int], Any], index: int) -> Any:
         mine = self.folder / f"{name}.taken.{os.getpid()}"
         deadline = time.monotonic() + self.timeout
         pause = 0.0005
         while True:
+            if (self.folder / _UNUSABLE).exists():
+                return self._generate(make, index)
             for ticket in range(1, self.consumers):
                 try:
                     os.rename(self.folder / f"{name}.ticket{ticket}", mine)

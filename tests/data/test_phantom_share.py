@@ -80,8 +80,10 @@ def test_a_claim_nobody_fulfils_times_out_into_generating(tmp_path):
     (tmp_path / "set-3.claim").touch()  # as if its claimer died before writing it
     share = PhantomShare(tmp_path, consumers=2, timeout=0.05)
     make = Maker()
-    (record,) = share.records("set", [3], make)
-    assert make.calls == [3] and _same(record, Maker()(3)) and (share.generated, share.read) == (1, 0)
+    records = share.records("set", [3, 4], make)
+    # what it could claim came first, the wait after it (in step, two processes would otherwise take turns waiting)
+    assert make.calls == [4, 3] and (share.generated, share.read) == (2, 0)
+    assert all(_same(r, Maker()(i)) for r, i in zip(records, (3, 4)))
 
 
 def test_bad_arguments_name_themselves(tmp_path):
@@ -137,3 +139,26 @@ def test_two_processes_side_by_side_generate_each_phantom_once(tmp_path):
     assert all(sums == expected for _, sums, _, _ in results)
     assert sum(generated for _, _, generated, _ in results) == 16 and sum(read for _, _, _, read in results) == 16
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".claim"] * 16
+
+
+def test_a_share_that_cannot_publish_leaves_everyone_generating(tmp_path, monkeypatch):
+    """No hard links on the share's file system: the claimer says so in the folder and the others stop waiting at
+    once (not after their timeout), with the same records."""
+    a, b = PhantomShare(tmp_path, consumers=2, timeout=60), PhantomShare(tmp_path, consumers=2, timeout=60)
+    make_a, make_b = Maker(), Maker()
+
+    def no_links(*_):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    first = a.records("set", [0, 1], make_a)
+    assert "Operation not supported" in (tmp_path / "unusable").read_text()
+    import medvl.data.phantom_share as module
+
+    def no_waiting(_):
+        raise AssertionError("waited for a ticket that cannot come")
+
+    monkeypatch.setattr(module.time, "sleep", no_waiting)
+    second = b.records("set", [0, 1], make_b)
+    assert make_a.calls == [0, 1] and make_b.calls == [0, 1] and b.read == 0
+    assert all(_same(r, Maker()(i)) for r, i in zip(first + second, [0, 1, 0, 1]))
