@@ -139,7 +139,7 @@ def _compare(jobs: Sequence[_Training], run: Dict[str, Any], log) -> Tuple[List[
     """Train and evaluate ``jobs``, models of one comparison (same seed, data, steps and batch), side by side as
     SETTINGS' ``jobs`` allows: ([(checkpoint, results) of each job], how many ran at once). When they all run at
     once, they read their training phantoms through one :class:`PhantomShare`, so each phantom is generated once,
-    not once per job (generation is about a fifth of a job's step on one core)."""
+    not once per job (generation is about a quarter of a job's step on one core)."""
     if len(jobs) < 2 or _jobs_at_once(len(jobs), run["jobs"]) < len(jobs):
         return _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in jobs], run["jobs"], log)
     with tempfile.TemporaryDirectory(prefix="medvl-reproduce-phantoms-") as folder:

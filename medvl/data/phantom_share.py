@@ -1,9 +1,9 @@
 """PhantomShare: processes that read the same phantom set at the same time generate each phantom once.
 
 ``medvl reproduce`` trains a seed's models side by side, one process each, on the same phantoms in the same order
-(the compared ingredient is a loss term or a miner, never the data). Generating a CT phantom takes about as long as
-a quarter of a training step of the tiny model on one core, so each process generating every phantom itself spends
-that much of the machine again per extra process. With a share, the first process to reach a phantom claims it,
+(the compared ingredient is a loss term or a miner, never the data). Generating a batch of 16 CT phantoms takes about
+a quarter of a training step of the tiny model on one core (130 of ~500 ms), so each process generating every
+phantom itself spends that much of the machine again per extra process. With a share, the first process to reach a phantom claims it,
 generates it and leaves ``consumers - 1`` tickets for it in the share's folder; every other process takes a ticket
 (an atomic rename, so each ticket has one taker), reads the record and removes the ticket, which frees the file
 once the last one is taken. Nothing stays on disk but the empty claim files.
@@ -60,6 +60,8 @@ class PhantomShare:
         this process or read from the process that generated it. A batch at a time, so that processes in step
         split it: each generates the phantoms it claims first and only then waits for the others' (one at a
         time, two processes would take turns waiting for each other)."""
+        if (self.folder / _UNUSABLE).exists():
+            return [self._generate(make, index) for index in indices]
         out: Dict[int, Any] = {}
         waiting = []
         for position, index in enumerate(indices):

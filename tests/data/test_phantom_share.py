@@ -162,3 +162,5 @@ def test_a_share_that_cannot_publish_leaves_everyone_generating(tmp_path, monkey
     second = b.records("set", [0, 1], make_b)
     assert make_a.calls == [0, 1] and make_b.calls == [0, 1] and b.read == 0
     assert all(_same(r, Maker()(i)) for r, i in zip(first + second, [0, 1, 0, 1]))
+    a.records("set", [2], make_a)  # and claims nothing more that nobody could receive
+    assert make_a.calls == [0, 1, 2] and not (tmp_path / "set-2.claim").exists()
