@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -140,12 +141,11 @@ def _compare(jobs: Sequence[_Training], run: Dict[str, Any], log) -> Tuple[List[
     SETTINGS' ``jobs`` allows: ([(checkpoint, results) of each job], how many ran at once). When they all run at
     once, they read their training phantoms through one :class:`PhantomShare`, so each phantom is generated once,
     not once per job (generation is about a quarter of a job's step on one core)."""
-    if len(jobs) < 2 or _jobs_at_once(len(jobs), run["jobs"]) < len(jobs):
+    at_once = len(jobs) > 1 and _jobs_at_once(len(jobs), run["jobs"]) == len(jobs)
+    with tempfile.TemporaryDirectory(prefix="medvl-reproduce-phantoms-") if at_once else nullcontext() as folder:
+        if folder is not None:
+            jobs = [replace(job, phantom_share=PhantomShare(folder, consumers=len(jobs))) for job in jobs]
         return _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in jobs], run["jobs"], log)
-    with tempfile.TemporaryDirectory(prefix="medvl-reproduce-phantoms-") as folder:
-        share = PhantomShare(folder, consumers=len(jobs))
-        shared = [replace(job, phantom_share=share) for job in jobs]
-        return _side_by_side([(job.name, _train_and_evaluate, (job, run)) for job in shared], run["jobs"], log)
 
 
 def _check_jobs(jobs: Optional[int]) -> None:

@@ -110,7 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     split: str = "train"
     cache_dir: Optional[str] = None
-    phantom_share: Any = None  # a medvl.data.phantom_share.PhantomShare (phantom sources; results unchanged)
+    phantom_share: Optional[PhantomShare] = None
     skip_bad: bool = False
     num_workers: int = 0
     progress: bool = False
@@ -149,10 +149,9 @@ class TrainConfig:
             raise ValueError(f"device {self.device!r} was asked for but CUDA is not available")
         look_up_option(self.precision, PRECISIONS, name="precision")
         parse_size(self.size)
-        if self.phantom_share is not None:
-            if not isinstance(self.phantom_share, PhantomShare):
-                raise TypeError(f"phantom_share must be a medvl.data.phantom_share.PhantomShare or None, got "
-                                f"{type(self.phantom_share).__name__}")
+        if self.phantom_share is not None and not isinstance(self.phantom_share, PhantomShare):
+            raise TypeError(f"phantom_share must be a medvl.data.phantom_share.PhantomShare or None, got "
+                            f"{type(self.phantom_share).__name__}")
         if (self.data is None or self.data in SYNTHETIC_SOURCES) and self.n_train is not None \
                 and self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be at least batch_size ({self.batch_size}): "
