@@ -3,10 +3,10 @@
 ``medvl reproduce`` trains a seed's models side by side, one process each, on the same phantoms in the same order
 (the compared ingredient is a loss term or a miner, never the data). Generating a batch of 16 CT phantoms takes about
 a quarter of a training step of the tiny model on one core (130 of ~500 ms), so each process generating every
-phantom itself spends that much of the machine again per extra process. With a share, the first process to reach a phantom claims it,
-generates it and leaves ``consumers - 1`` tickets for it in the share's folder; every other process takes a ticket
-(an atomic rename, so each ticket has one taker), reads the record and removes the ticket, which frees the file
-once the last one is taken. Nothing stays on disk but the empty claim files.
+phantom itself spends that much of the machine again per extra process. With a share, the first process to reach
+a phantom claims it, generates it and leaves ``consumers - 1`` tickets for it in the share's folder; every other
+process takes a ticket (an atomic rename, so each ticket has one taker), reads the record and removes the ticket,
+which frees the file once the last one is taken. Nothing stays on disk but the empty claim files.
 
 A record read from the share is the one the process would have generated (the key names the phantom set: kind,
 seed, size and augmentation, and the record its index). A process that reads a phantom a second time (the trainer's
